@@ -1,0 +1,207 @@
+"""Run configuration: `runs/<name>/model.json` and `train.json`, parsed and validated here.
+
+Every key either file accepts is a field below, with its type and default. The
+keys and meanings are those of the reference harness gpjt/ddp-base-model-from-scratch,
+so its run directories work unchanged; the few keys added here are marked.
+"""
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+from errors import UserError
+
+PROJECT_DIR = Path(__file__).resolve().parent
+RUNS_DIR = PROJECT_DIR / "runs"
+
+# Old reference configs spelled microbatch_size this way.
+LEGACY_ALIASES = {"minibatch_size": "microbatch_size"}
+
+
+def load_json(path):
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}")
+
+
+def _type_name(annotation):
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    return names.get(annotation, str(annotation))
+
+
+def _check_type(source, key, value, annotation):
+    """Return `value` if it fits `annotation` (int, float, bool, str or `X | None`)."""
+    allowed = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    if value is None and type(None) in allowed:
+        return None
+    for kind in allowed:
+        # bool is a subclass of int in Python; a JSON `true` is never a size.
+        if kind is bool and isinstance(value, bool):
+            return value
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind is str and isinstance(value, str):
+            return value
+    expected = " or ".join(_type_name(k) if k is not type(None) else "null" for k in allowed)
+    raise UserError(f"{source}: key '{key}' must be {expected}, got {json.dumps(value)}")
+
+
+def _parse(cls, raw, source):
+    """Build dataclass `cls` from a JSON object, checking keys and types."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+    raw = {LEGACY_ALIASES.get(k, k): v for k, v in raw.items()}
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise UserError(f"{source}: unknown key '{key}'{hint}; valid keys: {', '.join(known)}")
+    values = {}
+    for field in dataclasses.fields(cls):
+        if field.name in raw:
+            values[field.name] = _check_type(source, field.name, raw[field.name], hints[field.name])
+        elif field.default is dataclasses.MISSING:
+            raise UserError(f"{source}: missing required key '{field.name}'")
+    config = cls(**values)
+    config.validate(source)
+    return config
+
+
+def _require(condition, source, key, message):
+    if not condition:
+        raise UserError(f"{source}: key '{key}' {message}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    context_length: int
+    emb_dim: int
+    n_heads: int
+    n_layers: int
+    drop_rate: float = 0.1
+    qkv_bias: bool = False
+    tie_weights: bool = False
+
+    @classmethod
+    def from_dict(cls, raw, source="model.json"):
+        return _parse(cls, raw, source)
+
+    def validate(self, source):
+        for key in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+            _require(getattr(self, key) > 0, source, key, f"must be positive, got {getattr(self, key)}")
+        _require(self.emb_dim % self.n_heads == 0, source, "emb_dim",
+                 f"({self.emb_dim}) must be divisible by n_heads ({self.n_heads})")
+        _require(0.0 <= self.drop_rate < 1.0, source, "drop_rate",
+                 f"must be in [0, 1), got {self.drop_rate}")
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    dataset: str
+    microbatch_size: int
+    gradient_accumulation_steps: int = 1
+    # Defaults to validation_interval when that is set (old reference configs
+    # used validation_interval for "validate and checkpoint"), else 1000.
+    checkpoint_interval: int | None = None
+    min_train_tokens: int = -1
+    start_train_token: int = 0
+    start_val_token: int = 0
+    validation_interval: int | None = None
+    validation_batches: int = 100
+    clipping_max_norm: float | None = None
+    weight_decay: float = 0.1
+    learning_rate: float = 0.0004
+    schedule_learning_rate: bool = False
+    warmup_period_percent: float = 0.0
+    use_amp: bool = True
+    random_seed: int = 42
+    # Added here (not in the reference harness):
+    min_lr: float | None = None  # end of the cosine decay; default learning_rate / 10
+    amp_dtype: str | None = None  # "bfloat16" or "float16"; default bfloat16 where supported
+    dist_timeout_minutes: float = 60.0
+
+    @classmethod
+    def from_dict(cls, raw, source="train.json"):
+        return _parse(cls, raw, source)
+
+    def validate(self, source):
+        for key in ("microbatch_size", "gradient_accumulation_steps", "validation_batches"):
+            _require(getattr(self, key) > 0, source, key, f"must be positive, got {getattr(self, key)}")
+        for key in ("checkpoint_interval", "validation_interval"):
+            value = getattr(self, key)
+            _require(value is None or value > 0, source, key, f"must be positive or null, got {value}")
+        _require(self.min_train_tokens == -1 or self.min_train_tokens > 0, source, "min_train_tokens",
+                 f"must be positive, or -1 for every whole global batch, got {self.min_train_tokens}")
+        for key in ("start_train_token", "start_val_token"):
+            _require(getattr(self, key) >= 0, source, key, f"must be >= 0, got {getattr(self, key)}")
+        _require(self.clipping_max_norm is None or self.clipping_max_norm > 0, source,
+                 "clipping_max_norm", f"must be positive or null, got {self.clipping_max_norm}")
+        _require(self.learning_rate > 0, source, "learning_rate", f"must be positive, got {self.learning_rate}")
+        _require(self.min_lr is None or 0 <= self.min_lr <= self.learning_rate, source, "min_lr",
+                 f"must be between 0 and learning_rate ({self.learning_rate}), got {self.min_lr}")
+        _require(self.weight_decay >= 0, source, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _require(0 <= self.warmup_period_percent <= 100, source, "warmup_period_percent",
+                 f"must be between 0 and 100, got {self.warmup_period_percent}")
+        _require(self.amp_dtype in (None, "bfloat16", "float16"), source, "amp_dtype",
+                 f"must be \"bfloat16\" or \"float16\", got {json.dumps(self.amp_dtype)}")
+        _require(self.dist_timeout_minutes > 0, source, "dist_timeout_minutes",
+                 f"must be positive, got {self.dist_timeout_minutes}")
+
+    @property
+    def effective_checkpoint_interval(self):
+        return self.checkpoint_interval or self.validation_interval or 1000
+
+    @property
+    def effective_min_lr(self):
+        return self.learning_rate / 10 if self.min_lr is None else self.min_lr
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str
+    run_dir: Path
+    model: ModelConfig
+    train: TrainConfig
+
+    @property
+    def checkpoints_dir(self):
+        return self.run_dir / "checkpoints"
+
+
+def resolve_run_dir(run):
+    """RUN is a directory path, or the name of a directory under runs/."""
+    as_path = Path(run)
+    if as_path.is_dir():
+        return as_path.resolve()
+    named = RUNS_DIR / run
+    if named.is_dir():
+        return named
+    available = sorted(p.name for p in RUNS_DIR.iterdir() if p.is_dir()) if RUNS_DIR.is_dir() else []
+    raise UserError(f"run '{run}': no such directory (runs available: {', '.join(available) or 'none'})")
+
+
+def load_run(run):
+    run_dir = resolve_run_dir(run)
+    model_json, train_json = run_dir / "model.json", run_dir / "train.json"
+    return Run(
+        name=run_dir.name,
+        run_dir=run_dir,
+        model=ModelConfig.from_dict(load_json(model_json), source=str(model_json)),
+        train=TrainConfig.from_dict(load_json(train_json), source=str(train_json)),
+    )

@@ -1,0 +1,272 @@
+"""Token datasets on disk: reading, writing, tokenizers and the built-in demo corpus.
+
+A dataset directory holds `train.safetensors` and `validation.safetensors`, each
+one 1-D uint16 tensor named `tokens`, and optionally `meta.json` (tokenizer name,
+vocab size, end-of-text id). Without meta.json it is GPT-2 (tiktoken `gpt2`,
+end-of-text 50256), which is what the reference harness's published datasets are.
+
+Token files are memory-mapped, never read whole: on an 8-GPU machine eight
+processes share one page-cached copy of a 20 GB file.
+"""
+
+import json
+import os
+import re
+import struct
+import sys
+import sysconfig
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from errors import UserError
+
+SPLITS = ("train", "validation")
+TOKENS_KEY = "tokens"
+DEMO_DATASET = "demo"
+DEMO_DATASET_DIRNAME = "demo-python-stdlib-bytes"
+HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Room for the JSON header of a file of up to 10^15 tokens, padded with spaces
+# (which the safetensors format allows) to keep the data 8-byte aligned.
+RESERVED_HEADER_BYTES = 120
+
+
+# ---------------------------------------------------------------- tokenizers
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0-255, end-of-text 256."""
+
+    name = "bytes"
+    vocab_size = 257
+    eot_id = 256
+
+    def encode(self, text):
+        return list(text.encode("utf-8"))
+
+    def encode_batch(self, texts):
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids):
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class TiktokenTokenizer:
+    """A tiktoken encoding. Special-token text inside a document is encoded as
+    ordinary text: a literal "<|endoftext|>" in a web page never ends a document."""
+
+    def __init__(self, name):
+        import tiktoken
+
+        try:
+            self._encoding = tiktoken.get_encoding(name)
+        except ValueError:
+            raise UserError(f"unknown tokenizer '{name}'; valid: bytes, {', '.join(tiktoken.list_encoding_names())}")
+        self.name = name
+        self.vocab_size = self._encoding.n_vocab
+        self.eot_id = self._encoding.eot_token
+
+    def encode(self, text):
+        return self._encoding.encode_ordinary(text)
+
+    def encode_batch(self, texts):
+        return self._encoding.encode_ordinary_batch(texts)
+
+    def decode(self, ids):
+        return self._encoding.decode(list(ids))
+
+
+def get_tokenizer(name):
+    return ByteTokenizer() if name == ByteTokenizer.name else TiktokenTokenizer(name)
+
+
+# ---------------------------------------------------------------- meta.json
+
+@dataclass(frozen=True)
+class DatasetMeta:
+    tokenizer: str = "gpt2"
+    vocab_size: int = 50257
+    eot_id: int = 50256
+
+
+def read_meta(dataset_dir):
+    """meta.json's tokenizer fields; GPT-2 when there is no meta.json."""
+    path = Path(dataset_dir) / "meta.json"
+    if not path.exists():
+        return DatasetMeta()
+    try:
+        raw = json.loads(path.read_text())
+        return DatasetMeta(tokenizer=str(raw["tokenizer"]), vocab_size=int(raw["vocab_size"]),
+                           eot_id=int(raw["eot_id"]))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: not a valid dataset meta.json ({type(e).__name__}: {e}); "
+                        "it needs tokenizer, vocab_size and eot_id")
+
+
+# ---------------------------------------------------------------- reading
+
+def open_tokens(path):
+    """Memory-map the uint16 `tokens` tensor of a safetensors file, checking its header."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: token file not found")
+    file_size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise UserError(f"{path}: not a safetensors file (only {file_size} bytes)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > min(file_size - 8, 100_000_000):
+            raise UserError(f"{path}: not a safetensors file (bad header length)")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UserError(f"{path}: not a safetensors file (header is not JSON)")
+    entry = header.get(TOKENS_KEY) if isinstance(header, dict) else None
+    if not isinstance(entry, dict):
+        names = [k for k in header if k != "__metadata__"] if isinstance(header, dict) else []
+        raise UserError(f"{path}: no tensor named '{TOKENS_KEY}' (found: {', '.join(names) or 'none'})")
+    if entry.get("dtype") != "U16":
+        raise UserError(f"{path}: tensor '{TOKENS_KEY}' has dtype {entry.get('dtype')}, expected U16 (uint16)")
+    shape = entry.get("shape")
+    if not (isinstance(shape, list) and len(shape) == 1):
+        raise UserError(f"{path}: tensor '{TOKENS_KEY}' has shape {shape}, expected one dimension")
+    begin, end = entry["data_offsets"]
+    data_start = 8 + header_len
+    if end - begin != 2 * shape[0] or data_start + end > file_size:
+        raise UserError(f"{path}: truncated or corrupt: header promises {shape[0]:,} tokens "
+                        f"but the file has {file_size:,} bytes")
+    if shape[0] == 0:
+        return np.zeros(0, dtype=np.uint16)
+    return np.memmap(path, dtype="<u2", mode="r", offset=data_start + begin, shape=(shape[0],))
+
+
+def open_split(dataset_dir, split):
+    return open_tokens(Path(dataset_dir) / f"{split}.safetensors")
+
+
+# ---------------------------------------------------------------- writing
+
+class TokenFileWriter:
+    """Streams uint16 tokens into a safetensors file without holding them in memory.
+
+    The data goes into `<path>.partial` behind a reserved, space-padded header;
+    `commit()` fills in the header, fsyncs and renames, so a file at `path`
+    is always complete. Leaving the `with` block without committing (an
+    exception) deletes the partial file.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.partial_path = self.path.with_name(self.path.name + ".partial")
+        self.num_tokens = 0
+        self._file = open(self.partial_path, "wb")
+        self._file.write(b"\0" * (8 + RESERVED_HEADER_BYTES))
+
+    def write(self, tokens):
+        array = np.asarray(tokens)
+        if array.size and (array.min() < 0 or array.max() > 0xFFFF):
+            raise UserError(f"{self.path}: token id {int(array.max())} does not fit in uint16")
+        self._file.write(array.astype("<u2", copy=False).tobytes())
+        self.num_tokens += array.size
+
+    def commit(self):
+        header = json.dumps({TOKENS_KEY: {"dtype": "U16", "shape": [self.num_tokens],
+                                          "data_offsets": [0, 2 * self.num_tokens]}},
+                            separators=(",", ":")).encode()
+        assert len(header) <= RESERVED_HEADER_BYTES
+        self._file.seek(0)
+        self._file.write(struct.pack("<Q", RESERVED_HEADER_BYTES) + header.ljust(RESERVED_HEADER_BYTES, b" "))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.partial_path, self.path)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if not self._file.closed:
+            self._file.close()
+            self.partial_path.unlink(missing_ok=True)
+
+
+def is_validation_document(index, validation_fraction):
+    """The split rule: document `index` (0-based, input order) goes to validation
+    when a hash of its index falls under the fraction. It depends on nothing
+    else, so any number of workers or batch size gives the same split."""
+    return zlib.crc32(index.to_bytes(8, "little")) < validation_fraction * 2**32
+
+
+def write_meta(dataset_dir, tokenizer, **extra):
+    meta = {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id, **extra}
+    partial = Path(dataset_dir) / "meta.json.partial"
+    partial.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(partial, Path(dataset_dir) / "meta.json")
+
+
+# ---------------------------------------------------------------- the demo corpus
+
+def demo_documents():
+    """The running Python's standard-library sources (tests excluded), in a fixed order."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test"}
+    for path in sorted(stdlib.rglob("*.py")):
+        if skip.isdisjoint(path.relative_to(stdlib).parts):
+            yield path.read_bytes().decode("utf-8", errors="replace")
+
+
+def build_demo_dataset(dataset_dir, validation_fraction=0.02):
+    """Byte-level tokens of the stdlib sources, in the standard dataset layout."""
+    dataset_dir = Path(dataset_dir)
+    dataset_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = ByteTokenizer()
+    counts = {split: 0 for split in SPLITS}
+    with TokenFileWriter(dataset_dir / "train.safetensors") as train, \
+            TokenFileWriter(dataset_dir / "validation.safetensors") as validation:
+        for index, text in enumerate(demo_documents()):
+            is_validation = is_validation_document(index, validation_fraction)
+            writer = validation if is_validation else train
+            writer.write(np.frombuffer(text.encode("utf-8"), dtype=np.uint8))
+            writer.write([tokenizer.eot_id])
+            counts["validation" if is_validation else "train"] += 1
+        train.commit()
+        validation.commit()
+    write_meta(dataset_dir, tokenizer, source=f"Python {sys.version.split()[0]} standard library sources",
+               validation_fraction=validation_fraction, documents=counts,
+               tokens={"train": train.num_tokens, "validation": validation.num_tokens})
+
+
+# ---------------------------------------------------------------- locating a dataset
+
+def is_complete(dataset_dir):
+    return all((Path(dataset_dir) / f"{split}.safetensors").is_file() for split in SPLITS)
+
+
+def dataset_location(spec, datasets_dir):
+    """Where `spec` (train.json `dataset`) lives: ("local" | "demo" | "hub", directory)."""
+    if spec == DEMO_DATASET:
+        return "demo", Path(datasets_dir) / DEMO_DATASET_DIRNAME
+    if Path(spec).is_dir():
+        return "local", Path(spec).resolve()
+    if HUB_REPO_ID.match(spec):
+        return "hub", Path(datasets_dir) / spec
+    raise UserError(f"dataset '{spec}': not a directory, not '{DEMO_DATASET}', "
+                    "and not a Hugging Face repo id like 'gpjt/fineweb-gpt2-tokens'")
+
+
+def fetch_dataset(spec, datasets_dir):
+    """Make the dataset available locally (build the demo corpus or download from
+    the Hub). Run by one process per node; returns the dataset directory."""
+    kind, dataset_dir = dataset_location(spec, datasets_dir)
+    if kind == "demo" and not is_complete(dataset_dir):
+        build_demo_dataset(dataset_dir)
+    elif kind == "hub":
+        from huggingface_hub import snapshot_download
+
+        Path(datasets_dir).mkdir(parents=True, exist_ok=True)
+        snapshot_download(spec, repo_type="dataset", local_dir=dataset_dir)
+    if not is_complete(dataset_dir):
+        raise UserError(f"dataset '{spec}': {dataset_dir} lacks train.safetensors and validation.safetensors")
+    return dataset_dir
