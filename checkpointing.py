@@ -5,16 +5,21 @@ Each holds `model.safetensors` (reference-harness key names), `optimizer.pt`,
 `meta.json`. `latest` and `best` are relative symlinks beside them.
 """
 
+import datetime
+import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from errors import UserError
 
 # Prefixes added by DDP and torch.compile wrappers; never part of a saved key.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+LINKS = ("latest", "best")
 
 
 def clean_state_dict(state_dict):
@@ -49,3 +54,120 @@ def load_model_weights(model, path):
         raise UserError(f"{path}: does not fit this model config "
                         f"(missing keys: {missing[:3]}, unexpected keys: {unexpected[:3]})")
     return model
+
+
+# ---------------------------------------------------------------- training checkpoints
+
+def checkpoint_name(global_step, now=None):
+    now = now or datetime.datetime.now(datetime.UTC)
+    return f"{now:%Y%m%dZ%H%M%S}-iteration-{global_step}"
+
+
+def list_checkpoints(checkpoints_dir):
+    """Complete checkpoint directories, oldest first by global step."""
+    checkpoints_dir = Path(checkpoints_dir)
+    if not checkpoints_dir.is_dir():
+        return []
+    found = [p for p in checkpoints_dir.iterdir()
+             if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")
+             and (p / "meta.json").is_file()]
+    return sorted(found, key=lambda p: json.loads((p / "meta.json").read_text())["global_step"])
+
+
+def resolve_checkpoint(checkpoints_dir, name):
+    """A checkpoint directory by name, or `latest` / `best`."""
+    path = Path(checkpoints_dir) / name
+    if not (path / "meta.json").is_file():
+        available = [p.name for p in list_checkpoints(checkpoints_dir)]
+        links = [link for link in LINKS if (Path(checkpoints_dir) / link).exists()]
+        raise UserError(f"checkpoint '{name}' not found in {checkpoints_dir} "
+                        f"(available: {', '.join(links + available) or 'none'})")
+    return path.resolve()
+
+
+def read_checkpoint_meta(checkpoint_dir):
+    return json.loads((Path(checkpoint_dir) / "meta.json").read_text())
+
+
+def _write_file(path, write):
+    with open(path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _point_link(checkpoints_dir, link, target_name):
+    """Re-point a relative symlink atomically: make it under a temporary name, then rename."""
+    temporary = checkpoints_dir / f".{link}.new"
+    temporary.unlink(missing_ok=True)
+    temporary.symlink_to(target_name, target_is_directory=True)
+    os.replace(temporary, checkpoints_dir / link)
+
+
+def save_checkpoint(checkpoints_dir, model, optimizer, scaler, scheduler, rank_rng_states, meta, is_best):
+    """Write a checkpoint into a temporary directory, flush it, rename it into place,
+    and only then re-point `latest` (and `best`), so a crash never leaves a link
+    to a half-written checkpoint. Returns the checkpoint directory."""
+    checkpoints_dir = Path(checkpoints_dir)
+    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    name = checkpoint_name(meta["global_step"])
+    partial = checkpoints_dir / f".partial-{name}"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+
+    # safetensors refuses tensors that share memory (a tied output head); store
+    # both keys as separate copies so every loader finds the reference key set.
+    state_dict = {key: tensor.detach().contiguous().clone() for key, tensor in model.state_dict().items()}
+    save_file(state_dict, partial / "model.safetensors")
+    for filename, state in (("optimizer.pt", optimizer.state_dict()), ("scaler.pt", scaler.state_dict()),
+                            ("scheduler.pt", scheduler.state_dict()),
+                            ("training_state.pt", {"rng_states": rank_rng_states})):
+        _write_file(partial / filename, lambda f, state=state: torch.save(state, f))
+    manifest = {p.name: p.stat().st_size for p in partial.iterdir()}
+    meta = {**meta, "is_best": is_best, "files": manifest}
+    _write_file(partial / "meta.json", lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode()))
+
+    final = checkpoints_dir / name
+    os.replace(partial, final)
+    _fsync_dir(checkpoints_dir)
+    if is_best:
+        _point_link(checkpoints_dir, "best", name)
+    _point_link(checkpoints_dir, "latest", name)
+    _fsync_dir(checkpoints_dir)
+    return final
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def verify_checkpoint(checkpoint_dir):
+    """Check every file the manifest lists is there with its recorded size."""
+    meta = read_checkpoint_meta(checkpoint_dir)
+    for filename, size in meta.get("files", {}).items():
+        path = Path(checkpoint_dir) / filename
+        if not path.is_file() or path.stat().st_size != size:
+            raise UserError(f"checkpoint {checkpoint_dir} is incomplete or damaged: {filename} "
+                            f"{'is missing' if not path.is_file() else f'has {path.stat().st_size} bytes, expected {size}'}")
+    return meta
+
+
+def load_training_state(checkpoint_dir, model, optimizer, scaler, scheduler, device):
+    """Restore a checkpoint written by this project or by the reference harness
+    (which has no scheduler or RNG state). Returns (meta, rng_states or None)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    meta = verify_checkpoint(checkpoint_dir)
+    load_model_weights(model, checkpoint_dir / "model.safetensors")
+    optimizer.load_state_dict(torch.load(checkpoint_dir / "optimizer.pt", map_location=device))
+    if (checkpoint_dir / "scaler.pt").is_file():
+        scaler.load_state_dict(torch.load(checkpoint_dir / "scaler.pt"))
+    if (checkpoint_dir / "scheduler.pt").is_file():
+        scheduler.load_state_dict(torch.load(checkpoint_dir / "scheduler.pt"))
+    rng_states = None
+    if (checkpoint_dir / "training_state.pt").is_file():
+        rng_states = torch.load(checkpoint_dir / "training_state.pt")["rng_states"]
+    return meta, rng_states

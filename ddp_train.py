@@ -1,0 +1,368 @@
+"""Train a GPT-2-class base model with DistributedDataParallel.
+
+    uv run torchrun --nproc_per_node=8 ddp_train.py RUN DATASETS_DIR [CHECKPOINT]
+
+RUN is a name under runs/ or a path to a run directory holding model.json and
+train.json (see config.py for every key). CHECKPOINT is a checkpoint directory
+name, `latest` or `best`, to resume from. Without torchrun it runs as a single
+process. Rank 0 writes checkpoints, metrics.jsonl and charts into the run directory.
+"""
+
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import click
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import charts
+import checkpointing
+import token_data
+from batching import Microbatches, count_optimizer_steps, microbatch_index
+from config import load_run
+from distributed import check_connectivity, init_distributed, run_and_share_errors
+from errors import UserError, report_user_errors
+from gpt import GPTModel
+from metrics import MetricsLog, read_metrics
+
+
+# ---------------------------------------------------------------- set-up
+
+def amp_dtype_for(train_cfg, device):
+    """The autocast dtype, or None for full fp32."""
+    if not train_cfg.use_amp:
+        return None
+    if train_cfg.amp_dtype is not None:
+        return getattr(torch, train_cfg.amp_dtype)
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def lr_multiplier(step, total_steps, warmup_steps, min_ratio):
+    """Linear warmup from ~0 to 1, then cosine decay to `min_ratio` at the last step."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps - 1)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class Data:
+    train: Microbatches
+    validation: Microbatches | None
+    total_steps: int
+    global_batch_tokens: int
+    meta: token_data.DatasetMeta
+
+
+def load_data(run, ctx, datasets_dir):
+    train_cfg, context_length = run.train, run.model.context_length
+    dataset_dir = run_and_share_errors(
+        ctx.is_local_main, lambda: token_data.fetch_dataset(train_cfg.dataset, datasets_dir))
+    dataset_dir = dataset_dir or token_data.dataset_location(train_cfg.dataset, datasets_dir)[1]
+    meta = token_data.read_meta(dataset_dir)
+    if run.model.vocab_size < meta.vocab_size:
+        raise UserError(f"{run.run_dir / 'model.json'}: key 'vocab_size' ({run.model.vocab_size}) is smaller "
+                        f"than the dataset's tokenizer vocabulary ({meta.tokenizer}: {meta.vocab_size})")
+
+    microbatch_tokens = train_cfg.microbatch_size * context_length
+    global_batch_tokens = ctx.world_size * train_cfg.gradient_accumulation_steps * microbatch_tokens
+    train_tokens = token_data.open_split(dataset_dir, "train")
+    total_steps = count_optimizer_steps(len(train_tokens), train_cfg.start_train_token,
+                                        train_cfg.min_train_tokens, global_batch_tokens,
+                                        str(dataset_dir / "train.safetensors"))
+    train = Microbatches(train_tokens, train_cfg.start_train_token,
+                         total_steps * global_batch_tokens // microbatch_tokens,
+                         train_cfg.microbatch_size, context_length)
+
+    validation = None
+    if train_cfg.validation_interval:
+        val_tokens = token_data.open_split(dataset_dir, "validation")
+        needed = train_cfg.start_val_token + train_cfg.validation_batches * microbatch_tokens + 1
+        if needed > len(val_tokens):
+            raise UserError(f"{dataset_dir / 'validation.safetensors'}: too short: validation_batches "
+                            f"{train_cfg.validation_batches} from token {train_cfg.start_val_token:,} need "
+                            f"{needed:,} tokens, the file has {len(val_tokens):,}")
+        validation = Microbatches(val_tokens, train_cfg.start_val_token, train_cfg.validation_batches,
+                                  train_cfg.microbatch_size, context_length)
+    return Data(train, validation, total_steps, global_batch_tokens, meta)
+
+
+# ---------------------------------------------------------------- RNG state
+
+def capture_rng_state():
+    numpy_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def restore_rng_state(state):
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------- steps
+
+def compute_loss(model, inputs, targets, amp_dtype, device):
+    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        logits = model(inputs)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def train_step(global_step, ddp_model, optimizer, scaler, data, run, ctx, amp_dtype):
+    """One optimizer step over `gradient_accumulation_steps` microbatches on every rank.
+
+    Returns the loss (mean over ranks and microsteps), the gradient norm before
+    clipping, and whether the step was applied (False when any rank saw a
+    non-finite loss or gradient: every rank then skips it alike).
+    """
+    accumulation_steps = run.train.gradient_accumulation_steps
+    loss_sum = torch.zeros((), device=ctx.device)
+    for accumulation_step in range(accumulation_steps):
+        index = microbatch_index(global_step, accumulation_step, accumulation_steps, ctx.world_size, ctx.rank)
+        inputs, targets = (t.to(ctx.device, non_blocking=True) for t in data.train[index])
+        # Gradients are all-reduced only on the last microstep.
+        is_last_microstep = accumulation_step == accumulation_steps - 1
+        with nullcontext() if is_last_microstep else ddp_model.no_sync():
+            loss = compute_loss(ddp_model, inputs, targets, amp_dtype, ctx.device)
+            scaler.scale(loss / accumulation_steps).backward()
+        loss_sum += loss.detach()
+
+    scaler.unscale_(optimizer)
+    max_norm = run.train.clipping_max_norm or float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), max_norm)
+    step_stats = torch.stack([loss_sum / accumulation_steps,
+                              (~torch.isfinite(loss_sum)).float()])
+    dist.all_reduce(step_stats)
+    mean_loss = step_stats[0].item() / ctx.world_size
+    grad_norm = grad_norm.item()
+    applied = step_stats[1].item() == 0 and math.isfinite(grad_norm)
+    if applied:
+        scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return mean_loss, grad_norm, applied
+
+
+@torch.no_grad()
+def evaluate(model, validation, ctx, amp_dtype):
+    """Mean validation loss; each rank takes every world_size-th batch, then all-reduce."""
+    model.eval()
+    totals = torch.zeros(2, device=ctx.device)
+    for index in range(ctx.rank, len(validation), ctx.world_size):
+        inputs, targets = (t.to(ctx.device) for t in validation[index])
+        totals[0] += compute_loss(model, inputs, targets, amp_dtype, ctx.device)
+        totals[1] += 1
+    dist.all_reduce(totals)
+    model.train()
+    return (totals[0] / totals[1]).item()
+
+
+# ---------------------------------------------------------------- bookkeeping
+
+@dataclass
+class IntervalStats:
+    """What happened since the last checkpoint, for its meta.json."""
+    losses: list = field(default_factory=list)
+    grad_norms: list = field(default_factory=list)
+    clipped: list = field(default_factory=list)
+
+    def add(self, loss, grad_norm, clipped):
+        if math.isfinite(loss):
+            self.losses.append(loss)
+        if math.isfinite(grad_norm):
+            self.grad_norms.append(grad_norm)
+        self.clipped.append(clipped)
+
+    def summary(self):
+        def stats(values, name):
+            if not values:
+                return {f"min_{name}": None, f"avg_{name}": None, f"max_{name}": None}
+            return {f"min_{name}": min(values), f"avg_{name}": sum(values) / len(values),
+                    f"max_{name}": max(values)}
+
+        # Key names as in the reference harness's meta.json.
+        return {**stats(self.losses, "train_loss"), **stats(self.grad_norms, "grad_norms"),
+                "frac_clipped": sum(self.clipped) / max(1, len(self.clipped))}
+
+
+@dataclass
+class Progress:
+    start_step: int = 0
+    tokens_seen: int = 0
+    elapsed_before: float = 0.0
+    best_loss: float | None = None
+
+
+def restore(run, ctx, checkpoint, model, optimizer, scaler, scheduler, data):
+    checkpoint_dir = checkpointing.resolve_checkpoint(run.checkpoints_dir, checkpoint)
+    meta = checkpointing.read_checkpoint_meta(checkpoint_dir)
+    saved_model = meta.get("model_config")
+    if saved_model is not None and saved_model != run.model.to_dict():
+        changed = sorted(k for k in saved_model if saved_model[k] != run.model.to_dict().get(k))
+        raise UserError(f"checkpoint {checkpoint_dir.name} was trained with a different model.json "
+                        f"(differs in: {', '.join(changed)})")
+    meta, rng_states = checkpointing.load_training_state(
+        checkpoint_dir, model, optimizer, scaler, scheduler, ctx.device)
+    start_step = meta["global_step"] + 1
+    if "scheduler.pt" not in meta.get("files", {}):
+        # A reference-harness checkpoint: put the schedule where it would have been.
+        scheduler.last_epoch = start_step - 1
+        scheduler.step()
+    if rng_states is not None and len(rng_states) == ctx.world_size:
+        restore_rng_state(rng_states[ctx.rank])
+    elif ctx.is_main:
+        print("note: checkpoint has no RNG state for this world size; dropout masks will differ "
+              "from an uninterrupted run")
+    best_dir = run.checkpoints_dir / "best"
+    best_meta = checkpointing.read_checkpoint_meta(best_dir) if best_dir.exists() else meta
+    best_loss = best_meta.get("best_loss", best_meta.get("val_loss") or best_meta.get("avg_train_loss"))
+    if ctx.is_main:
+        print(f"Resuming from {checkpoint_dir.name} at global step {start_step}")
+    return Progress(start_step=start_step,
+                    tokens_seen=meta.get("tokens_seen", start_step * data.global_batch_tokens),
+                    elapsed_before=meta.get("elapsed_s", 0.0), best_loss=best_loss)
+
+
+def save(run, ctx, model, optimizer, scaler, scheduler, meta, is_best):
+    """Every rank sends its RNG state; rank 0 writes the checkpoint and charts.
+    A failure on rank 0 reaches every rank (no one waits forever)."""
+    rng_states = [None] * ctx.world_size if ctx.is_main else None
+    dist.gather_object(capture_rng_state(), rng_states, dst=0)
+
+    def write():
+        checkpointing.save_checkpoint(run.checkpoints_dir, model, optimizer, scaler, scheduler,
+                                      rng_states, meta, is_best)
+        best_meta = checkpointing.read_checkpoint_meta(run.checkpoints_dir / "best")
+        try:
+            charts.write_charts(run.run_dir, read_metrics(run.run_dir / "metrics.jsonl"),
+                                best_step=best_meta["global_step"], clip_norm=run.train.clipping_max_norm)
+        except Exception as e:  # noqa: BLE001 - a chart is never worth a training run
+            print(f"warning: could not draw charts: {type(e).__name__}: {e}")
+
+    run_and_share_errors(ctx.is_main, write)
+
+
+# ---------------------------------------------------------------- the loop
+
+def train(run, ctx, datasets_dir, checkpoint):
+    train_cfg = run.train
+    torch.manual_seed(train_cfg.random_seed)
+    model = GPTModel(run.model).to(ctx.device)
+    data = load_data(run, ctx, datasets_dir)
+
+    amp_dtype = amp_dtype_for(train_cfg, ctx.device)
+    if amp_dtype is not None:
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and later
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg.learning_rate,
+                                  weight_decay=train_cfg.weight_decay, fused=ctx.device.type == "cuda")
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16)
+    warmup_steps = int(data.total_steps * train_cfg.warmup_period_percent // 100)
+    min_ratio = train_cfg.effective_min_lr / train_cfg.learning_rate
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: lr_multiplier(step, data.total_steps, warmup_steps, min_ratio)
+        if train_cfg.schedule_learning_rate else 1.0)
+
+    if checkpoint:
+        progress = restore(run, ctx, checkpoint, model, optimizer, scaler, scheduler, data)
+    else:
+        progress = Progress()
+        # Different dropout masks per rank; identical initial weights came first.
+        torch.manual_seed(train_cfg.random_seed + ctx.rank)
+    ddp_model = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+
+    metrics_log = MetricsLog(run.run_dir / "metrics.jsonl")
+    if ctx.is_main:
+        if checkpoint:
+            metrics_log.truncate_after(progress.start_step - 1)
+        print(f"{run.name}: {model.num_parameters():,} parameters, world size {ctx.world_size}, "
+              f"{data.total_steps:,} optimizer steps of {data.global_batch_tokens:,} tokens, "
+              f"device {ctx.device}, autocast {amp_dtype or 'off'}")
+
+    checkpoint_interval = train_cfg.effective_checkpoint_interval
+    interval = IntervalStats()
+    tokens_seen, best_loss = progress.tokens_seen, progress.best_loss
+    session_start, session_tokens = time.time(), 0
+    loss = val_loss = None
+    bar = tqdm(total=data.total_steps, initial=progress.start_step, disable=not ctx.is_main,
+               unit="step", dynamic_ncols=True)
+    for global_step in range(progress.start_step, data.total_steps):
+        lr = scheduler.get_last_lr()[0]
+        loss, grad_norm, applied = train_step(global_step, ddp_model, optimizer, scaler, data, run, ctx,
+                                              amp_dtype)
+        scheduler.step()
+        clipped = train_cfg.clipping_max_norm is not None and grad_norm > train_cfg.clipping_max_norm
+        interval.add(loss, grad_norm, clipped)
+        tokens_seen += data.global_batch_tokens
+        session_tokens += data.global_batch_tokens
+        session_seconds = time.time() - session_start
+        tokens_per_sec = session_tokens / max(session_seconds, 1e-9)
+
+        is_last = global_step == data.total_steps - 1
+        row = {"step": global_step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "clipped": clipped,
+               "skipped": not applied, "tokens": tokens_seen, "tokens_per_sec": tokens_per_sec,
+               "elapsed_s": progress.elapsed_before + session_seconds}
+        if data.validation is not None and ((global_step + 1) % train_cfg.validation_interval == 0 or is_last):
+            val_loss = row["val_loss"] = evaluate(model, data.validation, ctx, amp_dtype)
+        if ctx.is_main:
+            metrics_log.append(row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_per_s=f"{tokens_per_sec:,.0f}")
+
+        if (global_step + 1) % checkpoint_interval == 0 or is_last:
+            summary = interval.summary()
+            # "Best" is by validation loss when there is one, else by average train loss.
+            score = val_loss if data.validation is not None else summary["avg_train_loss"]
+            is_best = score is not None and (best_loss is None or score < best_loss)
+            best_loss = score if is_best else best_loss
+            meta = {"global_step": global_step, **summary, "learning_rate": lr, "val_loss": val_loss,
+                    "best_loss": best_loss, "tokens_seen": tokens_seen, "elapsed_s": row["elapsed_s"],
+                    "world_size": ctx.world_size, "microbatch_size": train_cfg.microbatch_size,
+                    "gradient_accumulation_steps": train_cfg.gradient_accumulation_steps,
+                    "model_config": run.model.to_dict()}
+            save(run, ctx, model, optimizer, scaler, scheduler, meta, is_best)
+            interval = IntervalStats()
+    bar.close()
+
+    if ctx.is_main and loss is not None:
+        seconds = time.time() - session_start
+        print(f"Training complete in {seconds:,.1f} s; tokens seen this session {session_tokens:,} "
+              f"(total {tokens_seen:,}); throughput {session_tokens / seconds:,.0f} tokens/s; "
+              f"final train loss {loss:.4f}" + (f"; final validation loss {val_loss:.4f}" if val_loss else ""))
+
+
+@click.command()
+@click.argument("run")
+@click.argument("datasets_dir", type=click.Path(file_okay=False))
+@click.argument("checkpoint", required=False)
+@report_user_errors
+def main(run, datasets_dir, checkpoint):
+    run = load_run(run)
+    ctx = init_distributed(run.train.dist_timeout_minutes)
+    try:
+        check_connectivity(ctx)
+        train(run, ctx, datasets_dir, checkpoint)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Process-group set-up and the one pattern for work done by some ranks while the rest wait.
+
+Under torchrun the environment gives RANK, LOCAL_RANK and WORLD_SIZE; run as a
+plain `python ddp_train.py ...` it is a world of one. Global rank chooses data
+and rank-0 work; local rank chooses the device and per-node work.
+"""
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from errors import UserError
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def is_local_main(self):
+        return self.local_rank == 0
+
+
+def init_distributed(timeout_minutes):
+    """CUDA + NCCL when CUDA is available, otherwise CPU + gloo."""
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend, extra = "nccl", {"device_id": device}
+    else:
+        device = torch.device("cpu")
+        backend, extra = "gloo", {}
+    if "MASTER_ADDR" in os.environ:
+        dist.init_process_group(backend, timeout=timeout, **extra)
+    else:
+        # A plain single process: a process group of one, so that the training
+        # code makes the same collective calls whatever the world size.
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timeout, **extra)
+    return DistContext(rank, local_rank, world_size, device)
+
+
+def check_connectivity(ctx):
+    """A small all-reduce at start-up, so a broken interconnect fails fast with advice."""
+    probe = torch.ones(1, device=ctx.device)
+    try:
+        dist.all_reduce(probe)
+    except Exception as e:
+        raise RuntimeError(
+            f"rank {ctx.rank}: the ranks cannot communicate ({type(e).__name__}: {e}). "
+            "On multi-GPU machines without working peer-to-peer or InfiniBand, try "
+            "NCCL_P2P_DISABLE=1 and/or NCCL_IB_DISABLE=1; NCCL_DEBUG=INFO shows more."
+        ) from e
+    if int(probe.item()) != ctx.world_size:
+        raise RuntimeError(f"rank {ctx.rank}: connectivity check summed to {probe.item()}, "
+                           f"expected {ctx.world_size}")
+
+
+def run_and_share_errors(should_run, work):
+    """Run `work()` on the ranks where `should_run` is true while the others wait, then
+    make every rank fail if any of them failed.
+
+    Every rank makes the same single collective call, so one rank's failure
+    (a failed download, a full disk during a checkpoint save) ends the whole
+    job with that rank's message instead of leaving the others at a barrier.
+    """
+    result, failure = None, None
+    if should_run:
+        try:
+            result = work()
+        except Exception as e:  # noqa: BLE001 - any failure must reach every rank
+            failure = e
+    reports = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, None if failure is None else _describe(failure))
+    if failure is not None:
+        raise failure
+    for failed_rank, report in enumerate(reports):
+        if report is not None:
+            is_user_error, message = report
+            raise (UserError if is_user_error else RuntimeError)(f"(from rank {failed_rank}) {message}")
+    return result
+
+
+def _describe(error):
+    if isinstance(error, UserError):
+        return True, str(error)
+    return False, f"{type(error).__name__}: {error}"
