@@ -250,10 +250,11 @@ def save(run, ctx, model, optimizer, scaler, scheduler, meta, is_best):
     def write():
         checkpointing.save_checkpoint(run.checkpoints_dir, model, optimizer, scaler, scheduler,
                                       rng_states, meta, is_best)
-        best_meta = checkpointing.read_checkpoint_meta(run.checkpoints_dir / "best")
         try:
+            best_dir = run.checkpoints_dir / "best"
+            best_step = checkpointing.read_checkpoint_meta(best_dir)["global_step"] if best_dir.exists() else None
             charts.write_charts(run.run_dir, read_metrics(run.run_dir / "metrics.jsonl"),
-                                best_step=best_meta["global_step"], clip_norm=run.train.clipping_max_norm)
+                                best_step=best_step, clip_norm=run.train.clipping_max_norm)
         except Exception as e:  # noqa: BLE001 - a chart is never worth a training run
             print(f"warning: could not draw charts: {type(e).__name__}: {e}")
 
@@ -317,17 +318,20 @@ def train(run, ctx, datasets_dir, checkpoint):
         tokens_per_sec = session_tokens / max(session_seconds, 1e-9)
 
         is_last = global_step == data.total_steps - 1
+        is_checkpoint_step = (global_step + 1) % checkpoint_interval == 0 or is_last
         row = {"step": global_step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "clipped": clipped,
                "skipped": not applied, "tokens": tokens_seen, "tokens_per_sec": tokens_per_sec,
                "elapsed_s": progress.elapsed_before + session_seconds}
-        if data.validation is not None and ((global_step + 1) % train_cfg.validation_interval == 0 or is_last):
+        # Checkpoint steps are validated too, so every checkpoint's "best" is judged on a fresh number.
+        if data.validation is not None and ((global_step + 1) % train_cfg.validation_interval == 0
+                                            or is_checkpoint_step):
             val_loss = row["val_loss"] = evaluate(model, data.validation, ctx, amp_dtype)
         if ctx.is_main:
             metrics_log.append(row)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", tok_per_s=f"{tokens_per_sec:,.0f}")
 
-        if (global_step + 1) % checkpoint_interval == 0 or is_last:
+        if is_checkpoint_step:
             summary = interval.summary()
             # "Best" is by validation loss when there is one, else by average train loss.
             score = val_loss if data.validation is not None else summary["avg_train_loss"]

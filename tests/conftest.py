@@ -1,0 +1,69 @@
+"""Shared helpers: tiny byte-level datasets from a real text, run directories, and
+launching ddp_train.py for real (torchrun with gloo on CPU, or a plain process)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from token_data import ByteTokenizer, TokenFileWriter, write_meta
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+SHARED_DATA = PROJECT_DIR.parent / "shared" / "data"
+
+TINY_MODEL = {"vocab_size": 257, "context_length": 32, "emb_dim": 32, "n_heads": 2, "n_layers": 2,
+              "drop_rate": 0.0, "qkv_bias": False}
+
+
+def write_byte_dataset(dataset_dir, text, validation_chars=3000):
+    """A byte-level dataset: the text minus its tail for train, the tail for validation."""
+    dataset_dir.mkdir(parents=True, exist_ok=True)
+    data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    for split, part in (("train", data[:-validation_chars]), ("validation", data[-validation_chars:])):
+        with TokenFileWriter(dataset_dir / f"{split}.safetensors") as writer:
+            writer.write(part)
+            writer.commit()
+    write_meta(dataset_dir, ByteTokenizer())
+    return dataset_dir
+
+
+@pytest.fixture(scope="session")
+def verdict_dataset(tmp_path_factory):
+    text = (SHARED_DATA / "the-verdict.txt").read_text()
+    return write_byte_dataset(tmp_path_factory.mktemp("datasets") / "verdict", text)
+
+
+def make_run(run_dir, dataset_dir, model=None, **train):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "model.json").write_text(json.dumps({**TINY_MODEL, **(model or {})}))
+    train_cfg = {"dataset": str(dataset_dir), "microbatch_size": 4, "use_amp": False,
+                 "learning_rate": 0.003, **train}
+    (run_dir / "train.json").write_text(json.dumps(train_cfg))
+    return run_dir
+
+
+def train_env():
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    return env
+
+
+def run_training(args, nproc=None, check=True, timeout=240, env=None):
+    """ddp_train.py under torchrun with `nproc` CPU processes, or as a plain process when None."""
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                if nproc else [sys.executable])
+    result = subprocess.run(launcher + [str(PROJECT_DIR / "ddp_train.py"), *map(str, args)],
+                            cwd=PROJECT_DIR, env=env or train_env(), capture_output=True, text=True,
+                            timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def read_rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -1,0 +1,133 @@
+"""ddp_train.py run for real: torchrun with 2 CPU processes over gloo, and a plain process."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import make_run, read_rows, run_training
+
+STEPS = 8  # optimizer steps in each run below
+
+
+def tokens_for(steps, world_size, accumulation=1, microbatch=4, context=32):
+    return steps * world_size * accumulation * microbatch * context
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory, verdict_dataset):
+    """8 steps on 2 ranks with validation, clipping, an LR schedule and the default AMP
+    (bf16 autocast on CPU); checkpoints every 3 steps."""
+    run_dir = make_run(tmp_path_factory.mktemp("runs") / "two-ranks", verdict_dataset,
+                       min_train_tokens=tokens_for(STEPS, 2), checkpoint_interval=3, validation_interval=4,
+                       validation_batches=3, clipping_max_norm=0.8, schedule_learning_rate=True,
+                       warmup_period_percent=25, use_amp=True)
+    result = run_training([run_dir, "datasets"], nproc=2)
+    return run_dir, result
+
+
+def test_two_ranks_train_and_log_every_step(two_rank_run):
+    run_dir, result = two_rank_run
+    rows = read_rows(run_dir)
+    assert [r["step"] for r in rows] == list(range(STEPS))
+    assert [r["tokens"] for r in rows] == [tokens_for(s + 1, 2) for s in range(STEPS)]
+    assert all(r["tokens_per_sec"] > 0 and r["elapsed_s"] > 0 and r["grad_norm"] > 0 for r in rows)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    # Every validation_interval (4) steps, and at every checkpoint (every 3 steps and the last).
+    assert [r["step"] for r in rows if "val_loss" in r] == [2, 3, 5, 7]
+    # Warmup is 25% of 8 steps = 2 steps, then cosine to learning_rate / 10.
+    assert [r["lr"] for r in rows[:3]] == pytest.approx([0.0015, 0.003, 0.003])
+    assert rows[-1]["lr"] == pytest.approx(0.0003)
+    assert any(r["clipped"] for r in rows) and all(r["clipped"] == (r["grad_norm"] > 0.8) for r in rows)
+    assert "Training complete" in result.stdout and "final validation loss" in result.stdout
+
+
+def test_checkpoints_links_meta_and_charts(two_rank_run):
+    run_dir, _ = two_rank_run
+    checkpoints = run_dir / "checkpoints"
+    names = sorted(p.name for p in checkpoints.iterdir() if not p.is_symlink())
+    assert [n.split("-iteration-")[1] for n in names] == ["2", "5", "7"]
+    assert all(len(n.split("-")[0]) == len("20261121Z143202") for n in names)
+    latest = checkpoints / "latest"
+    assert latest.is_symlink() and not latest.readlink().is_absolute() and latest.resolve().name == names[-1]
+    assert (checkpoints / "best").is_symlink()
+    meta = json.loads((latest / "meta.json").read_text())
+    rows = read_rows(run_dir)
+    window = [r["loss"] for r in rows[6:8]]
+    assert meta["global_step"] == 7 and meta["tokens_seen"] == tokens_for(8, 2)
+    assert meta["min_train_loss"] == min(window) and meta["max_train_loss"] == max(window)
+    assert meta["avg_train_loss"] == pytest.approx(sum(window) / 2)
+    assert meta["val_loss"] == rows[7]["val_loss"]
+    assert set(meta["files"]) == {"model.safetensors", "optimizer.pt", "scaler.pt", "scheduler.pt",
+                                  "training_state.pt"}
+    state = load_file(latest / "model.safetensors")
+    assert "tok_emb.weight" in state and not any(k.startswith(("module.", "_orig_mod.")) for k in state)
+    for chart in ("loss.png", "grad_norm.png", "learning_rate.png"):
+        assert (run_dir / chart).read_bytes().startswith(b"\x89PNG")
+
+
+def test_two_ranks_equal_one_process_with_accumulation_two(tmp_path, verdict_dataset):
+    """Same tokens per optimizer step, so the same losses step by step."""
+    common = dict(min_train_tokens=tokens_for(STEPS, 2), checkpoint_interval=100, clipping_max_norm=0.8)
+    ranks = make_run(tmp_path / "ranks", verdict_dataset, **common)
+    accumulate = make_run(tmp_path / "accumulate", verdict_dataset, gradient_accumulation_steps=2, **common)
+    run_training([ranks, "datasets"], nproc=2)
+    run_training([accumulate, "datasets"])  # plain process, no torchrun: world size 1
+    ranks_losses = [r["loss"] for r in read_rows(ranks)]
+    accumulate_losses = [r["loss"] for r in read_rows(accumulate)]
+    assert len(ranks_losses) == STEPS
+    assert accumulate_losses == pytest.approx(ranks_losses, rel=1e-5)
+    assert read_rows(accumulate)[-1]["tokens"] == read_rows(ranks)[-1]["tokens"]
+
+
+def test_resume_continues_bit_for_bit_with_dropout_and_schedule(tmp_path, verdict_dataset):
+    full = make_run(tmp_path / "full", verdict_dataset, model={"drop_rate": 0.2},
+                    min_train_tokens=tokens_for(STEPS, 2), checkpoint_interval=4,
+                    schedule_learning_rate=True, warmup_period_percent=25, clipping_max_norm=1.0)
+    run_training([full, "datasets"], nproc=2)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed, symlinks=True)
+    first_checkpoint = sorted(p.name for p in (resumed / "checkpoints").iterdir() if "iteration-3" in p.name)[0]
+    result = run_training([resumed, "datasets", first_checkpoint], nproc=2)
+    assert "Resuming from" in result.stdout and "global step 4" in result.stdout
+    full_rows, resumed_rows = read_rows(full), read_rows(resumed)
+    assert [r["step"] for r in resumed_rows] == list(range(STEPS))  # appended after step 3, no duplicates
+    assert [r["loss"] for r in resumed_rows[4:]] == [r["loss"] for r in full_rows[4:]]
+    assert [r["lr"] for r in resumed_rows] == [r["lr"] for r in full_rows]
+    final_full = load_file(full / "checkpoints" / "latest" / "model.safetensors")
+    final_resumed = load_file(resumed / "checkpoints" / "latest" / "model.safetensors")
+    assert all(torch.equal(final_full[k], final_resumed[k]) for k in final_full)
+
+
+def test_resumes_a_reference_harness_checkpoint(tmp_path, verdict_dataset):
+    """A checkpoint as the reference harness writes it: legacy mask buffers in
+    model.safetensors, optimizer.pt, scaler.pt, and a meta.json without our extra keys."""
+    run_dir = make_run(tmp_path / "reference", verdict_dataset, min_train_tokens=tokens_for(STEPS, 1),
+                       checkpoint_interval=100)
+    from gpt import GPTModel
+    from conftest import TINY_MODEL
+
+    torch.manual_seed(3)
+    model = GPTModel(TINY_MODEL)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0004, weight_decay=0.1)
+    model(torch.zeros(1, 4, dtype=torch.long)).sum().backward()
+    optimizer.step()
+    checkpoint = run_dir / "checkpoints" / "20250101Z000000-iteration-2"
+    checkpoint.mkdir(parents=True)
+    state = dict(model.state_dict())
+    for i in range(TINY_MODEL["n_layers"]):
+        state[f"trf_blocks.{i}.att.mask"] = torch.triu(torch.ones(32, 32), diagonal=1)
+    save_file(state, checkpoint / "model.safetensors")
+    torch.save(optimizer.state_dict(), checkpoint / "optimizer.pt")
+    torch.save(torch.amp.GradScaler("cpu").state_dict(), checkpoint / "scaler.pt")
+    (checkpoint / "meta.json").write_text(json.dumps({
+        "min_train_loss": 3.0, "max_train_loss": 4.0, "avg_train_loss": 3.5, "max_grad_norms": 1.0,
+        "avg_grad_norms": 0.5, "frac_clipped": 0.0, "global_step": 2, "is_best": True}))
+    (run_dir / "checkpoints" / "best").symlink_to(checkpoint.name)
+    (run_dir / "checkpoints" / "latest").symlink_to(checkpoint.name)
+
+    result = run_training([run_dir, "datasets", "latest"])
+    assert "global step 3" in result.stdout
+    assert [r["step"] for r in read_rows(run_dir)] == list(range(3, STEPS))
