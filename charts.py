@@ -29,7 +29,7 @@ def _save(fig, path):
 
 
 def plot_loss(rows, path, best_step=None):
-    applied = [r for r in rows if not r.get("skipped") and np.isfinite(r["loss"])]
+    applied = [r for r in rows if r["loss"] is not None]
     steps, low, mean, high = _binned([r["step"] for r in applied], [r["loss"] for r in applied])
     fig, ax = plt.subplots(figsize=(8, 5))
     ax.fill_between(steps, low, high, alpha=0.3, label="train loss (min-max)")
@@ -46,7 +46,7 @@ def plot_loss(rows, path, best_step=None):
 
 
 def plot_grad_norm(rows, path, clip_norm=None):
-    finite = [r for r in rows if r["grad_norm"] is not None and np.isfinite(r["grad_norm"])]
+    finite = [r for r in rows if r["grad_norm"] is not None]
     steps, low, mean, high = _binned([r["step"] for r in finite], [r["grad_norm"] for r in finite])
     fig, ax = plt.subplots(figsize=(8, 5))
     ax.fill_between(steps, low, high, alpha=0.3, label="gradient norm (min-max)")

@@ -9,6 +9,7 @@ import datetime
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -20,6 +21,8 @@ from errors import UserError
 # Prefixes added by DDP and torch.compile wrappers; never part of a saved key.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 LINKS = ("latest", "best")
+# Test hook: widens the window in which a kill lands in the middle of a save.
+SAVE_DELAY_FOR_TESTS_S = float(os.environ.get("DDP_TRAIN_TEST_SAVE_DELAY_S", "0"))
 
 
 def clean_state_dict(state_dict):
@@ -111,14 +114,16 @@ def save_checkpoint(checkpoints_dir, model, optimizer, scaler, scheduler, rank_r
     checkpoints_dir = Path(checkpoints_dir)
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
     name = checkpoint_name(meta["global_step"])
+    for leftover in checkpoints_dir.glob(".partial-*"):  # from a save that was killed
+        shutil.rmtree(leftover, ignore_errors=True)
     partial = checkpoints_dir / f".partial-{name}"
-    shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
 
     # safetensors refuses tensors that share memory (a tied output head); store
     # both keys as separate copies so every loader finds the reference key set.
     state_dict = {key: tensor.detach().contiguous().clone() for key, tensor in model.state_dict().items()}
     save_file(state_dict, partial / "model.safetensors")
+    time.sleep(SAVE_DELAY_FOR_TESTS_S)
     for filename, state in (("optimizer.pt", optimizer.state_dict()), ("scaler.pt", scaler.state_dict()),
                             ("scheduler.pt", scheduler.state_dict()),
                             ("training_state.pt", {"rng_states": rank_rng_states})):
@@ -135,6 +140,15 @@ def save_checkpoint(checkpoints_dir, model, optimizer, scaler, scheduler, rank_r
     _point_link(checkpoints_dir, "latest", name)
     _fsync_dir(checkpoints_dir)
     return final
+
+
+def prune_checkpoints(checkpoints_dir, keep_last):
+    """Delete all but the newest `keep_last` checkpoints, never those `best` or `latest` point at."""
+    protected = {(Path(checkpoints_dir) / link).resolve() for link in LINKS}
+    candidates = list_checkpoints(checkpoints_dir)[:-keep_last]
+    for checkpoint_dir in candidates:
+        if checkpoint_dir.resolve() not in protected:
+            shutil.rmtree(checkpoint_dir)
 
 
 def _fsync_dir(path):

@@ -135,6 +135,8 @@ class TrainConfig:
     min_lr: float | None = None  # end of the cosine decay; default learning_rate / 10
     amp_dtype: str | None = None  # "bfloat16" or "float16"; default bfloat16 where supported
     dist_timeout_minutes: float = 60.0
+    keep_last_checkpoints: int | None = None  # prune older ones (never `best`/`latest`); null keeps all
+    max_skipped_steps: int = 10  # stop after this many non-finite steps in a row
 
     @classmethod
     def from_dict(cls, raw, source="train.json"):
@@ -160,6 +162,9 @@ class TrainConfig:
                  f"must be between 0 and 100, got {self.warmup_period_percent}")
         _require(self.amp_dtype in (None, "bfloat16", "float16"), source, "amp_dtype",
                  f"must be \"bfloat16\" or \"float16\", got {json.dumps(self.amp_dtype)}")
+        for key in ("keep_last_checkpoints", "max_skipped_steps"):
+            value = getattr(self, key)
+            _require(value is None or value > 0, source, key, f"must be positive, got {value}")
         _require(self.dist_timeout_minutes > 0, source, "dist_timeout_minutes",
                  f"must be positive, got {self.dist_timeout_minutes}")
 

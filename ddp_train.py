@@ -1,14 +1,17 @@
 """Train a GPT-2-class base model with DistributedDataParallel.
 
-    uv run torchrun --nproc_per_node=8 ddp_train.py RUN DATASETS_DIR [CHECKPOINT]
+    uv run torchrun --nproc_per_node=8 ddp_train.py RUN DATASETS_DIR [CHECKPOINT] [--force]
 
 RUN is a name under runs/ or a path to a run directory holding model.json and
-train.json (see config.py for every key). CHECKPOINT is a checkpoint directory
-name, `latest` or `best`, to resume from. Without torchrun it runs as a single
-process. Rank 0 writes checkpoints, metrics.jsonl and charts into the run directory.
+train.json (config.py lists every key). CHECKPOINT resumes a run: a checkpoint
+directory name, `latest`, `best`, or `auto` (`latest` if there is one, else a
+fresh start). Without torchrun it runs as a single process. Rank 0 writes
+checkpoints, metrics.jsonl and charts into the run directory. SIGTERM or SIGINT
+stops every rank after the current optimizer step, with a checkpoint.
 """
 
 import math
+import os
 import random
 import time
 from contextlib import nullcontext
@@ -27,7 +30,7 @@ import checkpointing
 import token_data
 from batching import Microbatches, count_optimizer_steps, microbatch_index
 from config import load_run
-from distributed import check_connectivity, init_distributed, run_and_share_errors
+from distributed import StopSignals, check_connectivity, init_distributed, run_and_share_errors
 from errors import UserError, report_user_errors
 from gpt import GPTModel
 from metrics import MetricsLog, read_metrics
@@ -120,19 +123,33 @@ def restore_rng_state(state):
 
 # ---------------------------------------------------------------- steps
 
+def nan_injection_for_tests():
+    """Test hook: DDP_TRAIN_TEST_NAN_AT="RANK:STEP,STEP" makes that rank's loss NaN at those steps."""
+    spec = os.environ.get("DDP_TRAIN_TEST_NAN_AT")
+    if not spec:
+        return set()
+    rank, steps = spec.split(":")
+    return {(int(rank), int(step)) for step in steps.split(",")}
+
+
+NAN_INJECTION = nan_injection_for_tests()
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean over ranks and microsteps
+    grad_norm: float  # before clipping
+    applied: bool  # False when any rank saw a non-finite loss or gradient: all ranks skip it alike
+    stop_requested: bool  # some rank received SIGTERM/SIGINT
+
 def compute_loss(model, inputs, targets, amp_dtype, device):
     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         logits = model(inputs)
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
-def train_step(global_step, ddp_model, optimizer, scaler, data, run, ctx, amp_dtype):
-    """One optimizer step over `gradient_accumulation_steps` microbatches on every rank.
-
-    Returns the loss (mean over ranks and microsteps), the gradient norm before
-    clipping, and whether the step was applied (False when any rank saw a
-    non-finite loss or gradient: every rank then skips it alike).
-    """
+def train_step(global_step, ddp_model, optimizer, scaler, data, run, ctx, amp_dtype, stop_requested):
+    """One optimizer step over `gradient_accumulation_steps` microbatches on every rank."""
     accumulation_steps = run.train.gradient_accumulation_steps
     loss_sum = torch.zeros((), device=ctx.device)
     for accumulation_step in range(accumulation_steps):
@@ -142,23 +159,26 @@ def train_step(global_step, ddp_model, optimizer, scaler, data, run, ctx, amp_dt
         is_last_microstep = accumulation_step == accumulation_steps - 1
         with nullcontext() if is_last_microstep else ddp_model.no_sync():
             loss = compute_loss(ddp_model, inputs, targets, amp_dtype, ctx.device)
+            if (ctx.rank, global_step) in NAN_INJECTION:
+                loss = loss * float("nan")
             scaler.scale(loss / accumulation_steps).backward()
         loss_sum += loss.detach()
 
     scaler.unscale_(optimizer)
     max_norm = run.train.clipping_max_norm or float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), max_norm)
-    step_stats = torch.stack([loss_sum / accumulation_steps,
-                              (~torch.isfinite(loss_sum)).float()])
+    # One all-reduce carries the loss, the non-finite flag and the stop flag.
+    step_stats = torch.stack([loss_sum / accumulation_steps, (~torch.isfinite(loss_sum)).float(),
+                              torch.tensor(float(stop_requested), device=ctx.device)])
     dist.all_reduce(step_stats)
-    mean_loss = step_stats[0].item() / ctx.world_size
+    loss_total, nonfinite_ranks, stop_votes = step_stats.tolist()
     grad_norm = grad_norm.item()
-    applied = step_stats[1].item() == 0 and math.isfinite(grad_norm)
+    applied = nonfinite_ranks == 0 and math.isfinite(grad_norm)
     if applied:
         scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return mean_loss, grad_norm, applied
+    return StepResult(loss_total / ctx.world_size, grad_norm, applied, stop_votes > 0)
 
 
 @torch.no_grad()
@@ -176,6 +196,11 @@ def evaluate(model, validation, ctx, amp_dtype):
 
 
 # ---------------------------------------------------------------- bookkeeping
+
+def finite_or_none(value):
+    """metrics.jsonl stays strict JSON: a NaN or inf is logged as null."""
+    return value if math.isfinite(value) else None
+
 
 @dataclass
 class IntervalStats:
@@ -211,14 +236,31 @@ class Progress:
     best_loss: float | None = None
 
 
-def restore(run, ctx, checkpoint, model, optimizer, scaler, scheduler, data):
-    checkpoint_dir = checkpointing.resolve_checkpoint(run.checkpoints_dir, checkpoint)
-    meta = checkpointing.read_checkpoint_meta(checkpoint_dir)
+def check_resumable(run, ctx, checkpoint_dir, meta):
+    """Refuse a different model; allow a different split of the same global batch, and say so."""
     saved_model = meta.get("model_config")
     if saved_model is not None and saved_model != run.model.to_dict():
         changed = sorted(k for k in saved_model if saved_model[k] != run.model.to_dict().get(k))
         raise UserError(f"checkpoint {checkpoint_dir.name} was trained with a different model.json "
-                        f"(differs in: {', '.join(changed)})")
+                        f"(differs in: {', '.join(changed)}); resume it with the model.json it was trained with")
+    now = {"world_size": ctx.world_size, "microbatch_size": run.train.microbatch_size,
+           "gradient_accumulation_steps": run.train.gradient_accumulation_steps}
+    saved = {key: meta.get(key) for key in now}
+    if None in saved.values() or saved == now:
+        return
+    if math.prod(saved.values()) != math.prod(now.values()):
+        raise UserError(
+            f"checkpoint {checkpoint_dir.name} was trained with a global batch of {math.prod(saved.values())} "
+            f"sequences ({saved}) but this run has {math.prod(now.values())} ({now}); keep world_size x "
+            "microbatch_size x gradient_accumulation_steps the same to resume")
+    if ctx.is_main:
+        changes = ", ".join(f"{key} {saved[key]} -> {now[key]}" for key in now if saved[key] != now[key])
+        print(f"note: resuming with {changes} (same global batch, same data order)")
+
+
+def restore(run, ctx, checkpoint_dir, model, optimizer, scaler, scheduler, data):
+    meta = checkpointing.read_checkpoint_meta(checkpoint_dir)
+    check_resumable(run, ctx, checkpoint_dir, meta)
     meta, rng_states = checkpointing.load_training_state(
         checkpoint_dir, model, optimizer, scaler, scheduler, ctx.device)
     start_step = meta["global_step"] + 1
@@ -250,6 +292,8 @@ def save(run, ctx, model, optimizer, scaler, scheduler, meta, is_best):
     def write():
         checkpointing.save_checkpoint(run.checkpoints_dir, model, optimizer, scaler, scheduler,
                                       rng_states, meta, is_best)
+        if run.train.keep_last_checkpoints:
+            checkpointing.prune_checkpoints(run.checkpoints_dir, run.train.keep_last_checkpoints)
         try:
             best_dir = run.checkpoints_dir / "best"
             best_step = checkpointing.read_checkpoint_meta(best_dir)["global_step"] if best_dir.exists() else None
@@ -263,15 +307,27 @@ def save(run, ctx, model, optimizer, scaler, scheduler, meta, is_best):
 
 # ---------------------------------------------------------------- the loop
 
-def train(run, ctx, datasets_dir, checkpoint):
+@dataclass
+class Trainer:
+    """Everything one rank trains with."""
+    model: GPTModel
+    ddp_model: DDP
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    data: Data
+    amp_dtype: torch.dtype | None
+
+
+def build_trainer(run, ctx, datasets_dir, checkpoint_dir):
     train_cfg = run.train
-    torch.manual_seed(train_cfg.random_seed)
+    torch.manual_seed(train_cfg.random_seed)  # identical initial weights on every rank
     model = GPTModel(run.model).to(ctx.device)
     data = load_data(run, ctx, datasets_dir)
-
     amp_dtype = amp_dtype_for(train_cfg, ctx.device)
     if amp_dtype is not None:
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and later
+    # One parameter group, as in the reference harness, so its optimizer.pt files load.
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg.learning_rate,
                                   weight_decay=train_cfg.weight_decay, fused=ctx.device.type == "cuda")
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16)
@@ -282,88 +338,132 @@ def train(run, ctx, datasets_dir, checkpoint):
         lambda step: lr_multiplier(step, data.total_steps, warmup_steps, min_ratio)
         if train_cfg.schedule_learning_rate else 1.0)
 
-    if checkpoint:
-        progress = restore(run, ctx, checkpoint, model, optimizer, scaler, scheduler, data)
+    if checkpoint_dir:
+        progress = restore(run, ctx, checkpoint_dir, model, optimizer, scaler, scheduler, data)
     else:
         progress = Progress()
-        # Different dropout masks per rank; identical initial weights came first.
-        torch.manual_seed(train_cfg.random_seed + ctx.rank)
+        torch.manual_seed(train_cfg.random_seed + ctx.rank)  # different dropout masks per rank
     ddp_model = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    return Trainer(model, ddp_model, optimizer, scaler, scheduler, data, amp_dtype), progress
 
+
+def checkpoint_meta(run, ctx, global_step, lr, val_loss, best_loss, tokens_seen, elapsed_s, interval):
+    return {"global_step": global_step, **interval.summary(), "learning_rate": lr, "val_loss": val_loss,
+            "best_loss": best_loss, "tokens_seen": tokens_seen, "elapsed_s": elapsed_s,
+            "world_size": ctx.world_size, "microbatch_size": run.train.microbatch_size,
+            "gradient_accumulation_steps": run.train.gradient_accumulation_steps,
+            "model_config": run.model.to_dict()}
+
+
+def train(run, ctx, datasets_dir, checkpoint_dir):
+    train_cfg = run.train
+    t, progress = build_trainer(run, ctx, datasets_dir, checkpoint_dir)
+    stop_signals = StopSignals()
     metrics_log = MetricsLog(run.run_dir / "metrics.jsonl")
     if ctx.is_main:
-        if checkpoint:
-            metrics_log.truncate_after(progress.start_step - 1)
-        print(f"{run.name}: {model.num_parameters():,} parameters, world size {ctx.world_size}, "
-              f"{data.total_steps:,} optimizer steps of {data.global_batch_tokens:,} tokens, "
-              f"device {ctx.device}, autocast {amp_dtype or 'off'}")
+        metrics_log.truncate_after(progress.start_step - 1)
+        print(f"{run.name}: {t.model.num_parameters():,} parameters, world size {ctx.world_size}, "
+              f"{t.data.total_steps:,} optimizer steps of {t.data.global_batch_tokens:,} tokens, "
+              f"device {ctx.device}, autocast {t.amp_dtype or 'off'}")
 
-    checkpoint_interval = train_cfg.effective_checkpoint_interval
     interval = IntervalStats()
     tokens_seen, best_loss = progress.tokens_seen, progress.best_loss
     session_start, session_tokens = time.time(), 0
-    loss = val_loss = None
-    bar = tqdm(total=data.total_steps, initial=progress.start_step, disable=not ctx.is_main,
+    skipped_in_a_row = 0
+    result = val_loss = None
+    bar = tqdm(total=t.data.total_steps, initial=progress.start_step, disable=not ctx.is_main,
                unit="step", dynamic_ncols=True)
-    for global_step in range(progress.start_step, data.total_steps):
-        lr = scheduler.get_last_lr()[0]
-        loss, grad_norm, applied = train_step(global_step, ddp_model, optimizer, scaler, data, run, ctx,
-                                              amp_dtype)
-        scheduler.step()
-        clipped = train_cfg.clipping_max_norm is not None and grad_norm > train_cfg.clipping_max_norm
-        interval.add(loss, grad_norm, clipped)
-        tokens_seen += data.global_batch_tokens
-        session_tokens += data.global_batch_tokens
+    for global_step in range(progress.start_step, t.data.total_steps):
+        lr = t.scheduler.get_last_lr()[0]
+        result = train_step(global_step, t.ddp_model, t.optimizer, t.scaler, t.data, run, ctx, t.amp_dtype,
+                            stop_signals.received is not None)
+        t.scheduler.step()
+        clipped = train_cfg.clipping_max_norm is not None and result.grad_norm > train_cfg.clipping_max_norm
+        interval.add(result.loss, result.grad_norm, clipped)
+        skipped_in_a_row = 0 if result.applied else skipped_in_a_row + 1
+        tokens_seen += t.data.global_batch_tokens
+        session_tokens += t.data.global_batch_tokens
         session_seconds = time.time() - session_start
         tokens_per_sec = session_tokens / max(session_seconds, 1e-9)
 
-        is_last = global_step == data.total_steps - 1
-        is_checkpoint_step = (global_step + 1) % checkpoint_interval == 0 or is_last
-        row = {"step": global_step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "clipped": clipped,
-               "skipped": not applied, "tokens": tokens_seen, "tokens_per_sec": tokens_per_sec,
-               "elapsed_s": progress.elapsed_before + session_seconds}
+        is_last = global_step == t.data.total_steps - 1
+        is_checkpoint_step = (global_step + 1) % train_cfg.effective_checkpoint_interval == 0 or is_last \
+            or result.stop_requested
+        row = {"step": global_step, "loss": finite_or_none(result.loss), "lr": lr,
+               "grad_norm": finite_or_none(result.grad_norm),
+               "clipped": clipped, "skipped": not result.applied, "tokens": tokens_seen,
+               "tokens_per_sec": tokens_per_sec, "elapsed_s": progress.elapsed_before + session_seconds}
         # Checkpoint steps are validated too, so every checkpoint's "best" is judged on a fresh number.
-        if data.validation is not None and ((global_step + 1) % train_cfg.validation_interval == 0
-                                            or is_checkpoint_step):
-            val_loss = row["val_loss"] = evaluate(model, data.validation, ctx, amp_dtype)
+        if t.data.validation is not None and ((global_step + 1) % train_cfg.validation_interval == 0
+                                              or is_checkpoint_step):
+            val_loss = row["val_loss"] = evaluate(t.model, t.data.validation, ctx, t.amp_dtype)
         if ctx.is_main:
             metrics_log.append(row)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", tok_per_s=f"{tokens_per_sec:,.0f}")
+            bar.set_postfix(loss=f"{result.loss:.3f}", tok_per_s=f"{tokens_per_sec:,.0f}")
 
+        if skipped_in_a_row >= train_cfg.max_skipped_steps:
+            # Every rank reaches this together: `applied` was decided by an all-reduce.
+            raise UserError(
+                f"{skipped_in_a_row} optimizer steps in a row had a non-finite loss or gradient (last at step "
+                f"{global_step}); stopping with the last good checkpoint kept. Try a lower learning_rate, "
+                "clipping_max_norm, or amp_dtype \"bfloat16\"")
         if is_checkpoint_step:
-            summary = interval.summary()
             # "Best" is by validation loss when there is one, else by average train loss.
-            score = val_loss if data.validation is not None else summary["avg_train_loss"]
+            score = val_loss if t.data.validation is not None else interval.summary()["avg_train_loss"]
             is_best = score is not None and (best_loss is None or score < best_loss)
             best_loss = score if is_best else best_loss
-            meta = {"global_step": global_step, **summary, "learning_rate": lr, "val_loss": val_loss,
-                    "best_loss": best_loss, "tokens_seen": tokens_seen, "elapsed_s": row["elapsed_s"],
-                    "world_size": ctx.world_size, "microbatch_size": train_cfg.microbatch_size,
-                    "gradient_accumulation_steps": train_cfg.gradient_accumulation_steps,
-                    "model_config": run.model.to_dict()}
-            save(run, ctx, model, optimizer, scaler, scheduler, meta, is_best)
+            meta = checkpoint_meta(run, ctx, global_step, lr, val_loss, best_loss, tokens_seen, row["elapsed_s"],
+                                   interval)
+            save(run, ctx, t.model, t.optimizer, t.scaler, t.scheduler, meta, is_best)
             interval = IntervalStats()
+        if result.stop_requested:
+            bar.close()
+            if ctx.is_main:
+                print(f"Stopped by {stop_signals.received or 'a signal to another rank'} after global step "
+                      f"{global_step}, checkpoint saved. Resume with the same command plus `latest` (or `auto`).")
+            return
     bar.close()
 
-    if ctx.is_main and loss is not None:
+    if ctx.is_main and result is not None:
         seconds = time.time() - session_start
         print(f"Training complete in {seconds:,.1f} s; tokens seen this session {session_tokens:,} "
               f"(total {tokens_seen:,}); throughput {session_tokens / seconds:,.0f} tokens/s; "
-              f"final train loss {loss:.4f}" + (f"; final validation loss {val_loss:.4f}" if val_loss else ""))
+              f"final train loss {result.loss:.4f}"
+              + (f"; final validation loss {val_loss:.4f}" if val_loss is not None else ""))
+
+
+def choose_checkpoint(run, checkpoint, force):
+    """The checkpoint directory to resume from, or None for a fresh start."""
+    if checkpoint == "auto":
+        # For schedulers and `torchrun --max-restarts`: resume if there is anything to resume.
+        has_latest = (run.checkpoints_dir / "latest").exists()
+        return checkpointing.resolve_checkpoint(run.checkpoints_dir, "latest") if has_latest else None
+    if checkpoint:
+        return checkpointing.resolve_checkpoint(run.checkpoints_dir, checkpoint)
+    existing = checkpointing.list_checkpoints(run.checkpoints_dir)
+    if existing and not force:
+        raise UserError(f"{run.checkpoints_dir} already holds {len(existing)} checkpoint(s) (newest: "
+                        f"{existing[-1].name}); name one, or `latest` or `auto`, to resume, or pass --force "
+                        "to start a fresh run beside them")
+    return None
 
 
 @click.command()
 @click.argument("run")
 @click.argument("datasets_dir", type=click.Path(file_okay=False))
 @click.argument("checkpoint", required=False)
+@click.option("--force", is_flag=True, help="Start a fresh run even though the run directory has checkpoints.")
 @report_user_errors
-def main(run, datasets_dir, checkpoint):
+def main(run, datasets_dir, checkpoint, force):
+    """Train RUN (a name under runs/ or a run directory) on datasets under DATASETS_DIR,
+    resuming from CHECKPOINT (a checkpoint name, `latest`, `best`, or `auto`) if given."""
     run = load_run(run)
+    checkpoint_dir = choose_checkpoint(run, checkpoint, force)
     ctx = init_distributed(run.train.dist_timeout_minutes)
     try:
         check_connectivity(ctx)
-        train(run, ctx, datasets_dir, checkpoint)
+        train(run, ctx, datasets_dir, checkpoint_dir)
     finally:
         dist.destroy_process_group()
 

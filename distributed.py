@@ -7,6 +7,7 @@ and rank-0 work; local rank chooses the device and per-node work.
 
 import datetime
 import os
+import signal
 from dataclasses import dataclass
 
 import torch
@@ -99,3 +100,25 @@ def _describe(error):
     if isinstance(error, UserError):
         return True, str(error)
     return False, f"{type(error).__name__}: {error}"
+
+
+class StopSignals:
+    """SIGTERM and SIGINT ask for a clean stop instead of killing the process.
+
+    The training loop finishes its optimizer step, the ranks agree on stopping
+    (the flag rides on the step's all-reduce), rank 0 writes a checkpoint, and
+    every process exits. Later signals are absorbed: under torchrun, Ctrl-C or a
+    scheduler's SIGTERM reaches the workers both directly and forwarded by the
+    agent, and the second must not cut the checkpoint short.
+    """
+
+    def __init__(self):
+        self.received = None
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.received is None:
+            self.received = signal.Signals(signum).name
+            print(f"\n{self.received} received: stopping after this optimizer step, with a checkpoint",
+                  flush=True)

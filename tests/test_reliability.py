@@ -1,0 +1,174 @@
+"""Faults provoked for real: signals to torchrun, SIGKILL in the middle of a save,
+NaN losses on one rank, a failing rank-0 download, and restart policies."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import PROJECT_DIR, SHARED_DATA, make_run, read_rows, run_training, train_env, write_byte_dataset
+
+STEPS = 8
+
+
+def tokens_for(steps, world_size):
+    return steps * world_size * 4 * 32
+
+
+def checkpoint_steps(run_dir):
+    return sorted(int(p.name.split("-iteration-")[1]) for p in (run_dir / "checkpoints").iterdir()
+                  if not p.is_symlink() and not p.name.startswith("."))
+
+
+def latest_step(run_dir):
+    return json.loads((run_dir / "checkpoints" / "latest" / "meta.json").read_text())["global_step"]
+
+
+def start_torchrun(args, env):
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(PROJECT_DIR / "ddp_train.py"), *map(str, args)],
+        cwd=PROJECT_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(condition, job, timeout=120):
+    deadline = time.time() + timeout
+    while not condition():
+        if job.poll() is not None:
+            output = job.stdout.read() if job.stdout else ""
+            raise AssertionError(f"job ended ({job.returncode}) before the condition held:\n{output}")
+        assert time.time() < deadline, "timed out waiting"
+        time.sleep(0.05)
+
+
+# ---------------------------------------------------------------- restart policies
+
+def test_fresh_start_over_existing_checkpoints_is_refused_and_auto_resumes(tmp_path, verdict_dataset):
+    run_dir = make_run(tmp_path / "run", verdict_dataset, min_train_tokens=tokens_for(4, 1), checkpoint_interval=2)
+    run_training([run_dir, "datasets"])
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+
+    refused = run_training([run_dir, "datasets"], check=False)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().startswith("error:") and "--force" in refused.stderr
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
+
+    finished = run_training([run_dir, "datasets", "auto"])  # latest is the last step: nothing left to train
+    assert "Resuming from" in finished.stdout and len(read_rows(run_dir)) == 4
+
+    fresh = make_run(tmp_path / "fresh", verdict_dataset, min_train_tokens=tokens_for(2, 1))
+    assert "Resuming" not in run_training([fresh, "datasets", "auto"]).stdout
+    assert checkpoint_steps(fresh) == [1]
+
+
+def test_keep_last_checkpoints_never_prunes_best_or_latest(tmp_path, verdict_dataset):
+    # A learning rate this high makes the loss rise after the first steps, so `best` stays early.
+    run_dir = make_run(tmp_path / "run", verdict_dataset, min_train_tokens=tokens_for(STEPS, 1),
+                       checkpoint_interval=1, keep_last_checkpoints=2, learning_rate=0.003)
+    run_training([run_dir, "datasets"])
+    best = json.loads((run_dir / "checkpoints" / "best" / "meta.json").read_text())["global_step"]
+    assert set(checkpoint_steps(run_dir)) == {best, STEPS - 2, STEPS - 1}
+
+
+# ---------------------------------------------------------------- preemption
+
+def test_sigterm_to_torchrun_checkpoints_and_exits_then_resume_finishes(tmp_path):
+    steps = 400  # far more than will run before the signal
+    dataset = write_byte_dataset(tmp_path / "dataset", (SHARED_DATA / "the-verdict.txt").read_text() * 12)
+    run_dir = make_run(tmp_path / "run", dataset, min_train_tokens=tokens_for(steps, 2),
+                       checkpoint_interval=1000)
+    job = start_torchrun([run_dir, "datasets"], train_env())
+    wait_for(lambda: (run_dir / "metrics.jsonl").exists() and len(read_rows(run_dir)) >= 3, job)
+    job.send_signal(signal.SIGTERM)
+    output, _ = job.communicate(timeout=120)
+    assert "Stopped by SIGTERM" in output and "Resume with" in output
+    stopped_at = latest_step(run_dir)
+    assert 2 <= stopped_at < steps - 1 and checkpoint_steps(run_dir) == [stopped_at]
+    assert read_rows(run_dir)[-1]["step"] == stopped_at
+    assert not list((run_dir / "checkpoints").glob(".partial-*"))
+
+    # Resume and stop again after a few more steps: training continues from stopped_at + 1.
+    job = start_torchrun([run_dir, "datasets", "latest"], train_env())
+    wait_for(lambda: read_rows(run_dir)[-1]["step"] >= stopped_at + 2, job)
+    job.send_signal(signal.SIGINT)
+    output, _ = job.communicate(timeout=120)
+    assert f"global step {stopped_at + 1}" in output and "Stopped by SIGINT" in output
+    assert [r["step"] for r in read_rows(run_dir)] == list(range(latest_step(run_dir) + 1))
+
+
+def test_sigkill_during_a_save_leaves_latest_on_a_complete_checkpoint(tmp_path, verdict_dataset):
+    run_dir = make_run(tmp_path / "run", verdict_dataset, min_train_tokens=tokens_for(STEPS, 1),
+                       checkpoint_interval=2)
+    env = {**train_env(), "DDP_TRAIN_TEST_SAVE_DELAY_S": "3"}
+    job = subprocess.Popen([sys.executable, str(PROJECT_DIR / "ddp_train.py"), str(run_dir), "datasets"],
+                           cwd=PROJECT_DIR, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = run_dir / "checkpoints"
+    # The second save (step 3) is under way once its partial directory exists.
+    wait_for(lambda: (checkpoints / "latest").exists() and any(
+        "iteration-3" in p.name for p in checkpoints.glob(".partial-*")), job)
+    job.kill()
+    job.wait()
+    assert latest_step(run_dir) == 1 and checkpoint_steps(run_dir) == [1]
+    latest = checkpoints / "latest"
+    assert set(json.loads((latest / "meta.json").read_text())["files"]) <= {p.name for p in latest.iterdir()}
+
+    result = run_training([run_dir, "datasets", "auto"])
+    assert "global step 2" in result.stdout and latest_step(run_dir) == STEPS - 1
+    assert not list(checkpoints.glob(".partial-*"))
+
+
+def test_a_damaged_checkpoint_is_named_on_load(tmp_path, verdict_dataset):
+    run_dir = make_run(tmp_path / "run", verdict_dataset, min_train_tokens=tokens_for(2, 1))
+    run_training([run_dir, "datasets"])
+    weights = run_dir / "checkpoints" / "latest" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    result = run_training([run_dir, "datasets", "latest"], check=False)
+    assert result.returncode == 2 and "incomplete or damaged: model.safetensors has 1000 bytes" in result.stderr
+
+
+# ---------------------------------------------------------------- non-finite values
+
+def test_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path, verdict_dataset):
+    run_dir = make_run(tmp_path / "run", verdict_dataset, min_train_tokens=tokens_for(6, 2), checkpoint_interval=1)
+    run_training([run_dir, "datasets"], nproc=2, env={**train_env(), "DDP_TRAIN_TEST_NAN_AT": "1:3"})
+    rows = read_rows(run_dir)
+    assert [r["skipped"] for r in rows] == [s == 3 for s in range(6)]
+    assert rows[3]["loss"] is None and all(r["loss"] > 0 for r in rows if r["step"] != 3)
+    weights = {int(p.name.split("-iteration-")[1]): load_file(p / "model.safetensors")
+               for p in (run_dir / "checkpoints").iterdir() if not p.is_symlink()}
+    unchanged = [all(torch.equal(weights[s][k], weights[s - 1][k]) for k in weights[s]) for s in range(1, 6)]
+    assert unchanged == [False, False, True, False, False]  # only the poisoned step 3 left the weights alone
+
+
+def test_too_many_non_finite_steps_in_a_row_stop_the_run(tmp_path, verdict_dataset):
+    run_dir = make_run(tmp_path / "run", verdict_dataset, min_train_tokens=tokens_for(STEPS, 2),
+                       checkpoint_interval=2, max_skipped_steps=3)
+    result = run_training([run_dir, "datasets"], nproc=2, check=False,
+                          env={**train_env(), "DDP_TRAIN_TEST_NAN_AT": "0:3,4,5"})
+    assert result.returncode != 0
+    assert "error: 3 optimizer steps in a row had a non-finite loss or gradient (last at step 5)" in result.stderr
+    # The step-3 checkpoint holds step 2's weights (a skipped step changes nothing); none after it.
+    assert latest_step(run_dir) == 3 and checkpoint_steps(run_dir) == [1, 3]
+    weights = load_file(run_dir / "checkpoints" / "latest" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+# ---------------------------------------------------------------- no hangs
+
+def test_a_failed_download_on_rank_0_ends_every_rank(tmp_path):
+    """No hub is reachable from here: the real snapshot_download fails on the local ranks 0,
+    and every rank must exit with that error instead of waiting."""
+    run_dir = make_run(tmp_path / "run", "no-such-user/no-such-dataset", min_train_tokens=1000)
+    env = {**train_env(), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    started = time.time()
+    result = run_training([run_dir, tmp_path / "datasets"], nproc=2, check=False, env=env)
+    assert result.returncode != 0 and time.time() - started < 100
+    assert "no-such-user/no-such-dataset" in result.stderr or "LocalEntryNotFound" in result.stderr
+    assert "(from rank 0)" in result.stderr  # rank 1 reports rank 0's failure as its own exit reason
+    assert not (run_dir / "checkpoints").exists()
