@@ -1,0 +1,349 @@
+"""Convert GPT-2 weights between Hugging Face transformers and this project.
+
+    uv run convert_gpt2.py from-hf openai-community/gpt2 converted/gpt2
+    uv run convert_gpt2.py to-hf runs/my-run/model.json runs/my-run/checkpoints/best/model.safetensors hf/my-run
+
+`from-hf` turns a `GPT2LMHeadModel` checkpoint (a directory or a Hub repo id)
+into model.json + model.safetensors for gpt.py. `to-hf` writes a directory that
+`transformers.GPT2LMHeadModel.from_pretrained` loads with no custom code.
+Both give the same logits. transformers itself is not needed: the files are
+read and written with json and safetensors.
+
+The layouts differ in two ways. Hugging Face's GPT-2 uses Conv1D layers, whose
+weights are stored [in, out] where nn.Linear's are [out, in]. And it computes
+query, key and value with one layer (`c_attn`, outputs concatenated q|k|v).
+"""
+
+import json
+import re
+from pathlib import Path
+
+import click
+import torch
+from huggingface_hub import HfApi, snapshot_download
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tiktoken.load import read_file_cached
+
+from config import ModelConfig, load_json
+from errors import UserError, report_user_errors
+from eval_common import TOKENIZER_CHOICES, load_model, load_model_config, one_line, tokenizer_name_for
+from gpt import GPTModel
+from token_data import ByteTokenizer
+
+LAYER_NORM_EPSILON = 1e-5  # gpt.py's LayerNorm
+# gpt.py's GELU is the tanh approximation; these are its names in transformers.
+TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
+EOT_IDS = {"gpt2": 50256, "bytes": ByteTokenizer.eot_id}
+# Where tiktoken gets the GPT-2 BPE files; they are Hugging Face's vocab.json and
+# merges.txt, byte for byte.
+GPT2_ENCODER_JSON_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json"
+GPT2_VOCAB_BPE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe"
+HF_BUFFER = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")  # old causal-mask buffers, not weights
+
+
+# ---------------------------------------------------------------- key mapping
+
+def hf_to_ours(hf, n_layers, tie_weights):
+    """Our state dict from a Hugging Face GPT-2 one (keys without `transformer.`)."""
+    ours = {"tok_emb.weight": hf["wte.weight"], "pos_emb.weight": hf["wpe.weight"],
+            "final_norm.scale": hf["ln_f.weight"], "final_norm.shift": hf["ln_f.bias"]}
+    for i in range(n_layers):
+        h, b = f"h.{i}.", f"trf_blocks.{i}."
+        for name, weight in zip(("W_query", "W_key", "W_value"),
+                                hf[h + "attn.c_attn.weight"].chunk(3, dim=1)):
+            ours[b + f"att.{name}.weight"] = weight.t().contiguous()
+        for name, bias in zip(("W_query", "W_key", "W_value"), hf[h + "attn.c_attn.bias"].chunk(3)):
+            ours[b + f"att.{name}.bias"] = bias.clone()
+        ours[b + "att.out_proj.weight"] = hf[h + "attn.c_proj.weight"].t().contiguous()
+        ours[b + "att.out_proj.bias"] = hf[h + "attn.c_proj.bias"]
+        ours[b + "ff.layers.0.weight"] = hf[h + "mlp.c_fc.weight"].t().contiguous()
+        ours[b + "ff.layers.0.bias"] = hf[h + "mlp.c_fc.bias"]
+        ours[b + "ff.layers.2.weight"] = hf[h + "mlp.c_proj.weight"].t().contiguous()
+        ours[b + "ff.layers.2.bias"] = hf[h + "mlp.c_proj.bias"]
+        ours[b + "norm1.scale"], ours[b + "norm1.shift"] = hf[h + "ln_1.weight"], hf[h + "ln_1.bias"]
+        ours[b + "norm2.scale"], ours[b + "norm2.shift"] = hf[h + "ln_2.weight"], hf[h + "ln_2.bias"]
+    # A tied head is stored as its own copy: safetensors files cannot share
+    # tensors, and checkpointing.load_model_weights expects both keys.
+    ours["out_head.weight"] = hf["wte.weight"].clone() if tie_weights else hf["lm_head.weight"]
+    return ours
+
+
+def ours_to_hf(ours, cfg):
+    """A Hugging Face GPT2LMHeadModel state dict from ours (`cfg` a ModelConfig)."""
+    hf = {"transformer.wte.weight": ours["tok_emb.weight"],
+          "transformer.wpe.weight": ours["pos_emb.weight"],
+          "transformer.ln_f.weight": ours["final_norm.scale"],
+          "transformer.ln_f.bias": ours["final_norm.shift"]}
+    for i in range(cfg.n_layers):
+        h, b = f"transformer.h.{i}.", f"trf_blocks.{i}."
+        qkv = ("W_query", "W_key", "W_value")
+        hf[h + "attn.c_attn.weight"] = torch.cat([ours[b + f"att.{n}.weight"].t() for n in qkv], dim=1)
+        # transformers' GPT-2 always has QKV biases: zeros are the same as none.
+        hf[h + "attn.c_attn.bias"] = (torch.cat([ours[b + f"att.{n}.bias"] for n in qkv])
+                                      if cfg.qkv_bias else torch.zeros(3 * cfg.emb_dim))
+        hf[h + "attn.c_proj.weight"] = ours[b + "att.out_proj.weight"].t().contiguous()
+        hf[h + "attn.c_proj.bias"] = ours[b + "att.out_proj.bias"]
+        hf[h + "mlp.c_fc.weight"] = ours[b + "ff.layers.0.weight"].t().contiguous()
+        hf[h + "mlp.c_fc.bias"] = ours[b + "ff.layers.0.bias"]
+        hf[h + "mlp.c_proj.weight"] = ours[b + "ff.layers.2.weight"].t().contiguous()
+        hf[h + "mlp.c_proj.bias"] = ours[b + "ff.layers.2.bias"]
+        hf[h + "ln_1.weight"], hf[h + "ln_1.bias"] = ours[b + "norm1.scale"], ours[b + "norm1.shift"]
+        hf[h + "ln_2.weight"], hf[h + "ln_2.bias"] = ours[b + "norm2.scale"], ours[b + "norm2.shift"]
+    # transformers re-ties lm_head to wte on load, so a tied head is not stored.
+    if not cfg.tie_weights:
+        hf["lm_head.weight"] = ours["out_head.weight"]
+    return {key: value.contiguous() for key, value in hf.items()}
+
+
+# ---------------------------------------------------------------- from-hf
+
+def model_config_from_hf(hf_config, source):
+    """model.json for a transformers GPT2Config dict; UserError for what gpt.py cannot do."""
+    def require(condition, message):
+        if not condition:
+            raise UserError(f"{source}: {message}")
+
+    require(hf_config.get("model_type", "gpt2") == "gpt2",
+            f"model_type is {hf_config.get('model_type')!r}, not 'gpt2'")
+    for key in ("n_embd", "n_head", "n_layer", "n_positions", "vocab_size"):
+        require(isinstance(hf_config.get(key), int), f"needs an integer '{key}'")
+    activation = hf_config.get("activation_function", "gelu_new")
+    require(activation in TANH_GELUS, f"activation_function {activation!r}: gpt.py only has "
+                                      f"the tanh-approximated GELU ({', '.join(TANH_GELUS)})")
+    require(abs(hf_config.get("layer_norm_epsilon", 1e-5) - LAYER_NORM_EPSILON) < 1e-12,
+            f"layer_norm_epsilon must be {LAYER_NORM_EPSILON}")
+    require(hf_config.get("n_inner") in (None, 4 * hf_config["n_embd"]),
+            "n_inner must be 4 * n_embd (gpt.py's feed-forward width)")
+    require(hf_config.get("scale_attn_weights", True)
+            and not hf_config.get("scale_attn_by_inverse_layer_idx", False),
+            "only standard 1/sqrt(head_dim) attention scaling is supported")
+    require(not hf_config.get("add_cross_attention", False), "cross-attention is not supported")
+    return ModelConfig.from_dict({
+        "vocab_size": hf_config["vocab_size"],
+        "context_length": hf_config["n_positions"],
+        "emb_dim": hf_config["n_embd"],
+        "n_heads": hf_config["n_head"],
+        "n_layers": hf_config["n_layer"],
+        "drop_rate": hf_config.get("resid_pdrop", 0.1),
+        "qkv_bias": True,
+        "tie_weights": hf_config.get("tie_word_embeddings", True),
+    }, source=source)
+
+
+def read_hf_weights(hf_dir):
+    """The state dict of a transformers checkpoint: model.safetensors, a sharded
+    model.safetensors.index.json, or pytorch_model.bin."""
+    index = hf_dir / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(load_json(index).get("weight_map", {}).values()))
+    elif (hf_dir / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    elif (hf_dir / "pytorch_model.bin").is_file():
+        try:
+            return torch.load(hf_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many types for a bad pickle
+            raise UserError(f"{hf_dir / 'pytorch_model.bin'}: not a readable PyTorch state dict ({one_line(e)})")
+    else:
+        raise UserError(f"{hf_dir}: no model.safetensors or pytorch_model.bin")
+    state = {}
+    for name in files:
+        try:
+            state.update(load_file(hf_dir / name))
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{hf_dir / name}: not a readable safetensors file ({one_line(e)})")
+    return state
+
+
+def normalize_hf_keys(state):
+    """Drop the `transformer.` prefix that GPT2LMHeadModel adds (GPT2Model and
+    OpenAI's original upload lack it) and the causal-mask buffers old files hold."""
+    return {key.removeprefix("transformer."): value for key, value in state.items()
+            if not HF_BUFFER.search(key)}
+
+
+def download_hf_checkpoint(repo_id):
+    """Download just what from-hf reads: config.json and the safetensors weights,
+    or pytorch_model.bin when a repo has no safetensors."""
+    try:
+        local = Path(snapshot_download(repo_id, allow_patterns=[
+            "config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]))
+        if not any(local.glob("*.safetensors")):
+            local = Path(snapshot_download(repo_id, allow_patterns=["config.json", "pytorch_model.bin"]))
+    except OSError as e:  # huggingface_hub's errors (offline, unknown repo, gated) are OSErrors
+        raise UserError(f"'{repo_id}' is not a local directory and could not be downloaded "
+                        f"from the Hugging Face Hub ({type(e).__name__}: {one_line(e)})")
+    return local
+
+
+def check_fits(ours, cfg, source):
+    """UserError unless every tensor has GPTModel(cfg)'s shape for it (the model is
+    built on the meta device, which allocates no memory)."""
+    with torch.device("meta"):
+        expected = {key: tuple(value.shape) for key, value in GPTModel(cfg).state_dict().items()}
+    wrong = [f"{key} is {tuple(ours[key].shape)}, expected {shape}"
+             for key, shape in expected.items() if tuple(ours[key].shape) != shape]
+    if wrong:
+        raise UserError(f"{source}: the weights do not fit its config.json: {'; '.join(wrong[:3])}")
+
+
+def convert_from_hf(hf_dir, out_dir):
+    hf_config = load_json(hf_dir / "config.json")
+    if not isinstance(hf_config, dict):
+        raise UserError(f"{hf_dir / 'config.json'}: expected a JSON object")
+    cfg = model_config_from_hf(hf_config, str(hf_dir / "config.json"))
+    hf = normalize_hf_keys(read_hf_weights(hf_dir))
+    try:
+        ours = hf_to_ours(hf, cfg.n_layers, cfg.tie_weights)
+    except KeyError as e:
+        raise UserError(f"{hf_dir}: the weights lack {e.args[0]} for this config")
+    check_fits(ours, cfg, hf_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(ours, out_dir / "model.safetensors")
+    (out_dir / "model.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    return cfg
+
+
+# ---------------------------------------------------------------- to-hf
+
+def hf_config_for(cfg, eot_id):
+    """transformers' config.json for our ModelConfig."""
+    config = {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.context_length,
+        "n_ctx": cfg.context_length,
+        "n_embd": cfg.emb_dim,
+        "n_head": cfg.n_heads,
+        "n_layer": cfg.n_layers,
+        "n_inner": None,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": LAYER_NORM_EPSILON,
+        "resid_pdrop": cfg.drop_rate,
+        "embd_pdrop": cfg.drop_rate,
+        "attn_pdrop": cfg.drop_rate,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "tie_word_embeddings": cfg.tie_weights,
+    }
+    if eot_id is not None:
+        config["bos_token_id"] = config["eos_token_id"] = eot_id
+    return config
+
+
+def write_gpt2_tokenizer(out_dir, context_length):
+    """vocab.json, merges.txt and their configs, from tiktoken's cache (or its
+    download). Returns why not when the files cannot be had."""
+    try:
+        vocab_json = read_file_cached(GPT2_ENCODER_JSON_URL)
+        merges_txt = read_file_cached(GPT2_VOCAB_BPE_URL)
+    except OSError as e:  # not cached and no network
+        return f"the GPT-2 BPE files are not in tiktoken's cache and could not be downloaded ({one_line(e)})"
+    (out_dir / "vocab.json").write_bytes(vocab_json)
+    (out_dir / "merges.txt").write_bytes(merges_txt)
+    special = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    tokenizer_config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": context_length,
+                        "add_prefix_space": False, **special}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    return None
+
+
+def model_card(title, location, cfg, model_json, tokenizer_name):
+    """README.md for the Hub: what the model is, its config, how to load it."""
+    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags:",
+             "- gpt2", "---", "", f"# {title}", "",
+             "A GPT-2-architecture base model pre-trained from scratch with PyTorch DDP "
+             "(in the manner of gpjt/ddp-base-model-from-scratch), converted to transformers' "
+             "`GPT2LMHeadModel` format by `convert_gpt2.py to-hf`.", "",
+             f"Tokenizer: `{tokenizer_name}`.", "",
+             "## Model config (model.json)", "", "| key | value |", "| --- | --- |"]
+    lines += [f"| {key} | {json.dumps(value)} |" for key, value in cfg.to_dict().items()]
+    train_json = Path(model_json).parent / "train.json"
+    if train_json.is_file():
+        raw = load_json(train_json)
+        if isinstance(raw, dict):
+            lines += ["", "## Training config (train.json)", "", "| key | value |", "| --- | --- |"]
+            lines += [f"| {key} | {json.dumps(value)} |" for key, value in raw.items()]
+    lines += ["", "## Usage", "", "```python",
+              "from transformers import AutoTokenizer, GPT2LMHeadModel", "",
+              f'model = GPT2LMHeadModel.from_pretrained("{location}")',
+              f'tokenizer = AutoTokenizer.from_pretrained("{location}")',
+              'ids = tokenizer("Every effort moves you", return_tensors="pt").input_ids',
+              "print(tokenizer.decode(model.generate(ids, max_new_tokens=20)[0]))", "```", ""]
+    return "\n".join(lines)
+
+
+def convert_to_hf(model_json, weights, out_dir, tokenizer_name, datasets_dir, repo_id=None):
+    cfg = load_model_config(model_json)  # with its real drop_rate for the HF config
+    model = load_model(model_json, weights, "cpu")
+    if tokenizer_name is None:
+        tokenizer_name, _ = tokenizer_name_for(model_json, datasets_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(ours_to_hf(model.state_dict(), cfg), out_dir / "model.safetensors",
+              metadata={"format": "pt"})  # transformers requires the format tag
+    eot_id = EOT_IDS.get(tokenizer_name)
+    if eot_id is not None and eot_id >= cfg.vocab_size:
+        missing, eot_id = f"vocab_size {cfg.vocab_size} is too small for tokenizer '{tokenizer_name}'", None
+    elif tokenizer_name == "gpt2":
+        missing = write_gpt2_tokenizer(out_dir, cfg.context_length)
+    else:
+        missing = f"transformers has no tokenizer matching '{tokenizer_name}'"
+    if missing:
+        print(f"note: no tokenizer files written: {missing}")
+    (out_dir / "config.json").write_text(json.dumps(hf_config_for(cfg, eot_id), indent=2) + "\n")
+    title = repo_id or Path(model_json).resolve().parent.name
+    (out_dir / "README.md").write_text(
+        model_card(title, repo_id or str(out_dir), cfg, model_json, tokenizer_name))
+
+
+# ---------------------------------------------------------------- the CLI
+
+@click.group()
+def cli():
+    """Convert GPT-2 weights between Hugging Face transformers and gpt.py."""
+
+
+@cli.command("from-hf")
+@click.argument("hf_dir_or_repo")
+@click.argument("out_dir")
+@report_user_errors
+def from_hf(hf_dir_or_repo, out_dir):
+    """HF_DIR_OR_REPO (a GPT2LMHeadModel directory or Hub repo id, e.g.
+    openai-community/gpt2) -> OUT_DIR/model.json + OUT_DIR/model.safetensors."""
+    hf_dir = Path(hf_dir_or_repo)
+    if not hf_dir.is_dir():
+        hf_dir = download_hf_checkpoint(hf_dir_or_repo)
+    cfg = convert_from_hf(hf_dir, Path(out_dir))
+    print(f"wrote {Path(out_dir) / 'model.json'} and {Path(out_dir) / 'model.safetensors'} "
+          f"({cfg.n_layers} layers, emb_dim {cfg.emb_dim}, context {cfg.context_length})")
+
+
+@cli.command("to-hf")
+@click.argument("model_json")
+@click.argument("model_safetensors")
+@click.argument("out_dir")
+@click.option("--push-to-hub", "repo_id", default=None,
+              help="Also upload OUT_DIR to this Hub model repo (created if needed; uses your "
+                   "`hf auth login` token or HF_TOKEN).")
+@click.option("--tokenizer", "tokenizer_name", type=click.Choice(TOKENIZER_CHOICES), default=None,
+              help="Default: the training dataset's (from the run's train.json), else gpt2.")
+@click.option("--datasets-dir", default="datasets", show_default=True,
+              help="Where the run's dataset is looked for when picking the tokenizer.")
+@report_user_errors
+def to_hf(model_json, model_safetensors, out_dir, repo_id, tokenizer_name, datasets_dir):
+    """MODEL_JSON + MODEL_SAFETENSORS -> OUT_DIR loadable by GPT2LMHeadModel.from_pretrained."""
+    out_dir = Path(out_dir)
+    convert_to_hf(model_json, model_safetensors, out_dir, tokenizer_name, datasets_dir, repo_id)
+    print(f"wrote {out_dir}")
+    if repo_id:
+        api = HfApi()
+        api.create_repo(repo_id, repo_type="model", exist_ok=True)
+        api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=out_dir,
+                          commit_message="Upload GPT-2 model converted by convert_gpt2.py")
+        print(f"uploaded to https://huggingface.co/{repo_id}")
+
+
+if __name__ == "__main__":
+    cli()

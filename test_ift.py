@@ -1,0 +1,537 @@
+"""Instruction fine-tuning test, as in chapter 7 of "Build a Large Language Model
+(from Scratch)" and the reference harness gpjt/ddp-base-model-from-scratch.
+
+    uv run test_ift.py generate my-run runs/my-run/model.json runs/my-run/checkpoints/best/model.safetensors
+    uv run test_ift.py judge my-run-ift-test-results.json gpt2-ift-test-results.json
+
+`generate` fine-tunes the model on Alpaca-style instruction data (by default the
+book's 1,100 items), has it answer every test item greedily and writes
+NAME-ift-test-results.json. `judge` shows the responses of several such files,
+item by item and in shuffled order, to an LLM judge over an OpenAI-compatible
+chat-completions endpoint and ranks the models by their mean score.
+"""
+
+import hashlib
+import json
+import os
+import random
+import statistics
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import click
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from config import load_json
+from errors import UserError, report_user_errors
+from eval_common import TOKENIZER_CHOICES, load_model, load_tokenizer, one_line, pick_device
+from gpt import generate
+
+BOOK_DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
+                 "ch07/01_main-chapter-code/instruction-data.json")
+RESULTS_SUFFIX = "-ift-test-results.json"
+# The book's (and the reference harness's) fine-tuning settings.
+BATCH_SIZE = 8
+LEARNING_RATE = 5e-5
+WEIGHT_DECAY = 0.1
+MAX_NEW_TOKENS = 256
+IGNORE_INDEX = -100  # F.cross_entropy skips targets with this value
+# Without --epochs, a backstop for a validation loss that never rises.
+MAX_EPOCHS = 100
+
+
+# ---------------------------------------------------------------- the data
+
+def default_cache_dir():
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ddp-gpt-trainer"
+
+
+def parse_instruction_data(text, source):
+    """The items of an Alpaca-format JSON list (instruction, optional input, output)."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{source}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}")
+    if not isinstance(data, list) or not data:
+        raise UserError(f"{source}: expected a non-empty JSON list of instruction items")
+    for index, item in enumerate(data):
+        if not (isinstance(item, dict) and isinstance(item.get("instruction"), str)
+                and isinstance(item.get("input", ""), str) and isinstance(item.get("output"), str)):
+            raise UserError(f"{source}: item {index} needs string fields 'instruction' and "
+                            "'output' (and 'input', which may be empty)")
+    return data
+
+
+def load_instruction_data(source, cache_dir):
+    """Items from a local file, or from a URL downloaded once into `cache_dir`."""
+    if not source.startswith(("http://", "https://")):
+        path = Path(source)
+        if not path.is_file():
+            raise UserError(f"{source}: instruction data file not found")
+        return parse_instruction_data(path.read_text(encoding="utf-8"), source)
+    url_hash = hashlib.sha256(source.encode()).hexdigest()[:12]
+    cached = Path(cache_dir) / f"{url_hash}-{Path(urllib.parse.urlparse(source).path).name}"
+    if cached.is_file():
+        return parse_instruction_data(cached.read_text(encoding="utf-8"), cached)
+    print(f"downloading {source}", file=sys.stderr)
+    try:
+        with urllib.request.urlopen(source, timeout=60) as response:
+            text = response.read().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:  # urllib's errors are OSErrors
+        raise UserError(f"could not download {source} ({one_line(e)}); pass --data with a local copy")
+    data = parse_instruction_data(text, source)  # before caching, so junk is never cached
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    partial = cached.with_name(cached.name + ".partial")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, cached)
+    return data
+
+
+def split_data(data):
+    """(train, test, validation) in file order: 85%, 10% and the remaining 5%, as the book."""
+    train_end = int(len(data) * 0.85)
+    test_end = train_end + int(len(data) * 0.1)
+    return data[:train_end], data[train_end:test_end], data[test_end:]
+
+
+def format_input(entry):
+    """The book's Alpaca prompt, up to (not including) the response header."""
+    text = ("Below is an instruction that describes a task. "
+            "Write a response that appropriately completes the request."
+            f"\n\n### Instruction:\n{entry['instruction']}")
+    if entry.get("input"):
+        text += f"\n\n### Input:\n{entry['input']}"
+    return text
+
+
+def format_example(entry):
+    return format_input(entry) + f"\n\n### Response:\n{entry['output']}"
+
+
+# ---------------------------------------------------------------- batches and losses
+
+def collate(batch, pad_id, max_length):
+    """(inputs, targets) for lists of token ids, as the book's collate function.
+
+    Each sequence is followed by one end-of-text (`pad_id`) target so the model
+    learns to stop; the padding after it is masked with IGNORE_INDEX. Both
+    tensors are cropped to `max_length` (the context length).
+    """
+    width = max(len(item) for item in batch)
+    inputs = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    for row, item in enumerate(batch):
+        inputs[row, :len(item)] = torch.as_tensor(item, dtype=torch.long)
+        targets[row, :len(item) - 1] = torch.as_tensor(item[1:], dtype=torch.long)
+        targets[row, len(item) - 1] = pad_id
+    return inputs[:, :max_length], targets[:, :max_length]
+
+
+def make_batches(encoded, pad_id, max_length, generator=None):
+    """Collated batches of BATCH_SIZE. With a generator: shuffled, dropping a last
+    partial batch (training, as the book); without: in order, every item kept."""
+    if generator is None:
+        order, usable = list(range(len(encoded))), len(encoded)
+    else:
+        order = torch.randperm(len(encoded), generator=generator).tolist()
+        usable = len(encoded) - len(encoded) % BATCH_SIZE
+    return [collate([encoded[i] for i in order[start:start + BATCH_SIZE]], pad_id, max_length)
+            for start in range(0, usable, BATCH_SIZE)]
+
+
+def batch_loss(model, inputs, targets):
+    device = next(model.parameters()).device
+    logits = model(inputs.to(device))
+    return F.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten(),
+                           ignore_index=IGNORE_INDEX)
+
+
+def mean_loss(model, batches):
+    """Mean of the per-batch losses (the book's calc_loss_loader over every batch)."""
+    model.eval()
+    with torch.no_grad():
+        return sum(batch_loss(model, x, y).item() for x, y in batches) / len(batches)
+
+
+def fine_tune(model, optimizer, train_encoded, val_batches, pad_id, epochs, generator,
+              on_epoch_end=None):
+    """Train for `epochs` epochs or, with epochs None, until the validation loss
+    stops falling, then put back the weights of the epoch before that.
+
+    Returns the per-epoch losses and the epoch whose weights the model ends
+    with. `on_epoch_end(epoch, model)` runs after each epoch's validation
+    (tests use it to copy the weights).
+    """
+    history, previous_weights = [], None
+    for epoch in range(1, (epochs or MAX_EPOCHS) + 1):
+        model.train()
+        train_losses = []
+        batches = make_batches(train_encoded, pad_id, model.cfg.context_length, generator)
+        for inputs, targets in tqdm(batches, desc=f"epoch {epoch}", leave=False):
+            optimizer.zero_grad()
+            loss = batch_loss(model, inputs, targets)
+            loss.backward()
+            optimizer.step()
+            train_losses.append(loss.item())
+        val_loss = mean_loss(model, val_batches)
+        history.append({"epoch": epoch, "train_loss": sum(train_losses) / len(train_losses),
+                        "val_loss": val_loss})
+        print(f"epoch {epoch}: train loss {history[-1]['train_loss']:.6f}, "
+              f"validation loss {val_loss:.6f}")
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, model)
+        if epochs is None:
+            # `not <` so that a NaN validation loss also stops training.
+            if len(history) > 1 and not val_loss < history[-2]["val_loss"]:
+                print(f"validation loss rose: keeping the weights from epoch {epoch - 1}")
+                model.load_state_dict(previous_weights)
+                return history, epoch - 1
+            # A real copy (on the CPU, to spare GPU memory): the live tensors
+            # keep changing in the next epoch.
+            previous_weights = {key: value.detach().to("cpu", copy=True)
+                                for key, value in model.state_dict().items()}
+    return history, len(history)
+
+
+def respond(model, tokenizer, entry):
+    """The model's greedy response to an item's prompt, up to end-of-text, as the book
+    extracts it."""
+    prompt_ids = tokenizer.encode(format_input(entry))
+    idx = torch.tensor([prompt_ids], device=next(model.parameters()).device)
+    new_ids = generate(model, idx, MAX_NEW_TOKENS, eos_id=tokenizer.eot_id)[0, len(prompt_ids):].tolist()
+    if tokenizer.eot_id in new_ids:
+        new_ids = new_ids[:new_ids.index(tokenizer.eot_id)]
+    return tokenizer.decode(new_ids).replace("### Response:", "").strip()
+
+
+# ---------------------------------------------------------------- the judge
+
+JUDGE_PROMPT = """You are judging how well several language models follow instructions.
+Each was fine-tuned to follow instructions and was given the same prompt:
+
+```
+{prompt}
+```
+
+A correct output would be:
+
+```
+{reference}
+```
+
+Score each model's response from 0 (useless) to 100 (as good as the correct output),
+with a short comment. Reply with only a JSON object with exactly these keys:
+
+{example}
+
+Here are the models' responses:
+
+"""
+
+
+class MalformedJudgement(Exception):
+    """The judge kept replying with something that is not the JSON asked for."""
+
+
+def judge_prompt(entry, responses):
+    example = json.dumps({f"Model {j + 1}": {"score": "<0-100>", "comment": "<one sentence>"}
+                          for j in range(len(responses))}, indent=2)
+    prompt = JUDGE_PROMPT.format(prompt=format_input(entry), reference=entry["output"],
+                                 example=example)
+    for j, response in enumerate(responses):
+        prompt += f"# Model {j + 1}\n\n```\n{response}\n```\n\n"
+    return prompt
+
+
+def parse_judgement(text, count):
+    """[(score, comment)] for Model 1..count from the judge's reply; a ValueError says
+    what is wrong with it."""
+    # Judges often wrap the object in a Markdown fence or a sentence.
+    start, end = text.find("{"), text.rfind("}")
+    if start < 0 or end < start:
+        raise ValueError(f"no JSON object in the reply {text[:200]!r}")
+    try:
+        verdict = json.loads(text[start:end + 1])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"the reply is not valid JSON ({e.msg}): {text[:200]!r}")
+    labels = [f"Model {j + 1}" for j in range(count)]
+    if not isinstance(verdict, dict) or sorted(verdict) != sorted(labels):
+        found = sorted(verdict) if isinstance(verdict, dict) else type(verdict).__name__
+        raise ValueError(f"expected the keys {labels}, got {found}")
+    scores = []
+    for label in labels:
+        entry = verdict[label]
+        score = entry.get("score") if isinstance(entry, dict) else None
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not 0 <= score <= 100:
+            raise ValueError(f"{label}: score must be a number from 0 to 100, got {json.dumps(score)}")
+        scores.append((float(score), str(entry.get("comment", entry.get("comments", "")))))
+    return scores
+
+
+class JudgeClient:
+    """A chat-completions endpoint (OpenAI, vLLM, llama.cpp, Ollama, ...) over urllib."""
+
+    def __init__(self, base_url, api_key, model, attempts, timeout=300):
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.api_key = api_key
+        self.model = model
+        self.attempts = attempts
+        self.timeout = timeout
+
+    def _post(self, payload):
+        """The response body; retries (with back-off) what a server may get over:
+        no connection, time-outs, rate limits and 5xx errors."""
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(self.url, data=json.dumps(payload).encode(),
+                                         headers=headers, method="POST")
+        for attempt in range(1, self.attempts + 1):
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    return response.read()
+            except urllib.error.HTTPError as e:
+                if e.code != 429 and e.code < 500:
+                    body = one_line(e.read().decode("utf-8", errors="replace"))[:300]
+                    raise UserError(f"judge endpoint {self.url} answered HTTP {e.code}: {body}")
+                problem = f"HTTP {e.code}"
+            except (urllib.error.URLError, OSError) as e:
+                problem = one_line(getattr(e, "reason", e))
+            if attempt == self.attempts:
+                raise UserError(f"judge endpoint {self.url} failed {self.attempts} times; "
+                                f"last: {problem}")
+            time.sleep(2 ** (attempt - 1))
+
+    def complete(self, prompt):
+        """The judge's reply text; ValueError when the response is not a chat completion."""
+        body = self._post({"model": self.model, "messages": [{"role": "user", "content": prompt}]})
+        try:
+            content = json.loads(body)["choices"][0]["message"]["content"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, IndexError, TypeError) as e:
+            raise ValueError(f"not a chat completion ({type(e).__name__}): {body[:200]!r}")
+        if not isinstance(content, str):
+            raise ValueError(f"the completion has no text content: {body[:200]!r}")
+        return content
+
+    def judge(self, prompt, count):
+        """[(score, comment)] per model, asking again while the reply is malformed."""
+        problems = []
+        for _ in range(self.attempts):
+            try:
+                return parse_judgement(self.complete(prompt), count)
+            except ValueError as e:
+                problems.append(str(e))
+        raise MalformedJudgement(f"{len(problems)} malformed replies; last: {problems[-1]}")
+
+
+def load_results(path):
+    """(the file's JSON, its items). Accepts ours (an object with "items") and the
+    reference harness's (a bare list of items)."""
+    raw = load_json(path)
+    items = raw.get("items") if isinstance(raw, dict) else raw
+    if not isinstance(items, list) or not items:
+        raise UserError(f"{path}: not an IFT results file (expected a list of items, or an "
+                        "object with a non-empty 'items' list)")
+    for index, item in enumerate(items):
+        if not (isinstance(item, dict)
+                and all(isinstance(item.get(k), str) for k in ("instruction", "output", "model_response"))):
+            raise UserError(f"{path}: item {index} needs string fields 'instruction', 'output' "
+                            "and 'model_response'")
+    return raw, items
+
+
+def check_same_items(results):
+    """Every file must hold the same test items in the same order."""
+    (first_path, (_, first_items)), *others = results.items()
+    for path, (_, items) in others:
+        if len(items) != len(first_items):
+            raise UserError(f"{path} has {len(items)} items but {first_path} has {len(first_items)}")
+        for index, (a, b) in enumerate(zip(first_items, items)):
+            for key in ("instruction", "input", "output"):
+                if a.get(key, "") != b.get(key, ""):
+                    raise UserError(f"{path} item {index} has a different '{key}' from {first_path}: "
+                                    "the files must hold the same items in the same order")
+
+
+def judge_all(client, responses, items, repeats, rng):
+    """Judge every item `repeats` times; `responses[path]` holds that file's
+    responses in item order. Returns scores and comments as {path: [repeat][item]},
+    None where the judgement failed, and the list of failures."""
+    paths = list(responses)
+    scores = {path: [[None] * len(items) for _ in range(repeats)] for path in paths}
+    comments = {path: [[None] * len(items) for _ in range(repeats)] for path in paths}
+    failures = []
+    with tqdm(total=repeats * len(items), desc="judging") as progress:
+        for repeat in range(repeats):
+            for index, entry in enumerate(items):
+                # A fresh order every time, so no model benefits from a position bias.
+                order = rng.sample(paths, len(paths))
+                prompt = judge_prompt(entry, [responses[path][index] for path in order])
+                try:
+                    verdict = client.judge(prompt, len(order))
+                except MalformedJudgement as e:
+                    failures.append({"repeat": repeat + 1, "item": index, "error": str(e)})
+                    tqdm.write(f"warning: item {index} (repeat {repeat + 1}) not judged: {e}",
+                               file=sys.stderr)
+                else:
+                    for path, (score, comment) in zip(order, verdict):
+                        scores[path][repeat][index] = score
+                        comments[path][repeat][index] = comment
+                progress.update()
+    return scores, comments, failures
+
+
+def summarize(repeat_scores):
+    """(mean, standard deviation, per-repeat means) of a model's scores: each repeat's
+    mean over its judged items, then the mean and spread of those over repeats. The
+    spread measures how much the judge disagrees with itself."""
+    repeat_means = [statistics.fmean(judged) for judged in
+                    ([score for score in repeat if score is not None] for repeat in repeat_scores) if judged]
+    if not repeat_means:
+        return None, None, repeat_means
+    std = statistics.stdev(repeat_means) if len(repeat_means) > 1 else 0.0
+    return statistics.fmean(repeat_means), std, repeat_means
+
+
+def judged_path(path):
+    path = Path(path)
+    return path.with_name(path.name.removesuffix(".json") + "-judged.json")
+
+
+# ---------------------------------------------------------------- the CLI
+
+@click.group()
+def cli():
+    """Instruction fine-tuning test: generate responses, then judge them."""
+
+
+@cli.command("generate")
+@click.argument("name")
+@click.argument("model_json")
+@click.argument("model_safetensors")
+@click.option("--data", "data_source", default=BOOK_DATA_URL, show_default=True,
+              help="Alpaca-format JSON: a local path, or a URL downloaded once into --cache-dir.")
+@click.option("--cache-dir", default=None,
+              help="Where downloads are kept. Default: ~/.cache/ddp-gpt-trainer (or under $XDG_CACHE_HOME).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="Train exactly this many epochs. Default: until the validation loss rises, "
+                   "then keep the previous epoch's weights.")
+@click.option("--seed", default=42, show_default=True, help="Seed for the order of the training batches.")
+@click.option("--out-dir", default=".", show_default=True,
+              help=f"Where NAME{RESULTS_SUFFIX} is written.")
+@click.option("--tokenizer", "tokenizer_name", type=click.Choice(TOKENIZER_CHOICES), default=None,
+              help="Default: the training dataset's (from the run's train.json), else gpt2.")
+@click.option("--datasets-dir", default="datasets", show_default=True,
+              help="Where the run's dataset is looked for when picking the tokenizer.")
+@report_user_errors
+def generate_command(name, model_json, model_safetensors, data_source, cache_dir, epochs, seed,
+                     out_dir, tokenizer_name, datasets_dir):
+    """Fine-tune on instruction data; answer every test item; write NAME-ift-test-results.json."""
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise UserError(f"NAME '{name}' must be a plain file-name prefix")
+    data = load_instruction_data(data_source, cache_dir or default_cache_dir())
+    train, test, validation = split_data(data)
+    if len(train) < BATCH_SIZE or not test or not validation:
+        raise UserError(f"{data_source}: {len(data)} items give {len(train)} train, {len(test)} "
+                        f"test and {len(validation)} validation items; it needs at least "
+                        f"{BATCH_SIZE} train items and one of each other (20 items will do)")
+    model = load_model(model_json, model_safetensors, pick_device())
+    tokenizer = load_tokenizer(model_json, tokenizer_name, datasets_dir, model.cfg.vocab_size)
+    pad_id, context_length = tokenizer.eot_id, model.cfg.context_length
+
+    def encode(entries):
+        return [tokenizer.encode(format_example(entry)) for entry in entries]
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+    history, kept_epoch = fine_tune(
+        model, optimizer, encode(train), make_batches(encode(validation), pad_id, context_length),
+        pad_id, epochs, torch.Generator().manual_seed(seed))
+    test_loss = mean_loss(model, make_batches(encode(test), pad_id, context_length))
+    print(f"test loss {test_loss:.6f}")
+
+    items = [{"instruction": entry["instruction"], "input": entry.get("input", ""),
+              "output": entry["output"], "model_response": respond(model, tokenizer, entry)}
+             for entry in tqdm(test, desc="responding")]
+    results = {
+        "name": name,
+        "model_json": str(Path(model_json).resolve()),
+        "weights": str(Path(model_safetensors).resolve()),
+        "data": data_source,
+        "tokenizer": tokenizer.name,
+        "split_sizes": {"train": len(train), "test": len(test), "validation": len(validation)},
+        "seed": seed,
+        "epochs": history,
+        "kept_epoch": kept_epoch,
+        "test_loss": test_loss,
+        "items": items,
+    }
+    path = Path(out_dir) / f"{name}{RESULTS_SUFFIX}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+@cli.command("judge")
+@click.argument("results_files", nargs=-1, required=True)
+@click.option("--base-url", envvar="OPENAI_BASE_URL", default="https://api.openai.com/v1",
+              show_default=True, help="OpenAI-compatible API root (env OPENAI_BASE_URL), e.g. "
+                                      "http://localhost:8000/v1 for vLLM.")
+@click.option("--api-key", envvar="OPENAI_API_KEY", default=None,
+              help="Bearer token (env OPENAI_API_KEY); local servers usually need none.")
+@click.option("--judge-model", envvar="JUDGE_MODEL", default="gpt-5.1", show_default=True,
+              help="Model name sent to the endpoint (env JUDGE_MODEL).")
+@click.option("--repeats", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Judge everything this many times; report each model's mean and standard deviation.")
+@click.option("--attempts", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Tries per judgement, for malformed replies and for transient HTTP errors.")
+@click.option("--seed", default=0, show_default=True, help="Seed for the order the models are shown in.")
+@report_user_errors
+def judge_command(results_files, base_url, api_key, judge_model, repeats, attempts, seed):
+    """Score the responses in RESULTS_FILES with an LLM judge and rank the models."""
+    if len(set(results_files)) != len(results_files):
+        raise UserError("a results file is given more than once")
+    results = {path: load_results(path) for path in results_files}
+    check_same_items(results)
+    paths = list(results_files)
+    items = results[paths[0]][1]
+    responses = {path: [item["model_response"] for item in results[path][1]] for path in paths}
+    client = JudgeClient(base_url, api_key, judge_model, attempts)
+    scores, comments, failures = judge_all(client, responses, items, repeats, random.Random(seed))
+    if len(failures) == repeats * len(items):
+        raise UserError(f"every judgement failed; the last: {failures[-1]['error']}")
+
+    rows = []
+    for path in paths:
+        raw, file_items = results[path]
+        mean, std, repeat_means = summarize(scores[path])
+        annotated = dict(raw) if isinstance(raw, dict) else {}
+        annotated["items"] = [
+            {**item, "judge_scores": [scores[path][r][i] for r in range(repeats)],
+             "judge_comments": [comments[path][r][i] for r in range(repeats)]}
+            for i, item in enumerate(file_items)]
+        annotated["judge"] = {"judge_model": judge_model, "base_url": base_url, "repeats": repeats,
+                              "seed": seed, "mean": mean, "std": std, "repeat_means": repeat_means,
+                              "compared_with": [p for p in paths if p != path],
+                              "failures": failures}
+        judged_path(path).write_text(json.dumps(annotated, indent=2) + "\n")
+        judged = sum(s is not None for r in scores[path] for s in r)
+        rows.append((mean, std, judged, path))
+
+    rows.sort(key=lambda row: -row[0])
+    print(f"\n{'rank':>4}  {'mean':>6}  {'std':>6}  {'judged':>9}  results file")
+    for rank, (mean, std, judged, path) in enumerate(rows, 1):
+        print(f"{rank:>4}  {mean:6.2f}  {std:6.2f}  {judged:>4}/{repeats * len(items):<4}  {path}")
+    if failures:
+        print(f"\n{len(failures)} judgement(s) failed after {attempts} attempts and are not counted "
+              "(details in the -judged.json files' 'judge.failures')")
+    print(f"annotated copies: {', '.join(str(judged_path(p)) for p in paths)}")
+
+
+if __name__ == "__main__":
+    cli()

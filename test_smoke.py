@@ -1,0 +1,55 @@
+"""Smoke test: print a prompt and the model's continuation of it.
+
+    uv run test_smoke.py runs/my-run/model.json runs/my-run/checkpoints/best/model.safetensors
+
+The defaults (prompt "Every effort moves you", 20 tokens, temperature 1.4,
+top-k 25) are the reference harness's. Temperature 0 is greedy decoding;
+--seed makes sampling repeatable.
+"""
+
+import click
+import torch
+
+from errors import UserError, report_user_errors
+from eval_common import TOKENIZER_CHOICES, load_model, load_tokenizer, pick_device
+from gpt import generate
+
+
+def continue_prompt(model, tokenizer, prompt, max_new_tokens, temperature, top_k, seed):
+    """The prompt plus up to `max_new_tokens` generated tokens, as text."""
+    prompt_ids = tokenizer.encode(prompt)
+    if not prompt_ids:
+        raise UserError("the prompt is empty")
+    device = next(model.parameters()).device
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    idx = torch.tensor([prompt_ids], device=device)
+    out = generate(model, idx, max_new_tokens, temperature=temperature, top_k=top_k,
+                   generator=generator)
+    return tokenizer.decode(out[0].tolist())
+
+
+@click.command()
+@click.argument("model_json")
+@click.argument("model_safetensors")
+@click.option("--prompt", default="Every effort moves you", show_default=True)
+@click.option("--max-new-tokens", default=20, show_default=True, type=click.IntRange(min=0))
+@click.option("--temperature", default=1.4, show_default=True, type=click.FloatRange(min=0.0),
+              help="0 is greedy decoding.")
+@click.option("--top-k", default=25, show_default=True, type=click.IntRange(min=0),
+              help="Sample from the k most likely tokens; 0 for all of them.")
+@click.option("--seed", type=int, default=None, help="Seed for sampling: same seed, same output.")
+@click.option("--tokenizer", "tokenizer_name", type=click.Choice(TOKENIZER_CHOICES), default=None,
+              help="Default: the training dataset's (from the run's train.json), else gpt2.")
+@click.option("--datasets-dir", default="datasets", show_default=True,
+              help="Where the run's dataset is looked for when picking the tokenizer.")
+@report_user_errors
+def main(model_json, model_safetensors, prompt, max_new_tokens, temperature, top_k, seed,
+         tokenizer_name, datasets_dir):
+    model = load_model(model_json, model_safetensors, pick_device())
+    tokenizer = load_tokenizer(model_json, tokenizer_name, datasets_dir, model.cfg.vocab_size)
+    print(continue_prompt(model, tokenizer, prompt, max_new_tokens, temperature,
+                          top_k or None, seed))
+
+
+if __name__ == "__main__":
+    main()

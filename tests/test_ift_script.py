@@ -1,0 +1,298 @@
+"""test_ift.py: the book's collate and prompt, fine-tuning with early stopping on the
+real instruction data, and the judge against a local chat-completions server."""
+
+import copy
+import http.server
+import json
+import re
+import threading
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from evalkit import one_torch_thread  # noqa: F401  (autouse fixture)
+from evalkit import INSTRUCTION_DATA, assert_one_error_line, random_model, run_script, save_state, tiny_config
+
+import test_ift
+from token_data import ByteTokenizer
+
+P = 50256  # GPT-2 end-of-text as the pad id
+# Byte-level tokens keep the tiny models fast; a 256-byte context reaches past the
+# Alpaca preamble (about 140 bytes) that every example shares.
+BYTES_CFG = tiny_config(context_length=256)
+
+
+@pytest.fixture(scope="module")
+def instruction_data():
+    return json.loads(INSTRUCTION_DATA.read_text())
+
+
+class Server:
+    """A real HTTP server on 127.0.0.1, in a thread, answering with `reply(path, body, headers)`
+    (a (status, bytes) pair); it records every request."""
+
+    def __init__(self, reply):
+        self.requests = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self, body):
+                server.requests.append({"path": self.path, "body": body, "headers": dict(self.headers)})
+                status, payload = reply(self.path, body, self.headers)
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def do_GET(self):
+                self._answer(None)
+
+            def do_POST(self):
+                self._answer(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join()
+
+
+# ---------------------------------------------------------------- prompt, collate, losses
+
+def test_prompt_is_the_books():
+    with_input = {"instruction": "Rewrite the sentence.", "input": "It is hot.", "output": "Hot it is."}
+    assert test_ift.format_example(with_input) == (
+        "Below is an instruction that describes a task. Write a response that appropriately "
+        "completes the request.\n\n### Instruction:\nRewrite the sentence.\n\n### Input:\nIt is hot."
+        "\n\n### Response:\nHot it is.")
+    no_input = {"instruction": "Name a color.", "input": "", "output": "Red."}
+    assert test_ift.format_input(no_input).endswith("### Instruction:\nName a color.")
+
+
+def test_collate_pads_masks_and_crops():
+    inputs, targets = test_ift.collate([[1, 2, 3], [4, 5], [6]], pad_id=P, max_length=10)
+    assert inputs.tolist() == [[1, 2, 3], [4, 5, P], [6, P, P]]
+    # The first end-of-text after each sequence is a target; the padding after it is not.
+    assert targets.tolist() == [[2, 3, P], [5, P, -100], [P, -100, -100]]
+
+    inputs, targets = test_ift.collate([[1, 2, 3, 4], [5]], pad_id=P, max_length=2)
+    assert inputs.tolist() == [[1, 2], [5, P]]
+    assert targets.tolist() == [[2, 3], [P, -100]]
+
+
+def test_batches_shuffle_and_drop_only_for_training():
+    encoded = [[i, i + 1] for i in range(20)]
+    in_order = test_ift.make_batches(encoded, P, 64)
+    assert [len(x) for x, _ in in_order] == [8, 8, 4]
+    assert torch.cat([x for x, _ in in_order])[:, 0].tolist() == list(range(20))
+    shuffled = test_ift.make_batches(encoded, P, 64, torch.Generator().manual_seed(0))
+    firsts = torch.cat([x for x, _ in shuffled])[:, 0].tolist()
+    assert [len(x) for x, _ in shuffled] == [8, 8] and len(set(firsts)) == 16 and firsts != sorted(firsts)
+
+
+def test_mean_loss_is_the_mean_of_per_batch_losses_over_unmasked_targets():
+    model = random_model(tiny_config(vocab_size=P + 1, emb_dim=16))
+    batches = [test_ift.collate([[1, 2, 3], [4]], P, 64), test_ift.collate([[7, 8]], P, 64)]
+    expected = []
+    with torch.no_grad():
+        for inputs, targets in batches:
+            log_probs = torch.log_softmax(model(inputs).double(), dim=-1)
+            picked = [-float(log_probs[r, t, targets[r, t]]) for r in range(targets.shape[0])
+                      for t in range(targets.shape[1]) if targets[r, t] != -100]
+            expected.append(sum(picked) / len(picked))
+    assert test_ift.mean_loss(model, batches) == pytest.approx(sum(expected) / 2, abs=1e-5)
+
+
+# ---------------------------------------------------------------- fine-tuning
+
+def tiny_fine_tune_setup(instruction_data, lr):
+    tokenizer = ByteTokenizer()
+    train, _, validation = test_ift.split_data(instruction_data[:30])
+    encoded_train = [tokenizer.encode(test_ift.format_example(e)) for e in train]
+    val_batches = test_ift.make_batches([tokenizer.encode(test_ift.format_example(e)) for e in validation],
+                                        tokenizer.eot_id, BYTES_CFG["context_length"])
+    model = random_model({**BYTES_CFG, "drop_rate": 0.0})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    return model, optimizer, encoded_train, val_batches, tokenizer.eot_id
+
+
+def test_early_stopping_restores_the_previous_epochs_weights(instruction_data):
+    # A learning rate far above the book's makes the validation loss really rise
+    # after a few epochs on 25 training items.
+    model, optimizer, train, val_batches, pad_id = tiny_fine_tune_setup(instruction_data, lr=0.03)
+    snapshots = {}
+    history, kept = test_ift.fine_tune(
+        model, optimizer, train, val_batches, pad_id, epochs=None,
+        generator=torch.Generator().manual_seed(42),
+        on_epoch_end=lambda epoch, m: snapshots.update({epoch: copy.deepcopy(m.state_dict())}))
+
+    last = len(history)
+    assert 2 <= last < test_ift.MAX_EPOCHS and kept == last - 1
+    assert history[-1]["val_loss"] >= history[-2]["val_loss"]
+    assert all(a["val_loss"] > b["val_loss"] for a, b in zip(history[:-2], history[1:-1]))
+    restored = model.state_dict()
+    assert all(torch.equal(restored[k], snapshots[kept][k]) for k in restored)
+    assert not all(torch.equal(restored[k], snapshots[last][k]) for k in restored)
+    assert test_ift.mean_loss(model, val_batches) == pytest.approx(history[-2]["val_loss"], abs=1e-6)
+
+
+def test_fixed_epochs_train_exactly_that_many_even_when_validation_rises(instruction_data):
+    model, optimizer, train, val_batches, pad_id = tiny_fine_tune_setup(instruction_data, lr=0.03)
+    start = copy.deepcopy(model.state_dict())
+    snapshots = {}
+    history, kept = test_ift.fine_tune(
+        model, optimizer, train, val_batches, pad_id, epochs=14,
+        generator=torch.Generator().manual_seed(42),
+        on_epoch_end=lambda epoch, m: snapshots.update({epoch: copy.deepcopy(m.state_dict())}))
+    assert [h["epoch"] for h in history] == list(range(1, 15)) and kept == 14
+    # The same run as above, so the validation loss rose somewhere on the way.
+    assert any(b["val_loss"] >= a["val_loss"] for a, b in zip(history, history[1:]))
+    final = model.state_dict()
+    assert all(torch.equal(final[k], snapshots[14][k]) for k in final)
+    assert not torch.equal(final["tok_emb.weight"], start["tok_emb.weight"])
+
+
+def write_run(tmp_path, instruction_data):
+    """A tiny run directory whose train.json names a byte-level dataset, so the
+    script picks the bytes tokenizer by itself."""
+    dataset_dir = tmp_path / "datasets" / "bytes"
+    dataset_dir.mkdir(parents=True)
+    (dataset_dir / "meta.json").write_text(json.dumps({"tokenizer": "bytes", "vocab_size": 257, "eot_id": 256}))
+    run_dir = tmp_path / "runs" / "tiny"
+    run_dir.mkdir(parents=True)
+    (run_dir / "train.json").write_text(json.dumps({"dataset": str(dataset_dir), "microbatch_size": 2}))
+    (run_dir / "model.json").write_text(json.dumps(BYTES_CFG))
+    save_state(random_model(BYTES_CFG).state_dict(), run_dir / "model.safetensors")
+    return run_dir
+
+
+def test_generate_downloads_data_once_trains_fixed_epochs_and_writes_results(tmp_path, instruction_data):
+    items = instruction_data[:30]
+    payload = json.dumps(items).encode()
+    with Server(lambda path, body, headers: (200, payload)) as server:
+        url = f"{server.url}/ch07/instruction-data.json"
+        run_dir = write_run(tmp_path, instruction_data)
+        result = CliRunner().invoke(test_ift.cli, [
+            "generate", "tiny", str(run_dir / "model.json"), str(run_dir / "model.safetensors"),
+            "--data", url, "--cache-dir", str(tmp_path / "cache"), "--epochs", "2",
+            "--out-dir", str(tmp_path / "out")])
+        assert result.exit_code == 0, result.output + result.stderr
+        # The second use of the URL reads the cache.
+        assert test_ift.load_instruction_data(url, tmp_path / "cache") == items
+        assert len(server.requests) == 1
+
+    assert "tokenizer: bytes" in result.stderr
+    assert re.findall(r"^epoch (\d+): train loss [\d.]+, validation loss [\d.]+$", result.stdout, re.M) == ["1", "2"]
+    results = json.loads((tmp_path / "out" / "tiny-ift-test-results.json").read_text())
+    # 30 items: 25 train, 3 test, 2 validation, in file order.
+    assert results["split_sizes"] == {"train": 25, "test": 3, "validation": 2}
+    assert [h["epoch"] for h in results["epochs"]] == [1, 2] and results["kept_epoch"] == 2
+    assert results["test_loss"] > 0
+    assert [{k: i[k] for k in ("instruction", "input", "output")} for i in results["items"]] == items[25:28]
+    assert all(isinstance(i["model_response"], str) for i in results["items"])
+
+
+def test_bad_instruction_data_is_one_error_line(tmp_path):
+    bad = tmp_path / "data.json"
+    bad.write_text(json.dumps([{"instruction": "Say hi.", "output": 3}]))
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    result = run_script("test_ift.py", "generate", "x", model_dir / "model.json",
+                        model_dir / "model.safetensors", "--data", bad)
+    assert_one_error_line(result, "item 0 needs string fields")
+
+
+# ---------------------------------------------------------------- the judge
+
+def results_file(path, items, prefix):
+    path.write_text(json.dumps({"name": prefix, "items": [
+        {**item, "model_response": f"{prefix} answer {i}"} for i, item in enumerate(items)]}))
+    return path
+
+
+def chat_reply(content):
+    return 200, json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+
+
+def test_judge_shuffles_retries_reports_and_ranks(tmp_path, instruction_data):
+    items = instruction_data[:3]
+    alpha = results_file(tmp_path / "alpha-ift-test-results.json", items, "alpha")
+    beta = results_file(tmp_path / "beta-ift-test-results.json", items, "beta")
+    valid_replies = {}  # instruction -> how many valid judgements given so far
+    orders = []
+
+    def reply(path, body, headers):
+        prompt = body["messages"][0]["content"]
+        item = next(i for i, entry in enumerate(items) if entry["instruction"] in prompt)
+        calls = [r for r in server.requests if items[item]["instruction"] in r["body"]["messages"][0]["content"]]
+        if len(server.requests) == 1:
+            return 503, b"busy"  # transient: retried after a pause
+        if item == 1 and len(calls) == 1:
+            return chat_reply("Scores: Model 1 is fine")  # malformed once, then fine
+        if item == 2:
+            return chat_reply('{"Model 1": {"score": 150}, "Model 2": {"score": 20}}')  # always out of range
+        # Model j's response names its file; alpha scores 80, beta 30, +10 on the second repeat.
+        shown = re.findall(r"# Model (\d)\n\n```\n(\w+) answer", prompt)
+        orders.append([name for _, name in shown])
+        bump = 10 * valid_replies.get(item, 0)
+        valid_replies[item] = valid_replies.get(item, 0) + 1
+        verdict = {f"Model {j}": {"score": (80 if name == "alpha" else 30) + bump, "comment": f"{name} ok"}
+                   for j, name in shown}
+        return chat_reply("```json\n" + json.dumps(verdict) + "\n```")
+
+    with Server(reply) as server:
+        result = CliRunner().invoke(test_ift.cli, [
+            "judge", str(alpha), str(beta), "--base-url", f"{server.url}/v1", "--api-key", "test-key",
+            "--judge-model", "judge-1", "--repeats", "2", "--seed", "3"])
+        requests = server.requests
+
+    assert result.exit_code == 0, result.output + result.stderr
+    assert {r["path"] for r in requests} == {"/v1/chat/completions"}
+    assert {r["headers"]["Authorization"] for r in requests} == {"Bearer test-key"}
+    assert {r["body"]["model"] for r in requests} == {"judge-1"}
+    # Repeat 1: item 0 503 then fine, item 1 malformed then fine, item 2 three malformed
+    # attempts; repeat 2: one each for items 0 and 1, three for item 2.
+    assert len(requests) == 2 + 2 + 3 + 1 + 1 + 3
+    assert len({tuple(order) for order in orders}) == 2  # the models were shown in both orders
+
+    # Item 2 never got a usable judgement: reported, not counted.
+    assert result.stderr.count("not judged") == 2 and "item 2" in result.stderr
+    rows = re.findall(r"^\s+(\d)\s+([\d.]+)\s+([\d.]+)\s+(\d+)/(\d+)\s+(\S+)$", result.stdout, re.M)
+    assert [(r[0], r[1], r[2], r[3], r[4]) for r in rows] == [
+        ("1", "85.00", "7.07", "4", "6"), ("2", "35.00", "7.07", "4", "6")]
+    assert rows[0][5].endswith("alpha-ift-test-results.json")
+
+    judged = json.loads((tmp_path / "alpha-ift-test-results-judged.json").read_text())
+    assert [i["judge_scores"] for i in judged["items"]] == [[80.0, 90.0], [80.0, 90.0], [None, None]]
+    assert judged["items"][0]["judge_comments"] == ["alpha ok", "alpha ok"]
+    assert judged["judge"]["mean"] == pytest.approx(85.0)
+    assert [f["item"] for f in judged["judge"]["failures"]] == [2, 2]
+    assert "score must be a number from 0 to 100, got 150" in judged["judge"]["failures"][0]["error"]
+
+
+def test_judge_refuses_mismatched_files_and_http_errors(tmp_path, instruction_data):
+    alpha = results_file(tmp_path / "a.json", instruction_data[:3], "alpha")
+    other = results_file(tmp_path / "b.json", instruction_data[1:4], "beta")
+    result = CliRunner().invoke(test_ift.cli, ["judge", str(alpha), str(other), "--base-url", "http://127.0.0.1:9"])
+    assert result.exit_code == 2 and "same items in the same order" in result.stderr
+
+    with Server(lambda path, body, headers: (401, b'{"error": "bad key"}')) as server:
+        result = CliRunner().invoke(test_ift.cli, ["judge", str(alpha), "--base-url", server.url])
+    assert result.exit_code == 2 and "answered HTTP 401" in result.stderr and len(server.requests) == 1
+
+
+def test_malformed_results_file_is_one_error_line(tmp_path):
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"items": [')
+    assert_one_error_line(run_script("test_ift.py", "judge", broken), "broken.json: malformed JSON")
