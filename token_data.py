@@ -7,11 +7,15 @@ end-of-text 50256), which is what the reference harness's published datasets are
 
 Token files are memory-mapped, never read whole: on an 8-GPU machine eight
 processes share one page-cached copy of a 20 GB file.
+
+`uv run token_data.py DATASET_DIR` checks a dataset's files and says what it holds.
 """
 
+import contextlib
 import json
 import os
 import re
+import shutil
 import struct
 import sys
 import sysconfig
@@ -19,15 +23,18 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
 import numpy as np
 
-from errors import UserError
+from errors import UserError, report_user_errors
 
 SPLITS = ("train", "validation")
 TOKENS_KEY = "tokens"
 DEMO_DATASET = "demo"
 DEMO_DATASET_DIRNAME = "demo-python-stdlib-bytes"
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Token ids are stored as uint16: a tokenizer may have at most this many ids.
+MAX_VOCAB_SIZE = 2**16
 # Room for the JSON header of a file of up to 10^15 tokens, padded with spaces
 # (which the safetensors format allows) to keep the data 8-byte aligned.
 RESERVED_HEADER_BYTES = 120
@@ -48,13 +55,18 @@ class ByteTokenizer:
     def encode_batch(self, texts):
         return [self.encode(t) for t in texts]
 
+    def encode_to_array(self, text):
+        """`encode` as a uint16 array, without building a list of Python ints."""
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint16)
+
     def decode(self, ids):
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
 class TiktokenTokenizer:
     """A tiktoken encoding. Special-token text inside a document is encoded as
-    ordinary text: a literal "<|endoftext|>" in a web page never ends a document."""
+    ordinary text: a literal "<|endoftext|>" in a web page never ends a document.
+    An encoding whose ids do not fit the uint16 token files is refused."""
 
     def __init__(self, name):
         import tiktoken
@@ -63,6 +75,12 @@ class TiktokenTokenizer:
             self._encoding = tiktoken.get_encoding(name)
         except ValueError:
             raise UserError(f"unknown tokenizer '{name}'; valid: bytes, {', '.join(tiktoken.list_encoding_names())}")
+        except OSError as e:  # tiktoken downloads the BPE files on first use
+            raise UserError(f"tokenizer '{name}': cannot fetch its BPE files ({type(e).__name__}); "
+                            "point TIKTOKEN_CACHE_DIR at a directory that holds them")
+        if self._encoding.n_vocab > MAX_VOCAB_SIZE:
+            raise UserError(f"tokenizer '{name}' has {self._encoding.n_vocab:,} token ids, but token files store "
+                            f"uint16 ids (at most {MAX_VOCAB_SIZE:,}); use gpt2 or bytes")
         self.name = name
         self.vocab_size = self._encoding.n_vocab
         self.eot_id = self._encoding.eot_token
@@ -72,6 +90,12 @@ class TiktokenTokenizer:
 
     def encode_batch(self, texts):
         return self._encoding.encode_ordinary_batch(texts)
+
+    def encode_to_array(self, text):
+        """`encode` as a uint16 array (__init__ made sure the ids fit)."""
+        # An empty allowed-special set with nothing disallowed is exactly encode_ordinary,
+        # but the ids come back in a buffer instead of a list of Python ints.
+        return self._encoding.encode_to_numpy(text, allowed_special=set(), disallowed_special=()).astype(np.uint16)
 
     def decode(self, ids):
         return self._encoding.decode(list(ids))
@@ -121,7 +145,7 @@ def open_tokens(path):
             raise UserError(f"{path}: not a safetensors file (bad header length)")
         try:
             header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
             raise UserError(f"{path}: not a safetensors file (header is not JSON)")
     entry = header.get(TOKENS_KEY) if isinstance(header, dict) else None
     if not isinstance(entry, dict):
@@ -130,9 +154,12 @@ def open_tokens(path):
     if entry.get("dtype") != "U16":
         raise UserError(f"{path}: tensor '{TOKENS_KEY}' has dtype {entry.get('dtype')}, expected U16 (uint16)")
     shape = entry.get("shape")
-    if not (isinstance(shape, list) and len(shape) == 1):
+    if not (isinstance(shape, list) and len(shape) == 1 and is_count(shape[0])):
         raise UserError(f"{path}: tensor '{TOKENS_KEY}' has shape {shape}, expected one dimension")
-    begin, end = entry["data_offsets"]
+    offsets = entry.get("data_offsets")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(is_count, offsets))):
+        raise UserError(f"{path}: not a safetensors file (tensor '{TOKENS_KEY}' has data_offsets {offsets})")
+    begin, end = offsets
     data_start = 8 + header_len
     if end - begin != 2 * shape[0] or data_start + end > file_size:
         raise UserError(f"{path}: truncated or corrupt: header promises {shape[0]:,} tokens "
@@ -142,8 +169,20 @@ def open_tokens(path):
     return np.memmap(path, dtype="<u2", mode="r", offset=data_start + begin, shape=(shape[0],))
 
 
+def is_count(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def open_split(dataset_dir, split):
     return open_tokens(Path(dataset_dir) / f"{split}.safetensors")
+
+
+def describe_dataset(dataset_dir):
+    """A few lines saying what a dataset directory holds; opening the splits checks their headers."""
+    meta = read_meta(dataset_dir)
+    lines = [f"{dataset_dir}: tokenizer {meta.tokenizer} (vocab {meta.vocab_size:,}, end-of-text {meta.eot_id})"]
+    lines += [f"  {split}: {len(open_split(dataset_dir, split)):,} tokens" for split in SPLITS]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- writing
@@ -166,8 +205,9 @@ class TokenFileWriter:
 
     def write(self, tokens):
         array = np.asarray(tokens)
-        if array.size and (array.min() < 0 or array.max() > 0xFFFF):
-            raise UserError(f"{self.path}: token id {int(array.max())} does not fit in uint16")
+        if array.dtype != np.uint16 and array.size and (array.min() < 0 or array.max() > 0xFFFF):
+            bad = array.min() if array.min() < 0 else array.max()
+            raise UserError(f"{self.path}: token id {int(bad)} does not fit in uint16")
         self._file.write(array.astype("<u2", copy=False).tobytes())
         self.num_tokens += array.size
 
@@ -199,6 +239,29 @@ def is_validation_document(index, validation_fraction):
     return zlib.crc32(index.to_bytes(8, "little")) < validation_fraction * 2**32
 
 
+@contextlib.contextmanager
+def staged_directory(final_dir):
+    """Build a directory out of sight and move it into place only when complete.
+
+    Yields an empty sibling `<final_dir>.partial`. When the block finishes, it
+    replaces `final_dir` (whatever was there); when the block fails, it is
+    deleted. A killed process leaves only the `.partial` directory, which the
+    next run clears: `final_dir` never holds half a dataset.
+    """
+    final_dir = Path(final_dir)
+    staging = final_dir.with_name(final_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if final_dir.exists():
+        shutil.rmtree(final_dir)
+    os.replace(staging, final_dir)
+
+
 def write_meta(dataset_dir, tokenizer, **extra):
     meta = {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id, **extra}
     partial = Path(dataset_dir) / "meta.json.partial"
@@ -219,23 +282,22 @@ def demo_documents():
 
 def build_demo_dataset(dataset_dir, validation_fraction=0.02):
     """Byte-level tokens of the stdlib sources, in the standard dataset layout."""
-    dataset_dir = Path(dataset_dir)
-    dataset_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = ByteTokenizer()
     counts = {split: 0 for split in SPLITS}
-    with TokenFileWriter(dataset_dir / "train.safetensors") as train, \
-            TokenFileWriter(dataset_dir / "validation.safetensors") as validation:
+    with staged_directory(dataset_dir) as staging, \
+            TokenFileWriter(staging / "train.safetensors") as train, \
+            TokenFileWriter(staging / "validation.safetensors") as validation:
         for index, text in enumerate(demo_documents()):
             is_validation = is_validation_document(index, validation_fraction)
             writer = validation if is_validation else train
-            writer.write(np.frombuffer(text.encode("utf-8"), dtype=np.uint8))
+            writer.write(tokenizer.encode_to_array(text))
             writer.write([tokenizer.eot_id])
             counts["validation" if is_validation else "train"] += 1
         train.commit()
         validation.commit()
-    write_meta(dataset_dir, tokenizer, source=f"Python {sys.version.split()[0]} standard library sources",
-               validation_fraction=validation_fraction, documents=counts,
-               tokens={"train": train.num_tokens, "validation": validation.num_tokens})
+        write_meta(staging, tokenizer, source=f"Python {sys.version.split()[0]} standard library sources",
+                   validation_fraction=validation_fraction, documents=counts,
+                   tokens={"train": train.num_tokens, "validation": validation.num_tokens})
 
 
 # ---------------------------------------------------------------- locating a dataset
@@ -270,3 +332,17 @@ def fetch_dataset(spec, datasets_dir):
     if not is_complete(dataset_dir):
         raise UserError(f"dataset '{spec}': {dataset_dir} lacks train.safetensors and validation.safetensors")
     return dataset_dir
+
+
+# ---------------------------------------------------------------- command line
+
+@click.command()
+@click.argument("dataset_dir", type=click.Path(path_type=Path))
+@report_user_errors
+def main(dataset_dir):
+    """Check DATASET_DIR's token files and meta.json and say what it holds."""
+    click.echo(describe_dataset(dataset_dir))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,315 @@
+"""prepare_datasets.py: sources, tokenization, the split, atomic output and the Hub calls.
+
+Expected tokens always come from tiktoken (or the raw UTF-8 bytes) directly, never
+from the pipeline's own output. Most runs are in-process through click's CliRunner;
+the interruption and bad-input tests run the script as a real subprocess.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import tiktoken
+from click.testing import CliRunner
+from safetensors import safe_open
+
+PROJECT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT))
+import prepare_datasets  # noqa: E402
+import token_data  # noqa: E402
+
+SCRIPT = PROJECT / "prepare_datasets.py"
+VERDICT = PROJECT.parent / "shared" / "data" / "the-verdict.txt"
+GPT2_EOT = 50256
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return tiktoken.get_encoding("gpt2")
+
+
+@pytest.fixture(scope="module")
+def paragraphs():
+    """The 83 paragraphs of a real short story, one document each."""
+    return [p for p in VERDICT.read_text().split("\n\n") if p.strip()]
+
+
+def write_jsonl(path, texts, field="text"):
+    path.write_text("".join(json.dumps({field: text, "id": i}) + "\n" for i, text in enumerate(texts)))
+    return path
+
+
+def prepare(*args):
+    result = CliRunner().invoke(prepare_datasets.main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+def run_script(*args):
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
+                          env=os.environ, timeout=120)
+
+
+def split_tokens(out_dir, split):
+    return token_data.open_split(out_dir, split).tolist()
+
+
+def expected_streams(documents, fraction, encode, eot_id):
+    """Each split's token stream by the split rule, from an independent encoder."""
+    streams = {split: [] for split in token_data.SPLITS}
+    for index, text in enumerate(documents):
+        split = "validation" if token_data.is_validation_document(index, fraction) else "train"
+        streams[split] += encode(text) + [eot_id]
+    return streams
+
+
+def meta(out_dir):
+    return json.loads((out_dir / "meta.json").read_text())
+
+
+# ---------------------------------------------------------------- tokenization and the split
+
+def test_gpt2_jsonl_round_trip_with_end_of_text_after_every_document(tmp_path, gpt2, paragraphs):
+    source = write_jsonl(tmp_path / "story.jsonl", paragraphs)
+    prepare(tmp_path / "out", source, "--validation-fraction", 0.3, "--workers", 2, "--batch-size", 10)
+    expected = expected_streams(paragraphs, 0.3, gpt2.encode_ordinary, GPT2_EOT)
+    assert expected["validation"], "the fraction should put some paragraphs in validation"
+    for split in token_data.SPLITS:
+        tokens = split_tokens(tmp_path / "out", split)
+        assert tokens == expected[split]
+        documents = gpt2.decode(tokens).split("<|endoftext|>")
+        assert documents[-1] == "" and set(documents[:-1]) <= set(paragraphs)
+    facts = meta(tmp_path / "out")
+    assert facts["tokenizer"] == "gpt2" and facts["vocab_size"] == 50257 and facts["eot_id"] == GPT2_EOT
+    assert facts["tokens"] == {split: len(expected[split]) for split in token_data.SPLITS}
+    assert facts["documents"]["train"] + facts["documents"]["validation"] == len(paragraphs)
+    assert facts["validation_fraction"] == 0.3 and str(source) in facts["source"]
+    assert facts["tool"].startswith("prepare_datasets.py ")
+
+
+def test_literal_end_of_text_in_a_document_is_ordinary_text(tmp_path, gpt2):
+    text = "The page said <|endoftext|> in the middle."
+    prepare(tmp_path / "out", write_jsonl(tmp_path / "d.jsonl", [text]), "--validation-fraction", 0)
+    tokens = split_tokens(tmp_path / "out", "train")
+    assert tokens == gpt2.encode_ordinary(text) + [GPT2_EOT]
+    assert tokens.count(GPT2_EOT) == 1
+
+
+def test_byte_tokenizer_on_a_directory_of_text_files(tmp_path):
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    shutil.copy(VERDICT, corpus / "b_verdict.txt")
+    (corpus / "sub" / "c.txt").write_text("naïve café")
+    (corpus / "a.txt").write_text("first")
+    (corpus / ".hidden.txt").write_text("skipped")
+    (corpus / "notes.md").write_text("skipped too")
+    prepare(tmp_path / "out", corpus, "--tokenizer", "bytes", "--validation-fraction", 0)
+    texts = ["first", VERDICT.read_text(), "naïve café"]  # sorted by path: a.txt, b_verdict.txt, sub/c.txt
+    assert split_tokens(tmp_path / "out", "train") == [t for text in texts for t in [*text.encode(), 256]]
+    assert meta(tmp_path / "out")["tokenizer"] == "bytes" and meta(tmp_path / "out")["eot_id"] == 256
+
+
+def test_parquet_source_with_a_named_column_read_in_record_batches(tmp_path, gpt2, paragraphs):
+    texts = paragraphs[:40] + [None] + paragraphs[40:]  # a null text is not a document
+    table = pa.table({"id": list(range(len(texts))), "content": texts})
+    pq.write_table(table, tmp_path / "part.parquet", row_group_size=16)
+    prepare(tmp_path / "out", tmp_path / "part.parquet", "--text-field", "content", "--validation-fraction", 0.2)
+    expected = expected_streams(paragraphs, 0.2, gpt2.encode_ordinary, GPT2_EOT)
+    assert {split: split_tokens(tmp_path / "out", split) for split in token_data.SPLITS} == expected
+
+
+def test_split_is_byte_identical_for_any_workers_and_batch_size(tmp_path, paragraphs):
+    source = write_jsonl(tmp_path / "story.jsonl", paragraphs * 3)
+    runs = [(1, 256), (2, 1), (2, 7)]
+    for workers, batch_size in runs:
+        prepare(tmp_path / f"out-{workers}-{batch_size}", source, "--validation-fraction", 0.1,
+                "--workers", workers, "--batch-size", batch_size)
+    for name in ("train.safetensors", "validation.safetensors", "meta.json"):
+        contents = {(tmp_path / f"out-{w}-{b}" / name).read_bytes() for w, b in runs}
+        assert len(contents) == 1, f"{name} differs between runs"
+
+
+def test_max_tokens_caps_each_split_and_stops(tmp_path, gpt2, paragraphs):
+    source = write_jsonl(tmp_path / "story.jsonl", paragraphs)
+    prepare(tmp_path / "out", source, "--validation-fraction", 0.3, "--max-tokens", 1000, "--batch-size", 4)
+    expected = expected_streams(paragraphs, 0.3, gpt2.encode_ordinary, GPT2_EOT)
+    train = split_tokens(tmp_path / "out", "train")
+    validation = split_tokens(tmp_path / "out", "validation")
+    assert train == expected["train"][:1000]
+    assert 0 < len(validation) < len(expected["validation"])  # the run stopped once train was full
+    assert validation == expected["validation"][:len(validation)]
+    assert meta(tmp_path / "out")["documents"]["train"] == train.count(GPT2_EOT) + (train[-1] != GPT2_EOT)
+
+
+def test_output_opens_with_safetensors_and_token_data(tmp_path, paragraphs):
+    prepare(tmp_path / "out", write_jsonl(tmp_path / "s.jsonl", paragraphs), "--validation-fraction", 0.2)
+    for split in token_data.SPLITS:
+        with safe_open(str(tmp_path / "out" / f"{split}.safetensors"), framework="np") as f:
+            assert f.keys() == ["tokens"]
+            tokens = f.get_tensor("tokens")
+        assert tokens.dtype == np.uint16 and tokens.ndim == 1
+        assert np.array_equal(tokens, token_data.open_split(tmp_path / "out", split))
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert card.startswith("---\n") and "| train |" in card
+
+
+# ---------------------------------------------------------------- atomic output
+
+def test_killed_run_leaves_nothing_that_looks_finished(tmp_path, paragraphs):
+    # The second source is a FIFO that the test holds open without writing to it: once
+    # the run has tokenized the first source it waits there, certainly mid-run with
+    # tokens on disk, and the test SIGKILLs it and its workers.
+    story = write_jsonl(tmp_path / "story.jsonl", paragraphs * 3)
+    fifo = tmp_path / "stream.txt"
+    os.mkfifo(fifo)
+    out = tmp_path / "out"
+    partial_tokens = tmp_path / "out.partial" / "train.safetensors.partial"
+    with open(tmp_path / "output", "w") as output:
+        process = subprocess.Popen([sys.executable, str(SCRIPT), str(out), str(story), str(fifo), "--workers", "1",
+                                    "--batch-size", "4"], stdout=output, stderr=output, env=os.environ,
+                                   start_new_session=True)
+    writer = None
+    try:
+        deadline = time.monotonic() + 60
+        while writer is None or not (partial_tokens.exists() and partial_tokens.stat().st_size > 10_000):
+            assert process.poll() is None, (tmp_path / "output").read_text()
+            assert time.monotonic() < deadline, "the run never got to the FIFO with tokens written"
+            if writer is None:
+                with contextlib.suppress(OSError):  # ENXIO until the run opens the FIFO for reading
+                    writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            time.sleep(0.02)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        if writer is not None:
+            os.close(writer)
+    assert process.returncode == -signal.SIGKILL
+    assert not (out / "train.safetensors").exists() and not (out / "meta.json").exists()
+    assert not token_data.is_complete(out)
+    # The next run clears the leftovers and finishes.
+    prepare(out, story)
+    assert token_data.is_complete(out) and not (tmp_path / "out.partial").exists()
+
+
+def test_failure_mid_run_leaves_nothing(tmp_path, paragraphs):
+    source = tmp_path / "s.jsonl"
+    write_jsonl(source, paragraphs * 5)
+    source.write_text(source.read_text() + "{not json\n")
+    result = CliRunner().invoke(prepare_datasets.main, [str(tmp_path / "out"), str(source), "--batch-size", "8"])
+    assert result.exit_code == 2 and f"{source}:{len(paragraphs) * 5 + 1}: not JSON" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.jsonl"]
+
+
+def test_rerun_on_a_finished_dataset_is_refused_and_leaves_it_untouched(tmp_path, paragraphs):
+    out = tmp_path / "out"
+    prepare(out, write_jsonl(tmp_path / "a.jsonl", paragraphs))
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()}
+    result = CliRunner().invoke(prepare_datasets.main, [str(out), str(write_jsonl(tmp_path / "b.jsonl", ["other"]))])
+    assert result.exit_code == 2
+    assert "already holds a finished dataset; pass --overwrite" in result.stderr
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()} == before
+    prepare(out, tmp_path / "b.jsonl", "--overwrite", "--validation-fraction", 0)
+    assert split_tokens(out, "train") == tiktoken.get_encoding("gpt2").encode_ordinary("other") + [GPT2_EOT]
+
+
+def test_directory_with_other_files_is_never_replaced(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    result = CliRunner().invoke(prepare_datasets.main, [str(out), str(VERDICT), "--overwrite"])
+    assert result.exit_code == 2 and "not part of a dataset (thesis.tex)" in result.stderr
+    assert [p.name for p in out.iterdir()] == ["thesis.tex"]
+
+
+# ---------------------------------------------------------------- refusing bad input
+
+def test_tokenizer_with_ids_beyond_uint16_is_refused(tmp_path, monkeypatch):
+    big = tiktoken.Encoding(name="big", pat_str=r"\S+|\s+", mergeable_ranks={bytes([i]): i for i in range(256)},
+                            special_tokens={"<|endoftext|>": 70_000})
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: big)
+    result = CliRunner().invoke(prepare_datasets.main, [str(tmp_path / "out"), str(VERDICT), "--tokenizer", "big"])
+    assert result.exit_code == 2 and "error: tokenizer 'big' has 70,001 token ids" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def write_parquet_with_column(path, column):
+    pq.write_table(pa.table({column: ["a document"]}), path)
+    return path
+
+
+@pytest.mark.parametrize("make_args, message", [
+    (lambda tmp: [tmp / "no-such-file.jsonl"], "no-such-file.jsonl: no such file or directory"),
+    (lambda tmp: [write_parquet_with_column(tmp / "p.parquet", "body")], "no column 'text' (columns: body)"),
+    (lambda tmp: [write_jsonl(tmp / "j.jsonl", ["x"], field="body")], "j.jsonl:1: no field 'text' (fields: body, id)"),
+    (lambda tmp: [(tmp / "f.csv").write_text("a,b") and tmp / "f.csv"], "cannot read '.csv' files"),
+    (lambda tmp: ["HuggingFaceFW/fineweb"], "give --hub-pattern"),
+    (lambda tmp: [VERDICT, "--validation-fraction", "1.5"], "Invalid value for '--validation-fraction'"),
+], ids=["missing-file", "wrong-parquet-column", "wrong-jsonl-field", "unknown-file-type", "hub-id-without-pattern",
+        "bad-option-value"])
+def test_bad_input_gives_one_error_line_and_exit_code_2(tmp_path, make_args, message):
+    result = run_script(tmp_path / "out", *make_args(tmp_path))
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    if not message.startswith("Invalid value"):  # click's own usage errors have their own format
+        assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- the Hub
+
+def test_hub_source_is_downloaded_with_the_pattern_and_filtered(tmp_path, monkeypatch, gpt2, paragraphs):
+    # No Hub is reachable in tests: the real snapshot_download call is replaced by a copy of a
+    # local directory laid out like the repo, after checking what it was asked for. The copy
+    # includes files outside the pattern, as a snapshot with earlier downloads would.
+    repo = tmp_path / "repo"
+    (repo / "sample" / "10BT").mkdir(parents=True)
+    (repo / "data").mkdir()
+    for name, texts in (("001.parquet", paragraphs[40:]), ("000.parquet", paragraphs[:40])):
+        pq.write_table(pa.table({"text": texts}), repo / "sample" / "10BT" / name)
+    pq.write_table(pa.table({"text": ["not in the sample"]}), repo / "data" / "other.parquet")
+    calls = []
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        calls.append((repo_id, kwargs))
+        snapshot = tmp_path / "cache" / "snapshot"
+        shutil.copytree(repo, snapshot)
+        return str(snapshot)
+
+    monkeypatch.setattr(prepare_datasets, "snapshot_download", fake_snapshot_download)
+    prepare(tmp_path / "out", "HuggingFaceFW/fineweb", "--hub-pattern", "sample/10BT/*.parquet",
+            "--download-dir", tmp_path / "cache", "--validation-fraction", 0)
+    assert calls == [("HuggingFaceFW/fineweb", {"repo_type": "dataset", "allow_patterns": "sample/10BT/*.parquet",
+                                                 "cache_dir": tmp_path / "cache"})]
+    expected = [t for paragraph in paragraphs for t in gpt2.encode_ordinary(paragraph) + [GPT2_EOT]]
+    assert split_tokens(tmp_path / "out", "train") == expected
+    assert meta(tmp_path / "out")["source"] == "Hugging Face dataset HuggingFaceFW/fineweb (sample/10BT/*.parquet)"
+
+
+def test_push_to_hub_uploads_the_dataset_folder(tmp_path, monkeypatch, paragraphs):
+    # No Hub is reachable in tests: the HfApi methods are replaced by recorders and the
+    # test checks what they were asked to do.
+    calls = []
+    monkeypatch.setattr(prepare_datasets.HfApi, "create_repo",
+                        lambda self, repo_id, **kwargs: calls.append(("create_repo", repo_id, kwargs)))
+    monkeypatch.setattr(prepare_datasets.HfApi, "upload_folder",
+                        lambda self, **kwargs: calls.append(("upload_folder", kwargs)))
+    out = tmp_path / "out"
+    prepare(out, write_jsonl(tmp_path / "s.jsonl", paragraphs), "--push-to-hub", "me/verdict-gpt2")
+    # Re-running on the finished dataset uploads it again without rebuilding (retrying a failed upload).
+    prepare(out, tmp_path / "s.jsonl", "--push-to-hub", "me/verdict-gpt2")
+    create = ("create_repo", "me/verdict-gpt2", {"repo_type": "dataset", "exist_ok": True})
+    upload = ("upload_folder", {"repo_id": "me/verdict-gpt2", "repo_type": "dataset", "folder_path": out,
+                                "allow_patterns": list(prepare_datasets.DATASET_FILES),
+                                "commit_message": "Upload out"})
+    assert calls == [create, upload, create, upload]
+    assert sorted(p.name for p in out.iterdir()) == sorted(prepare_datasets.DATASET_FILES)

@@ -1,0 +1,211 @@
+"""The reading side of token datasets: tokenizers, token files, meta.json, the demo corpus."""
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tiktoken
+from safetensors.numpy import save_file
+
+PROJECT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT))
+import token_data  # noqa: E402
+from errors import UserError  # noqa: E402
+from token_data import ByteTokenizer, TokenFileWriter, get_tokenizer, open_tokens  # noqa: E402
+
+VERDICT = PROJECT.parent / "shared" / "data" / "the-verdict.txt"
+
+
+def token_file(path, header, data=b""):
+    """A safetensors file written by hand, so the reader is checked against the format, not our writer."""
+    header_bytes = json.dumps(header).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)
+    path.write_bytes(struct.pack("<Q", len(header_bytes)) + header_bytes + data)
+    return path
+
+
+def tokens_header(num_tokens, dtype="U16", name="tokens"):
+    return {name: {"dtype": dtype, "shape": [num_tokens], "data_offsets": [0, 2 * num_tokens]}}
+
+
+def resident_bytes():
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+# ---------------------------------------------------------------- tokenizers
+
+def test_gpt2_encodes_like_tiktoken_with_special_token_text_as_ordinary_text():
+    text = VERDICT.read_text() + " and then <|endoftext|> appears in the text"
+    expected = tiktoken.get_encoding("gpt2").encode_ordinary(text)
+    tokenizer = get_tokenizer("gpt2")
+    assert tokenizer.encode(text) == expected
+    assert tokenizer.encode_to_array(text).dtype == np.uint16
+    assert tokenizer.encode_to_array(text).tolist() == expected
+    assert tokenizer.eot_id not in expected
+    assert tokenizer.decode(expected) == text
+
+
+def test_byte_tokenizer_round_trip():
+    text = "naïve café ☕"
+    tokenizer = ByteTokenizer()
+    assert tokenizer.encode_to_array(text).tolist() == list(text.encode("utf-8"))
+    assert tokenizer.decode(tokenizer.encode_to_array(text).tolist() + [tokenizer.eot_id]) == text
+
+
+def test_tokenizer_with_ids_beyond_uint16_is_refused(monkeypatch):
+    # A real tiktoken encoding whose end-of-text id is 70,000: its ids cannot be stored as uint16.
+    big = tiktoken.Encoding(name="big", pat_str=r"\S+|\s+", mergeable_ranks={bytes([i]): i for i in range(256)},
+                            special_tokens={"<|endoftext|>": 70_000})
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: big)
+    with pytest.raises(UserError, match="70,001 token ids.*uint16"):
+        get_tokenizer("big")
+
+
+def test_unknown_tokenizer_is_refused():
+    with pytest.raises(UserError, match="unknown tokenizer 'no-such-encoding'"):
+        get_tokenizer("no-such-encoding")
+
+
+# ---------------------------------------------------------------- writing and reading token files
+
+def test_writer_output_reads_back_with_safetensors_and_our_reader(tmp_path):
+    from safetensors import safe_open
+
+    path = tmp_path / "train.safetensors"
+    with TokenFileWriter(path) as writer:
+        writer.write(np.arange(1000, dtype=np.uint16))
+        writer.write([65535, 0])
+        writer.commit()
+    expected = list(range(1000)) + [65535, 0]
+    assert open_tokens(path).tolist() == expected
+    with safe_open(str(path), framework="np") as f:
+        assert f.keys() == ["tokens"]
+        assert f.get_tensor("tokens").dtype == np.uint16
+        assert f.get_tensor("tokens").tolist() == expected
+
+
+@pytest.mark.parametrize("bad_id", [65536, -1])
+def test_writer_refuses_ids_beyond_uint16(tmp_path, bad_id):
+    with TokenFileWriter(tmp_path / "t.safetensors") as writer:
+        with pytest.raises(UserError, match=f"{bad_id} does not fit"):
+            writer.write([1, bad_id])
+
+
+def test_writer_left_without_commit_leaves_no_file(tmp_path):
+    with pytest.raises(RuntimeError), TokenFileWriter(tmp_path / "t.safetensors") as writer:
+        writer.write([1, 2, 3])
+        raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("make_file, message", [
+    (lambda p: p, "token file not found"),
+    (lambda p: p.write_bytes(b"\x01\x02") and p, "only 2 bytes"),
+    (lambda p: p.write_bytes(b"this is plain text, not a token file") and p, "bad header length"),
+    (lambda p: p.write_bytes(struct.pack("<Q", 4) + b"{{{{") and p, "header is not JSON"),
+    (lambda p: token_file(p, tokens_header(100), b"\0" * 50), "truncated or corrupt"),
+    (lambda p: token_file(p, tokens_header(4, dtype="I32"), b"\0" * 16), "dtype I32, expected U16"),
+    (lambda p: token_file(p, tokens_header(4, name="ids"), b"\0" * 8), "no tensor named 'tokens' \\(found: ids\\)"),
+    (lambda p: token_file(p, {"tokens": {"dtype": "U16", "shape": [2, 2], "data_offsets": [0, 8]}}, b"\0" * 8),
+     "expected one dimension"),
+    (lambda p: token_file(p, {"tokens": {"dtype": "U16", "shape": [4]}}, b"\0" * 8), "data_offsets None"),
+], ids=["missing", "tiny", "not-safetensors", "header-not-json", "truncated", "wrong-dtype", "wrong-tensor-name",
+        "two-dimensions", "no-data-offsets"])
+def test_bad_token_files_give_one_clear_error(tmp_path, make_file, message):
+    path = tmp_path / "train.safetensors"
+    make_file(path)
+    with pytest.raises(UserError, match=message):
+        open_tokens(path)
+
+
+def test_reads_the_end_of_a_multi_gigabyte_file_without_loading_it(tmp_path):
+    num_tokens = 3 * 2**30  # 6 GiB of token data: a sparse hole, so the test writes almost nothing
+    path = token_file(tmp_path / "big.safetensors", tokens_header(num_tokens))
+    data_start = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.truncate(data_start + 2 * num_tokens)
+        f.seek(data_start + 2 * (num_tokens - 3))
+        f.write(np.array([7, 8, 9], dtype="<u2").tobytes())
+    assert path.stat().st_blocks * 512 < 2**20, "the file system wrote the hole out"
+    rss_before = resident_bytes()
+    tokens = open_tokens(path)
+    assert len(tokens) == num_tokens
+    assert tokens[-4:].tolist() == [0, 7, 8, 9]
+    assert tokens[num_tokens // 2:num_tokens // 2 + 1000].sum() == 0
+    assert resident_bytes() - rss_before < 50 * 2**20
+
+
+# ---------------------------------------------------------------- meta.json, staging, the demo corpus
+
+def test_meta_defaults_to_gpt2_and_rejects_a_broken_file(tmp_path):
+    assert token_data.read_meta(tmp_path) == token_data.DatasetMeta("gpt2", 50257, 50256)
+    (tmp_path / "meta.json").write_text('{"tokenizer": "bytes"}')
+    with pytest.raises(UserError, match="not a valid dataset meta.json"):
+        token_data.read_meta(tmp_path)
+
+
+def test_staged_directory_appears_only_when_complete(tmp_path):
+    final = tmp_path / "dataset"
+    with pytest.raises(RuntimeError), token_data.staged_directory(final) as staging:
+        (staging / "train.safetensors").write_bytes(b"half")
+        raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    with token_data.staged_directory(final) as staging:
+        (staging / "new.txt").write_text("new")
+        assert not (final / "new.txt").exists()
+    assert [p.name for p in final.iterdir()] == ["new.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["dataset"]
+
+
+def test_demo_dataset_is_byte_tokens_of_the_stdlib(tmp_path):
+    dataset_dir = tmp_path / "demo"
+    token_data.build_demo_dataset(dataset_dir)
+    assert token_data.is_complete(dataset_dir)
+    assert token_data.read_meta(dataset_dir).tokenizer == "bytes"
+    train = token_data.open_split(dataset_dir, "train")
+    first_document = next(text for index, text in enumerate(token_data.demo_documents())
+                          if not token_data.is_validation_document(index, 0.02))
+    expected = list(first_document.encode("utf-8")) + [ByteTokenizer.eot_id]
+    assert train[:len(expected)].tolist() == expected
+
+
+# ---------------------------------------------------------------- the command line
+
+@pytest.mark.parametrize("write_train, message", [
+    (lambda p: p.write_bytes(p.read_bytes()[:-10]), "truncated or corrupt"),
+    (lambda p: save_file({"tokens": np.arange(8, dtype=np.int32)}, str(p)), "dtype I32, expected U16"),
+    (lambda p: save_file({"input_ids": np.arange(8, dtype=np.uint16)}, str(p)), "no tensor named 'tokens'"),
+], ids=["truncated", "wrong-dtype", "wrong-tensor-name"])
+def test_cli_reports_a_bad_token_file_in_one_line(tmp_path, write_train, message):
+    for split in token_data.SPLITS:
+        with TokenFileWriter(tmp_path / f"{split}.safetensors") as writer:
+            writer.write(np.arange(100, dtype=np.uint16))
+            writer.commit()
+    write_train(tmp_path / "train.safetensors")
+    result = subprocess.run([sys.executable, str(PROJECT / "token_data.py"), str(tmp_path)],
+                            capture_output=True, text=True, env=os.environ, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
+    assert message.split("'")[0] in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_describes_a_good_dataset(tmp_path):
+    for split, count in (("train", 100), ("validation", 10)):
+        with TokenFileWriter(tmp_path / f"{split}.safetensors") as writer:
+            writer.write(np.arange(count, dtype=np.uint16))
+            writer.commit()
+    result = subprocess.run([sys.executable, str(PROJECT / "token_data.py"), str(tmp_path)],
+                            capture_output=True, text=True, env=os.environ, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "tokenizer gpt2" in result.stdout and "train: 100 tokens" in result.stdout
+    assert "validation: 10 tokens" in result.stdout
