@@ -1,6 +1,7 @@
 """Train a GPT-2-class base model with DistributedDataParallel.
 
     uv run torchrun --nproc_per_node=8 ddp_train.py RUN DATASETS_DIR [CHECKPOINT] [--force]
+    uv run torchrun --nproc_per_node=8 ddp_train.py RUN DATASETS_DIR -f [--target-global-batch 96] [--write]
 
 RUN is a name under runs/ or a path to a run directory holding model.json and
 train.json (config.py lists every key). CHECKPOINT resumes a run: a checkpoint
@@ -34,6 +35,8 @@ from distributed import StopSignals, check_connectivity, init_distributed, run_a
 from errors import UserError, report_user_errors
 from gpt import GPTModel
 from metrics import MetricsLog, read_metrics
+from microbatch_search import (TEST_LIMIT_VARIABLE, largest_passing, make_trial, suggest_batch_split,
+                               write_batch_split)
 
 
 # ---------------------------------------------------------------- set-up
@@ -433,6 +436,48 @@ def train(run, ctx, datasets_dir, checkpoint_dir):
               + (f"; final validation loss {val_loss:.4f}" if val_loss is not None else ""))
 
 
+def find_max_microbatch(run, ctx, target_global_batch, write):
+    """The -f search: no validation, no checkpoints, random tokens (memory depends only on shapes)."""
+    if ctx.device.type != "cuda" and TEST_LIMIT_VARIABLE not in os.environ:
+        raise UserError("-f searches GPU memory for the largest microbatch, and this machine has no CUDA device")
+    torch.manual_seed(run.train.random_seed)
+    model = GPTModel(run.model).to(ctx.device)
+    amp_dtype = amp_dtype_for(run.train, ctx.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=run.train.learning_rate,
+                                  weight_decay=run.train.weight_decay, fused=ctx.device.type == "cuda")
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16)
+    fits = make_trial(model, optimizer, scaler,
+                      lambda m, inputs, targets: compute_loss(m, inputs, targets, amp_dtype, ctx.device),
+                      ctx, run.model.context_length, run.model.vocab_size)
+
+    def fits_on_every_rank(size):
+        passed = torch.tensor([float(fits(size))], device=ctx.device)
+        dist.all_reduce(passed, op=dist.ReduceOp.MIN)
+        if ctx.is_main:
+            print(f"microbatch {size}: {'fits' if passed.item() else 'out of memory'}", flush=True)
+        return bool(passed.item())
+
+    largest = largest_passing(fits_on_every_rank)
+    if largest == 0:
+        raise UserError(f"even a microbatch of 1 sequence of {run.model.context_length} tokens runs out of "
+                        "memory; use a smaller model or context_length")
+    peak = torch.tensor([torch.cuda.max_memory_allocated(ctx.device) if ctx.device.type == "cuda" else 0.0],
+                        device=ctx.device)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    microbatch, accumulation = suggest_batch_split(largest, ctx.world_size, target_global_batch)
+    if ctx.is_main:
+        peak_text = f"{peak.item() / 2**30:.1f} GiB on the fullest device" if peak.item() else "n/a on CPU"
+        print(f"Largest microbatch that fits on every rank: {largest} (peak memory {peak_text}).\n"
+              f"For a global batch of at least {target_global_batch} sequences on {ctx.world_size} rank(s): "
+              f"microbatch_size {microbatch}, gradient_accumulation_steps {accumulation} "
+              f"(global batch {microbatch * accumulation * ctx.world_size}).")
+    if write:
+        train_json = run.run_dir / "train.json"
+        run_and_share_errors(ctx.is_main, lambda: write_batch_split(train_json, microbatch, accumulation))
+        if ctx.is_main:
+            print(f"Updated {train_json}.")
+
+
 def choose_checkpoint(run, checkpoint, force):
     """The checkpoint directory to resume from, or None for a fresh start."""
     if checkpoint == "auto":
@@ -454,16 +499,24 @@ def choose_checkpoint(run, checkpoint, force):
 @click.argument("datasets_dir", type=click.Path(file_okay=False))
 @click.argument("checkpoint", required=False)
 @click.option("--force", is_flag=True, help="Start a fresh run even though the run directory has checkpoints.")
+@click.option("-f", "--find-max-microbatch-size", "find_max", is_flag=True,
+              help="Instead of training, find the largest microbatch that fits in GPU memory.")
+@click.option("--target-global-batch", default=96, show_default=True, type=click.IntRange(min=1),
+              help="With -f: the global batch (sequences) to suggest an accumulation for.")
+@click.option("--write", is_flag=True, help="With -f: write the suggested sizes into train.json.")
 @report_user_errors
-def main(run, datasets_dir, checkpoint, force):
+def main(run, datasets_dir, checkpoint, force, find_max, target_global_batch, write):
     """Train RUN (a name under runs/ or a run directory) on datasets under DATASETS_DIR,
     resuming from CHECKPOINT (a checkpoint name, `latest`, `best`, or `auto`) if given."""
     run = load_run(run)
-    checkpoint_dir = choose_checkpoint(run, checkpoint, force)
+    checkpoint_dir = None if find_max else choose_checkpoint(run, checkpoint, force)
     ctx = init_distributed(run.train.dist_timeout_minutes)
     try:
         check_connectivity(ctx)
-        train(run, ctx, datasets_dir, checkpoint_dir)
+        if find_max:
+            find_max_microbatch(run, ctx, target_global_batch, write)
+        else:
+            train(run, ctx, datasets_dir, checkpoint_dir)
     finally:
         dist.destroy_process_group()
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from errors import UserError, report_user_errors
-from eval_common import load_model, one_line, pick_device
+from eval_common import load_model, pick_device
 from token_data import SPLITS, fetch_dataset, open_split, read_meta
 
 TEST_LOSS_JSON = "test_loss.json"
@@ -88,10 +88,7 @@ def main(datasets_dir, model_json, model_safetensors, dataset, split, start_toke
          batch_size, amp, write_json, json_path):
     device = pick_device()
     model = load_model(model_json, model_safetensors, device)
-    try:
-        dataset_dir = fetch_dataset(dataset, datasets_dir)
-    except OSError as e:  # the Hub download failed: offline, unknown repo, no access
-        raise UserError(f"dataset '{dataset}': could not download it ({type(e).__name__}: {one_line(e)})")
+    dataset_dir = fetch_dataset(dataset, datasets_dir)
     meta = read_meta(dataset_dir)
     if meta.vocab_size > model.cfg.vocab_size:
         raise UserError(f"dataset '{dataset}' has token ids up to {meta.vocab_size - 1} but the "

@@ -14,6 +14,7 @@ processes share one page-cached copy of a 20 GB file.
 import contextlib
 import json
 import os
+import random
 import re
 import shutil
 import struct
@@ -32,6 +33,7 @@ SPLITS = ("train", "validation")
 TOKENS_KEY = "tokens"
 DEMO_DATASET = "demo"
 DEMO_DATASET_DIRNAME = "demo-python-stdlib-bytes"
+HUB_DOWNLOAD_COMPLETE = ".download-complete"
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Token ids are stored as uint16: a tokenizer may have at most this many ids.
 MAX_VOCAB_SIZE = 2**16
@@ -272,12 +274,15 @@ def write_meta(dataset_dir, tokenizer, **extra):
 # ---------------------------------------------------------------- the demo corpus
 
 def demo_documents():
-    """The running Python's standard-library sources (tests excluded), in a fixed order."""
+    """The running Python's standard-library sources (tests excluded), in a fixed
+    shuffled order: in directory order the model would see one package at a time
+    (all of `encodings`, then all of `email`, ...) and the loss would jump between them."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     skip = {"site-packages", "dist-packages", "test", "tests", "idle_test"}
-    for path in sorted(stdlib.rglob("*.py")):
-        if skip.isdisjoint(path.relative_to(stdlib).parts):
-            yield path.read_bytes().decode("utf-8", errors="replace")
+    paths = [p for p in sorted(stdlib.rglob("*.py")) if skip.isdisjoint(p.relative_to(stdlib).parts)]
+    random.Random(0).shuffle(paths)
+    for path in paths:
+        yield path.read_bytes().decode("utf-8", errors="replace")
 
 
 def build_demo_dataset(dataset_dir, validation_fraction=0.02):
@@ -324,14 +329,31 @@ def fetch_dataset(spec, datasets_dir):
     kind, dataset_dir = dataset_location(spec, datasets_dir)
     if kind == "demo" and not is_complete(dataset_dir):
         build_demo_dataset(dataset_dir)
-    elif kind == "hub":
-        from huggingface_hub import snapshot_download
-
-        Path(datasets_dir).mkdir(parents=True, exist_ok=True)
-        snapshot_download(spec, repo_type="dataset", local_dir=dataset_dir)
+    elif kind == "hub" and not (dataset_dir / HUB_DOWNLOAD_COMPLETE).exists():
+        download_hub_dataset(spec, datasets_dir, dataset_dir)
     if not is_complete(dataset_dir):
         raise UserError(f"dataset '{spec}': {dataset_dir} lacks train.safetensors and validation.safetensors")
     return dataset_dir
+
+
+def download_hub_dataset(repo_id, datasets_dir, dataset_dir):
+    """snapshot_download into DATASETS_DIR/<repo id>, then a marker file, so later runs
+    (and runs with no network) use the local copy without asking the Hub again."""
+    from huggingface_hub import snapshot_download
+
+    Path(datasets_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        snapshot_download(repo_id, repo_type="dataset", local_dir=dataset_dir)
+    except Exception as e:  # noqa: BLE001 - offline, unknown repo, no access, disk full...
+        if not is_complete(dataset_dir):
+            reason = " ".join(f"{type(e).__name__}: {e}".split())
+            raise UserError(f"dataset '{repo_id}': download from the Hugging Face Hub into {dataset_dir} "
+                            f"failed ({reason})")
+        # Files from an earlier download (e.g. by the reference harness): use them.
+        print(f"warning: could not check '{repo_id}' on the Hub ({type(e).__name__}); using the local copy "
+              f"in {dataset_dir}", file=sys.stderr)
+        return
+    (dataset_dir / HUB_DOWNLOAD_COMPLETE).touch()
 
 
 # ---------------------------------------------------------------- command line

@@ -209,3 +209,46 @@ def test_cli_describes_a_good_dataset(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "tokenizer gpt2" in result.stdout and "train: 100 tokens" in result.stdout
     assert "validation: 10 tokens" in result.stdout
+
+
+def write_downloaded_copy(dataset_dir):
+    dataset_dir.mkdir(parents=True)
+    for split in token_data.SPLITS:
+        with token_data.TokenFileWriter(dataset_dir / f"{split}.safetensors") as writer:
+            writer.write(np.arange(100, dtype=np.uint16))
+            writer.commit()
+
+
+def test_hub_datasets_offline_use_a_local_copy_and_fail_clearly_without_one(tmp_path, monkeypatch):
+    """The real snapshot_download in offline mode: it returns a copy already on disk (as the
+    reference harness downloaded it); with none, one clear error line."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    dataset_dir = tmp_path / "datasets" / "gpjt" / "fineweb-gpt2-tokens"
+    write_downloaded_copy(dataset_dir)
+    assert token_data.fetch_dataset("gpjt/fineweb-gpt2-tokens", tmp_path / "datasets") == dataset_dir
+    with pytest.raises(UserError, match="'gpjt/not-downloaded': download from the Hugging Face Hub .* failed"):
+        token_data.fetch_dataset("gpjt/not-downloaded", tmp_path / "datasets")
+
+
+def test_a_failing_hub_falls_back_to_the_local_copy_and_is_asked_once_per_dataset(tmp_path, monkeypatch, capsys):
+    """The Hub cannot be reached from tests, so snapshot_download is replaced: first by one
+    that fails (an outage), then by one that records calls (a later, successful download)."""
+    import huggingface_hub
+
+    dataset_dir = tmp_path / "datasets" / "gpjt" / "fineweb-gpt2-tokens"
+    write_downloaded_copy(dataset_dir)
+
+    def outage(*args, **kwargs):
+        raise ConnectionError("hub unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", outage)
+    assert token_data.fetch_dataset("gpjt/fineweb-gpt2-tokens", tmp_path / "datasets") == dataset_dir
+    assert "could not check 'gpjt/fineweb-gpt2-tokens' on the Hub (ConnectionError); using the local copy" \
+        in capsys.readouterr().err
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: calls.append((a, k)))
+    for _ in range(2):
+        token_data.fetch_dataset("gpjt/fineweb-gpt2-tokens", tmp_path / "datasets")
+    assert calls == [(("gpjt/fineweb-gpt2-tokens",), {"repo_type": "dataset", "local_dir": dataset_dir})]

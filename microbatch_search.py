@@ -1,0 +1,83 @@
+"""`ddp_train.py RUN DATASETS_DIR -f`: the largest microbatch that trains without running
+out of memory, and the accumulation that reaches a target global batch with it."""
+
+import gc
+import json
+import math
+import os
+
+import torch
+
+STEPS_PER_TRY = 3
+TEST_LIMIT_VARIABLE = "DDP_TRAIN_TEST_MAX_MICROBATCH"
+
+
+def largest_passing(passes):
+    """The largest size for which `passes(size)` is true, assuming sizes pass up to some
+    limit and fail above it: double from 1 until a size fails (no fixed cap), then
+    binary-search between the last pass and the first failure. 0 if even 1 fails."""
+    if not passes(1):
+        return 0
+    good, bad = 1, 2
+    while passes(bad):
+        good, bad = bad, bad * 2
+    while bad - good > 1:
+        middle = (good + bad) // 2
+        good, bad = (middle, bad) if passes(middle) else (good, middle)
+    return good
+
+
+def suggest_batch_split(max_microbatch, world_size, target_global_batch):
+    """(microbatch_size, gradient_accumulation_steps) reaching at least the target global
+    batch (in sequences) with the fewest accumulation steps and a microbatch that fits."""
+    accumulation = math.ceil(target_global_batch / (max_microbatch * world_size))
+    microbatch = math.ceil(target_global_batch / (accumulation * world_size))
+    return microbatch, accumulation
+
+
+def memory_limit_for_tests(rank):
+    """Test hook: DDP_TRAIN_TEST_MAX_MICROBATCH="RANK:N,..." makes microbatches above N
+    on that rank fail as if out of memory, so the search can be tested on CPU."""
+    spec = os.environ.get(TEST_LIMIT_VARIABLE, "")
+    limits = dict(item.split(":") for item in spec.split(",") if item)
+    return int(limits[str(rank)]) if str(rank) in limits else None
+
+
+def make_trial(model, optimizer, scaler, compute_loss, ctx, context_length, vocab_size):
+    """`fits(size)`: whether STEPS_PER_TRY forward/backward/optimizer steps at that
+    microbatch size succeed on this rank. The model is not wrapped in DDP here: an
+    out-of-memory error in one rank's backward would leave the others waiting in a
+    gradient all-reduce."""
+    test_limit = memory_limit_for_tests(ctx.rank)
+
+    def fits(size):
+        try:
+            for _ in range(STEPS_PER_TRY):
+                if test_limit is not None and size > test_limit:
+                    raise torch.OutOfMemoryError(f"test limit: microbatch {size} > {test_limit}")
+                tokens = torch.randint(0, vocab_size, (size, context_length + 1), device=ctx.device)
+                loss = compute_loss(model, tokens[:, :-1], tokens[:, 1:])
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+            return True
+        except torch.OutOfMemoryError:
+            return False
+        finally:
+            optimizer.zero_grad(set_to_none=True)
+            gc.collect()
+            if ctx.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    return fits
+
+
+def write_batch_split(train_json, microbatch, accumulation):
+    """Update the two keys in train.json, keeping every other key and their order."""
+    raw = json.loads(train_json.read_text())
+    raw.pop("minibatch_size", None)  # the old spelling would now contradict the new value
+    raw.update(microbatch_size=microbatch, gradient_accumulation_steps=accumulation)
+    partial = train_json.with_name(train_json.name + ".partial")
+    partial.write_text(json.dumps(raw, indent=4) + "\n")
+    os.replace(partial, train_json)

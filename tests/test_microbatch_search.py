@@ -1,0 +1,48 @@
+"""The -f search: its arithmetic against brute force, and for real under torchrun with a
+test-only memory limit (CPUs have no out-of-memory error to catch)."""
+
+import json
+import math
+
+import pytest
+
+from conftest import make_run, run_training, train_env
+from microbatch_search import largest_passing, suggest_batch_split
+
+
+@pytest.mark.parametrize("limit", [0, 1, 2, 3, 5, 8, 13, 64, 100, 1000])
+def test_search_finds_the_limit_and_asks_few_questions(limit):
+    asked = []
+
+    def passes(size):
+        asked.append(size)
+        return size <= limit
+
+    assert largest_passing(passes) == limit
+    assert len(asked) <= 2 * math.ceil(math.log2(limit + 2)) + 1
+
+
+@pytest.mark.parametrize("largest, world_size, target", [(27, 8, 96), (6, 1, 96), (13, 8, 96), (5, 3, 100),
+                                                         (64, 8, 96), (1, 2, 7)])
+def test_suggested_split_is_the_fewest_accumulation_steps_that_reach_the_target(largest, world_size, target):
+    microbatch, accumulation = suggest_batch_split(largest, world_size, target)
+    brute_force = min((a, m) for a in range(1, target + 1) for m in range(1, largest + 1)
+                      if m * a * world_size >= target)
+    assert (accumulation, microbatch) == brute_force
+
+
+def test_two_ranks_agree_on_the_smaller_limit_and_write_train_json(tmp_path, verdict_dataset):
+    run_dir = make_run(tmp_path / "run", verdict_dataset, microbatch_size=2, checkpoint_interval=7)
+    env = {**train_env(), "DDP_TRAIN_TEST_MAX_MICROBATCH": "0:11,1:6"}
+    result = run_training([run_dir, "datasets", "-f", "--target-global-batch", "24", "--write"], nproc=2, env=env)
+    assert "Largest microbatch that fits on every rank: 6" in result.stdout
+    assert "microbatch_size 6, gradient_accumulation_steps 2 (global batch 24)" in result.stdout
+    train = json.loads((run_dir / "train.json").read_text())
+    assert (train["microbatch_size"], train["gradient_accumulation_steps"], train["checkpoint_interval"]) == (6, 2, 7)
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").exists()
+
+
+def test_refused_on_cpu_without_the_test_limit(tmp_path, verdict_dataset):
+    run_dir = make_run(tmp_path / "run", verdict_dataset)
+    result = run_training([run_dir, "datasets", "-f"], check=False)
+    assert result.returncode == 2 and "no CUDA device" in result.stderr
