@@ -59,3 +59,29 @@ class Microbatches:
         # Copies only this window out of the memory map.
         window = torch.from_numpy(self.tokens[begin:begin + self.microbatch_tokens + 1].astype("int64"))
         return window[:-1].view(self.shape), window[1:].view(self.shape)
+
+
+def rank_microbatch_indices(start_step, total_steps, accumulation_steps, world_size, rank):
+    """The microbatches one rank trains on, in order, from optimizer step `start_step` on."""
+    for global_step in range(start_step, total_steps):
+        for accumulation_step in range(accumulation_steps):
+            yield microbatch_index(global_step, accumulation_step, accumulation_steps, world_size, rank)
+
+
+def prefetch_to_device(batches, indices, device):
+    """Yield batches[i] for each index as device tensors, the next one already read from
+    the memory map and its copy started before the current one is handed out, so the
+    host-side work overlaps the device's work on the current microbatch."""
+    pin = device.type == "cuda"  # page-locked host memory makes the copy truly asynchronous
+
+    def load(index):
+        return tuple((t.pin_memory() if pin else t).to(device, non_blocking=True) for t in batches[index])
+
+    ready = None
+    for index in indices:
+        upcoming = load(index)
+        if ready is not None:
+            yield ready
+        ready = upcoming
+    if ready is not None:
+        yield ready

@@ -176,7 +176,7 @@ def load_training_state(checkpoint_dir, model, optimizer, scaler, scheduler, dev
     checkpoint_dir = Path(checkpoint_dir)
     meta = verify_checkpoint(checkpoint_dir)
     load_model_weights(model, checkpoint_dir / "model.safetensors")
-    optimizer.load_state_dict(torch.load(checkpoint_dir / "optimizer.pt", map_location=device))
+    load_optimizer_state(optimizer, torch.load(checkpoint_dir / "optimizer.pt", map_location=device))
     if (checkpoint_dir / "scaler.pt").is_file():
         scaler.load_state_dict(torch.load(checkpoint_dir / "scaler.pt"))
     if (checkpoint_dir / "scheduler.pt").is_file():
@@ -185,3 +185,17 @@ def load_training_state(checkpoint_dir, model, optimizer, scaler, scheduler, dev
     if (checkpoint_dir / "training_state.pt").is_file():
         rng_states = torch.load(checkpoint_dir / "training_state.pt")["rng_states"]
     return meta, rng_states
+
+
+def load_optimizer_state(optimizer, state_dict):
+    """Load optimizer state but keep this optimizer's `fused` setting: a checkpoint's param
+    groups carry their own (the reference harness's is off), and fused kernels want their
+    step counters as float32 tensors on the parameters' device."""
+    fused_settings = [group.get("fused") for group in optimizer.param_groups]
+    optimizer.load_state_dict(state_dict)
+    for group, fused in zip(optimizer.param_groups, fused_settings):
+        group["fused"] = fused
+        for param in group["params"] if fused else []:
+            state = optimizer.state.get(param, {})
+            if "step" in state:
+                state["step"] = state["step"].to(device=param.device, dtype=torch.float32)

@@ -14,9 +14,8 @@ stops every rank after the current optimizer step, with a checkpoint.
 import math
 import os
 import random
-import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import click
 import numpy as np
@@ -24,17 +23,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 import charts
 import checkpointing
 import token_data
-from batching import Microbatches, count_optimizer_steps, microbatch_index
+from batching import Microbatches, count_optimizer_steps, prefetch_to_device, rank_microbatch_indices
 from config import load_run
 from distributed import StopSignals, check_connectivity, init_distributed, run_and_share_errors
 from errors import UserError, report_user_errors
 from gpt import GPTModel
-from metrics import MetricsLog, read_metrics
+from metrics import TrainingLog, read_metrics, require_tensorboard
 from microbatch_search import (TEST_LIMIT_VARIABLE, largest_passing, make_trial, suggest_batch_split,
                                write_batch_split)
 
@@ -72,8 +70,9 @@ class Data:
 
 def load_data(run, ctx, datasets_dir):
     train_cfg, context_length = run.train, run.model.context_length
-    dataset_dir = run_and_share_errors(
-        ctx.is_local_main, lambda: token_data.fetch_dataset(train_cfg.dataset, datasets_dir))
+    # Once per node, or once in all when every node sees the same DATASETS_DIR.
+    fetches = ctx.is_main if train_cfg.shared_filesystem else ctx.is_local_main
+    dataset_dir = run_and_share_errors(fetches, lambda: token_data.fetch_dataset(train_cfg.dataset, datasets_dir))
     dataset_dir = dataset_dir or token_data.dataset_location(train_cfg.dataset, datasets_dir)[1]
     meta = token_data.read_meta(dataset_dir)
     if run.model.vocab_size < meta.vocab_size:
@@ -138,50 +137,50 @@ def nan_injection_for_tests():
 NAN_INJECTION = nan_injection_for_tests()
 
 
-@dataclass
-class StepResult:
-    loss: float  # mean over ranks and microsteps
-    grad_norm: float  # before clipping
-    applied: bool  # False when any rank saw a non-finite loss or gradient: all ranks skip it alike
-    stop_requested: bool  # some rank received SIGTERM/SIGINT
-
 def compute_loss(model, inputs, targets, amp_dtype, device):
     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         logits = model(inputs)
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
-def train_step(global_step, ddp_model, optimizer, scaler, data, run, ctx, amp_dtype, stop_requested):
-    """One optimizer step over `gradient_accumulation_steps` microbatches on every rank."""
+def train_step(global_step, t, run, ctx, microbatches, stop_requested):
+    """One optimizer step over `gradient_accumulation_steps` microbatches on every rank.
+
+    Returns, without waiting for the device, a tensor [loss (mean over ranks and
+    microsteps), gradient norm before clipping, ranks with a non-finite loss, ranks
+    asking to stop]. A step with a non-finite loss or gradient on any rank is skipped
+    on every rank alike, inside the fused optimizer (its `found_inf`), with no sync.
+    """
     accumulation_steps = run.train.gradient_accumulation_steps
     loss_sum = torch.zeros((), device=ctx.device)
     for accumulation_step in range(accumulation_steps):
-        index = microbatch_index(global_step, accumulation_step, accumulation_steps, ctx.world_size, ctx.rank)
-        inputs, targets = (t.to(ctx.device, non_blocking=True) for t in data.train[index])
+        inputs, targets = next(microbatches)
         # Gradients are all-reduced only on the last microstep.
         is_last_microstep = accumulation_step == accumulation_steps - 1
-        with nullcontext() if is_last_microstep else ddp_model.no_sync():
-            loss = compute_loss(ddp_model, inputs, targets, amp_dtype, ctx.device)
+        with nullcontext() if is_last_microstep else t.ddp_model.no_sync():
+            loss = compute_loss(t.forward_model, inputs, targets, t.amp_dtype, ctx.device)
             if (ctx.rank, global_step) in NAN_INJECTION:
                 loss = loss * float("nan")
-            scaler.scale(loss / accumulation_steps).backward()
+            t.scaler.scale(loss / accumulation_steps).backward()
         loss_sum += loss.detach()
 
-    scaler.unscale_(optimizer)
+    t.scaler.unscale_(t.optimizer)
     max_norm = run.train.clipping_max_norm or float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), max_norm)
+    grad_norm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), max_norm)
     # One all-reduce carries the loss, the non-finite flag and the stop flag.
-    step_stats = torch.stack([loss_sum / accumulation_steps, (~torch.isfinite(loss_sum)).float(),
-                              torch.tensor(float(stop_requested), device=ctx.device)])
-    dist.all_reduce(step_stats)
-    loss_total, nonfinite_ranks, stop_votes = step_stats.tolist()
-    grad_norm = grad_norm.item()
-    applied = nonfinite_ranks == 0 and math.isfinite(grad_norm)
-    if applied:
-        scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss_total / ctx.world_size, grad_norm, applied, stop_votes > 0)
+    stats = torch.stack([loss_sum / accumulation_steps, (~torch.isfinite(loss_sum)).float(),
+                         torch.tensor(float(stop_requested), device=ctx.device)])
+    dist.all_reduce(stats)
+    if t.scaler.is_enabled():
+        # float16: the scaler found any inf/NaN in the (all-reduced) gradients and skips for us.
+        t.scaler.step(t.optimizer)
+        t.scaler.update()
+    else:
+        t.optimizer.found_inf = ((stats[1] > 0) | ~torch.isfinite(grad_norm)).float()
+        t.optimizer.step()
+        del t.optimizer.found_inf
+    t.optimizer.zero_grad(set_to_none=True)
+    return torch.stack([stats[0] / ctx.world_size, grad_norm.float(), stats[1], stats[2]])
 
 
 @torch.no_grad()
@@ -199,37 +198,6 @@ def evaluate(model, validation, ctx, amp_dtype):
 
 
 # ---------------------------------------------------------------- bookkeeping
-
-def finite_or_none(value):
-    """metrics.jsonl stays strict JSON: a NaN or inf is logged as null."""
-    return value if math.isfinite(value) else None
-
-
-@dataclass
-class IntervalStats:
-    """What happened since the last checkpoint, for its meta.json."""
-    losses: list = field(default_factory=list)
-    grad_norms: list = field(default_factory=list)
-    clipped: list = field(default_factory=list)
-
-    def add(self, loss, grad_norm, clipped):
-        if math.isfinite(loss):
-            self.losses.append(loss)
-        if math.isfinite(grad_norm):
-            self.grad_norms.append(grad_norm)
-        self.clipped.append(clipped)
-
-    def summary(self):
-        def stats(values, name):
-            if not values:
-                return {f"min_{name}": None, f"avg_{name}": None, f"max_{name}": None}
-            return {f"min_{name}": min(values), f"avg_{name}": sum(values) / len(values),
-                    f"max_{name}": max(values)}
-
-        # Key names as in the reference harness's meta.json.
-        return {**stats(self.losses, "train_loss"), **stats(self.grad_norms, "grad_norms"),
-                "frac_clipped": sum(self.clipped) / max(1, len(self.clipped))}
-
 
 @dataclass
 class Progress:
@@ -313,13 +281,21 @@ def save(run, ctx, model, optimizer, scaler, scheduler, meta, is_best):
 @dataclass
 class Trainer:
     """Everything one rank trains with."""
-    model: GPTModel
-    ddp_model: DDP
+    model: GPTModel  # the bare model: checkpoints, validation, gradient clipping
+    ddp_model: DDP  # for no_sync
+    forward_model: torch.nn.Module  # what the training forward pass calls: ddp_model, compiled or not
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     scheduler: torch.optim.lr_scheduler.LRScheduler
     data: Data
     amp_dtype: torch.dtype | None
+
+
+def make_optimizer(model, train_cfg):
+    # One parameter group, as in the reference harness, so its optimizer.pt files load.
+    # Fused: one kernel for all parameters, and it can skip a step on a device-side flag.
+    return torch.optim.AdamW(model.parameters(), lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay,
+                             fused=True)
 
 
 def build_trainer(run, ctx, datasets_dir, checkpoint_dir):
@@ -330,9 +306,7 @@ def build_trainer(run, ctx, datasets_dir, checkpoint_dir):
     amp_dtype = amp_dtype_for(train_cfg, ctx.device)
     if amp_dtype is not None:
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and later
-    # One parameter group, as in the reference harness, so its optimizer.pt files load.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg.learning_rate,
-                                  weight_decay=train_cfg.weight_decay, fused=ctx.device.type == "cuda")
+    optimizer = make_optimizer(model, train_cfg)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16)
     warmup_steps = int(data.total_steps * train_cfg.warmup_period_percent // 100)
     min_ratio = train_cfg.effective_min_lr / train_cfg.learning_rate
@@ -346,94 +320,60 @@ def build_trainer(run, ctx, datasets_dir, checkpoint_dir):
     else:
         progress = Progress()
         torch.manual_seed(train_cfg.random_seed + ctx.rank)  # different dropout masks per rank
-    ddp_model = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    return Trainer(model, ddp_model, optimizer, scaler, scheduler, data, amp_dtype), progress
-
-
-def checkpoint_meta(run, ctx, global_step, lr, val_loss, best_loss, tokens_seen, elapsed_s, interval):
-    return {"global_step": global_step, **interval.summary(), "learning_rate": lr, "val_loss": val_loss,
-            "best_loss": best_loss, "tokens_seen": tokens_seen, "elapsed_s": elapsed_s,
-            "world_size": ctx.world_size, "microbatch_size": run.train.microbatch_size,
-            "gradient_accumulation_steps": run.train.gradient_accumulation_steps,
-            "model_config": run.model.to_dict()}
+    ddp_model = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+                    gradient_as_bucket_view=True)
+    # Compiling the DDP module lets the compiler split graphs at DDP's bucket boundaries,
+    # so gradient all-reduces still overlap the backward pass.
+    forward_model = torch.compile(ddp_model) if train_cfg.compile else ddp_model
+    return Trainer(model, ddp_model, forward_model, optimizer, scaler, scheduler, data, amp_dtype), progress
 
 
 def train(run, ctx, datasets_dir, checkpoint_dir):
     train_cfg = run.train
     t, progress = build_trainer(run, ctx, datasets_dir, checkpoint_dir)
     stop_signals = StopSignals()
-    metrics_log = MetricsLog(run.run_dir / "metrics.jsonl")
+    log = TrainingLog(run, ctx, t.data.total_steps, t.data.global_batch_tokens, t.amp_dtype, progress)
     if ctx.is_main:
-        metrics_log.truncate_after(progress.start_step - 1)
         print(f"{run.name}: {t.model.num_parameters():,} parameters, world size {ctx.world_size}, "
               f"{t.data.total_steps:,} optimizer steps of {t.data.global_batch_tokens:,} tokens, "
-              f"device {ctx.device}, autocast {t.amp_dtype or 'off'}")
+              f"device {ctx.device}, autocast {t.amp_dtype or 'off'}"
+              + (", compiled" if train_cfg.compile else ""))
+    microbatches = prefetch_to_device(t.data.train, rank_microbatch_indices(
+        progress.start_step, t.data.total_steps, train_cfg.gradient_accumulation_steps, ctx.world_size,
+        ctx.rank), ctx.device)
+    log_interval = train_cfg.log_interval or (10 if ctx.device.type == "cuda" else 1)
+    pending = []
+    try:
+        for global_step in range(progress.start_step, t.data.total_steps):
+            lr = t.scheduler.get_last_lr()[0]
+            pending.append((global_step, lr, train_step(global_step, t, run, ctx, microbatches,
+                                                        stop_signals.received is not None)))
+            t.scheduler.step()
 
-    interval = IntervalStats()
-    tokens_seen, best_loss = progress.tokens_seen, progress.best_loss
-    session_start, session_tokens = time.time(), 0
-    skipped_in_a_row = 0
-    result = val_loss = None
-    bar = tqdm(total=t.data.total_steps, initial=progress.start_step, disable=not ctx.is_main,
-               unit="step", dynamic_ncols=True)
-    for global_step in range(progress.start_step, t.data.total_steps):
-        lr = t.scheduler.get_last_lr()[0]
-        result = train_step(global_step, t.ddp_model, t.optimizer, t.scaler, t.data, run, ctx, t.amp_dtype,
-                            stop_signals.received is not None)
-        t.scheduler.step()
-        clipped = train_cfg.clipping_max_norm is not None and result.grad_norm > train_cfg.clipping_max_norm
-        interval.add(result.loss, result.grad_norm, clipped)
-        skipped_in_a_row = 0 if result.applied else skipped_in_a_row + 1
-        tokens_seen += t.data.global_batch_tokens
-        session_tokens += t.data.global_batch_tokens
-        session_seconds = time.time() - session_start
-        tokens_per_sec = session_tokens / max(session_seconds, 1e-9)
-
-        is_last = global_step == t.data.total_steps - 1
-        is_checkpoint_step = (global_step + 1) % train_cfg.effective_checkpoint_interval == 0 or is_last \
-            or result.stop_requested
-        row = {"step": global_step, "loss": finite_or_none(result.loss), "lr": lr,
-               "grad_norm": finite_or_none(result.grad_norm),
-               "clipped": clipped, "skipped": not result.applied, "tokens": tokens_seen,
-               "tokens_per_sec": tokens_per_sec, "elapsed_s": progress.elapsed_before + session_seconds}
-        # Checkpoint steps are validated too, so every checkpoint's "best" is judged on a fresh number.
-        if t.data.validation is not None and ((global_step + 1) % train_cfg.validation_interval == 0
-                                              or is_checkpoint_step):
-            val_loss = row["val_loss"] = evaluate(t.model, t.data.validation, ctx, t.amp_dtype)
-        if ctx.is_main:
-            metrics_log.append(row)
-            bar.update(1)
-            bar.set_postfix(loss=f"{result.loss:.3f}", tok_per_s=f"{tokens_per_sec:,.0f}")
-
-        if skipped_in_a_row >= train_cfg.max_skipped_steps:
-            # Every rank reaches this together: `applied` was decided by an all-reduce.
-            raise UserError(
-                f"{skipped_in_a_row} optimizer steps in a row had a non-finite loss or gradient (last at step "
-                f"{global_step}); stopping with the last good checkpoint kept. Try a lower learning_rate, "
-                "clipping_max_norm, or amp_dtype \"bfloat16\"")
-        if is_checkpoint_step:
-            # "Best" is by validation loss when there is one, else by average train loss.
-            score = val_loss if t.data.validation is not None else interval.summary()["avg_train_loss"]
-            is_best = score is not None and (best_loss is None or score < best_loss)
-            best_loss = score if is_best else best_loss
-            meta = checkpoint_meta(run, ctx, global_step, lr, val_loss, best_loss, tokens_seen, row["elapsed_s"],
-                                   interval)
-            save(run, ctx, t.model, t.optimizer, t.scaler, t.scheduler, meta, is_best)
-            interval = IntervalStats()
-        if result.stop_requested:
-            bar.close()
-            if ctx.is_main:
-                print(f"Stopped by {stop_signals.received or 'a signal to another rank'} after global step "
-                      f"{global_step}, checkpoint saved. Resume with the same command plus `latest` (or `auto`).")
-            return
-    bar.close()
-
-    if ctx.is_main and result is not None:
-        seconds = time.time() - session_start
-        print(f"Training complete in {seconds:,.1f} s; tokens seen this session {session_tokens:,} "
-              f"(total {tokens_seen:,}); throughput {session_tokens / seconds:,.0f} tokens/s; "
-              f"final train loss {result.loss:.4f}"
-              + (f"; final validation loss {val_loss:.4f}" if val_loss is not None else ""))
+            # Every rank reaches the same decisions: they depend on step numbers and all-reduced values.
+            is_checkpoint_step = ((global_step + 1) % train_cfg.effective_checkpoint_interval == 0
+                                  or global_step == t.data.total_steps - 1)
+            # Checkpoint steps are validated too, so every checkpoint's "best" is judged on a fresh number.
+            is_validation_step = t.data.validation is not None and (
+                (global_step + 1) % train_cfg.validation_interval == 0 or is_checkpoint_step)
+            if not (is_checkpoint_step or is_validation_step or (global_step + 1) % log_interval == 0):
+                continue
+            val_loss = evaluate(t.model, t.data.validation, ctx, t.amp_dtype) if is_validation_step else None
+            stop_requested = log.flush(pending, val_loss)
+            pending = []
+            if is_checkpoint_step or stop_requested:
+                meta, is_best = log.checkpoint_meta(validates=t.data.validation is not None)
+                save(run, ctx, t.model, t.optimizer, t.scaler, t.scheduler, meta, is_best)
+            if stop_requested:
+                if ctx.is_main:
+                    print(f"\nStopped by {stop_signals.received or 'a signal to another rank'} after global step "
+                          f"{global_step}, checkpoint saved. Resume with the same command plus `latest` "
+                          "(or `auto`).")
+                return
+    finally:
+        log.close()
+    if ctx.is_main:
+        print(log.summary())
 
 
 def find_max_microbatch(run, ctx, target_global_batch, write):
@@ -443,8 +383,7 @@ def find_max_microbatch(run, ctx, target_global_batch, write):
     torch.manual_seed(run.train.random_seed)
     model = GPTModel(run.model).to(ctx.device)
     amp_dtype = amp_dtype_for(run.train, ctx.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=run.train.learning_rate,
-                                  weight_decay=run.train.weight_decay, fused=ctx.device.type == "cuda")
+    optimizer = make_optimizer(model, run.train)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16)
     fits = make_trial(model, optimizer, scaler,
                       lambda m, inputs, targets: compute_loss(m, inputs, targets, amp_dtype, ctx.device),
@@ -510,6 +449,8 @@ def main(run, datasets_dir, checkpoint, force, find_max, target_global_batch, wr
     resuming from CHECKPOINT (a checkpoint name, `latest`, `best`, or `auto`) if given."""
     run = load_run(run)
     checkpoint_dir = None if find_max else choose_checkpoint(run, checkpoint, force)
+    if run.train.tensorboard:
+        require_tensorboard()  # fail before any rank starts, not on rank 0 alone
     ctx = init_distributed(run.train.dist_timeout_minutes)
     try:
         check_connectivity(ctx)

@@ -170,8 +170,9 @@ def test_a_failed_download_on_rank_0_ends_every_rank(tmp_path):
     result = run_training([run_dir, tmp_path / "datasets"], nproc=2, check=False, env=env)
     assert result.returncode != 0 and time.time() - started < 100
     assert "error: dataset 'no-such-user/no-such-dataset': download from the Hugging Face Hub" in result.stderr
-    # Both workers exited (rank 1 with rank 0's error as its own), neither with a traceback.
-    # (torchrun itself prints a traceback of its own when a worker fails; the workers print none.)
-    assert result.stderr.count("exitcode  : 2") == 2
+    # Rank 1 ends with rank 0's error as its own (or is stopped by torchrun once rank 0 has
+    # exited, whichever comes first), long before the 60-minute process-group timeout; no worker
+    # prints a traceback (torchrun itself prints one of its own when a worker fails).
+    assert "exitcode  : 2" in result.stderr
     assert "[rank0]: Traceback" not in result.stderr and "[rank1]: Traceback" not in result.stderr
     assert not (run_dir / "checkpoints").exists()

@@ -1,0 +1,72 @@
+"""Two "nodes" on one machine: two torchrun launches joined by c10d rendezvous on 127.0.0.1,
+one process each, must train exactly like one node with two processes."""
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from conftest import PROJECT_DIR, make_run, read_rows, run_training, train_env
+
+STEPS = 6
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_node(run_dir, datasets_dir, port, env):
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+         "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=two-nodes",
+         str(PROJECT_DIR / "ddp_train.py"), str(run_dir), str(datasets_dir)],
+        cwd=PROJECT_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_two_nodes_equal_one_node_with_two_processes(tmp_path):
+    """Uses the demo corpus with shared_filesystem: both nodes see one DATASETS_DIR, so only
+    global rank 0 may build it (two builders would race on the same files)."""
+    datasets_dir = tmp_path / "datasets"
+    common = dict(min_train_tokens=STEPS * 2 * 4 * 32, checkpoint_interval=100, shared_filesystem=True,
+                  tensorboard=True)
+    two_nodes = make_run(tmp_path / "two-nodes", "demo", **common)
+    one_node = make_run(tmp_path / "one-node", "demo", **common)
+
+    port = free_port()
+    nodes = [launch_node(two_nodes, datasets_dir, port, train_env()) for _ in range(2)]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(outputs)
+    assert sum("Training complete" in output for output in outputs) == 1  # global rank 0 only
+
+    run_training([one_node, datasets_dir], nproc=2)
+    two_node_losses = [row["loss"] for row in read_rows(two_nodes)]
+    assert len(two_node_losses) == STEPS
+    assert two_node_losses == pytest.approx([row["loss"] for row in read_rows(one_node)], rel=1e-6)
+    assert len(list((two_nodes / "checkpoints").iterdir())) == 3  # one checkpoint, latest, best
+
+
+def test_tensorboard_scalars_match_metrics_jsonl(tmp_path, verdict_dataset):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = make_run(tmp_path / "run", verdict_dataset, min_train_tokens=4 * 4 * 32, tensorboard=True,
+                       validation_interval=2, validation_batches=2)
+    run_training([run_dir, "datasets"])
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    rows = read_rows(run_dir)
+    logged = {tag: events.Scalars(tag) for tag in events.Tags()["scalars"]}
+
+    def series(tag):
+        return [e.step for e in logged[tag]], [e.value for e in logged[tag]]
+
+    assert series("train/loss") == ([r["step"] for r in rows], pytest.approx([r["loss"] for r in rows]))
+    assert series("train/learning_rate") == ([r["step"] for r in rows], pytest.approx([r["lr"] for r in rows]))
+    validated = [r for r in rows if "val_loss" in r]
+    assert series("validation/loss") == ([r["step"] for r in validated],
+                                         pytest.approx([r["val_loss"] for r in validated]))
+    assert {"train/grad_norm", "throughput/tokens_per_sec"} <= set(logged)
+    assert json.loads((run_dir / "train.json").read_text())["tensorboard"] is True
