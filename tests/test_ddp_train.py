@@ -82,23 +82,55 @@ def test_two_ranks_equal_one_process_with_accumulation_two(tmp_path, verdict_dat
     assert read_rows(accumulate)[-1]["tokens"] == read_rows(ranks)[-1]["tokens"]
 
 
-def test_resume_continues_bit_for_bit_with_dropout_and_schedule(tmp_path, verdict_dataset):
+def test_resume_from_latest_continues_bit_for_bit_with_dropout_and_schedule(tmp_path, verdict_dataset):
+    """A 12-step run, and the same run stopped after step 4 and resumed from `latest`:
+    identical losses for steps 5-11 and identical final weights."""
+    steps = 12
     full = make_run(tmp_path / "full", verdict_dataset, model={"drop_rate": 0.2},
-                    min_train_tokens=tokens_for(STEPS, 2), checkpoint_interval=4,
+                    min_train_tokens=tokens_for(steps, 2), checkpoint_interval=5,
                     schedule_learning_rate=True, warmup_period_percent=25, clipping_max_norm=1.0)
     run_training([full, "datasets"], nproc=2)
+    # The run as it was right after its step-4 checkpoint: later checkpoints gone, latest on step 4.
     resumed = tmp_path / "resumed"
     shutil.copytree(full, resumed, symlinks=True)
-    first_checkpoint = sorted(p.name for p in (resumed / "checkpoints").iterdir() if "iteration-3" in p.name)[0]
-    result = run_training([resumed, "datasets", first_checkpoint], nproc=2)
-    assert "Resuming from" in result.stdout and "global step 4" in result.stdout
+    checkpoints = resumed / "checkpoints"
+    for later in [p for p in checkpoints.iterdir() if not p.is_symlink() and "iteration-4" not in p.name]:
+        shutil.rmtree(later)
+    step_4 = next(p.name for p in checkpoints.iterdir() if "iteration-4" in p.name)
+    for link in ("latest", "best"):
+        (checkpoints / link).unlink()
+        (checkpoints / link).symlink_to(step_4)
+
+    result = run_training([resumed, "datasets", "latest"], nproc=2)
+    assert "Resuming from" in result.stdout and "global step 5" in result.stdout
     full_rows, resumed_rows = read_rows(full), read_rows(resumed)
-    assert [r["step"] for r in resumed_rows] == list(range(STEPS))  # appended after step 3, no duplicates
-    assert [r["loss"] for r in resumed_rows[4:]] == [r["loss"] for r in full_rows[4:]]
+    assert [r["step"] for r in resumed_rows] == list(range(steps))  # appended after step 4, no duplicates
+    assert [r["loss"] for r in resumed_rows[5:]] == [r["loss"] for r in full_rows[5:]]
     assert [r["lr"] for r in resumed_rows] == [r["lr"] for r in full_rows]
     final_full = load_file(full / "checkpoints" / "latest" / "model.safetensors")
-    final_resumed = load_file(resumed / "checkpoints" / "latest" / "model.safetensors")
+    final_resumed = load_file(checkpoints / "latest" / "model.safetensors")
     assert all(torch.equal(final_full[k], final_resumed[k]) for k in final_full)
+
+
+def test_resume_with_another_split_of_the_same_global_batch(tmp_path, verdict_dataset):
+    """2 ranks x accumulation 1, resumed as 1 process x accumulation 2: allowed, said, and the
+    losses continue as the 2-rank run's would (same tokens per step). Another global batch is refused."""
+    two_ranks = make_run(tmp_path / "two-ranks", verdict_dataset, min_train_tokens=tokens_for(6, 2),
+                         checkpoint_interval=3)
+    run_training([two_ranks, "datasets"], nproc=2)
+    one_rank = tmp_path / "one-rank"
+    shutil.copytree(two_ranks, one_rank, symlinks=True)
+    first = next(p.name for p in (one_rank / "checkpoints").iterdir() if "iteration-2" in p.name)
+    train = json.loads((one_rank / "train.json").read_text())
+    (one_rank / "train.json").write_text(json.dumps({**train, "gradient_accumulation_steps": 2}))
+    result = run_training([one_rank, "datasets", first])
+    assert "note: resuming with world_size 2 -> 1, gradient_accumulation_steps 1 -> 2" in result.stdout
+    assert [r["loss"] for r in read_rows(one_rank)] == pytest.approx([r["loss"] for r in read_rows(two_ranks)],
+                                                                     rel=1e-5)
+
+    (one_rank / "train.json").write_text(json.dumps({**train, "gradient_accumulation_steps": 3}))
+    refused = run_training([one_rank, "datasets", first], check=False)
+    assert refused.returncode == 2 and "global batch of 8 sequences" in refused.stderr
 
 
 def test_resumes_a_reference_harness_checkpoint(tmp_path, verdict_dataset):

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,6 +36,19 @@ def start_torchrun(args, env):
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          str(PROJECT_DIR / "ddp_train.py"), *map(str, args)],
         cwd=PROJECT_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def worker_pid(torchrun_pid, rank):
+    """The pid of torchrun's worker process with that RANK, found through /proc."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError):
+            continue  # a process that ended meanwhile
+        if parent == torchrun_pid and f"RANK={rank}".encode() in environ:
+            return int(stat.parent.name)
+    raise AssertionError(f"no worker with RANK={rank} under pid {torchrun_pid}")
 
 
 def wait_for(condition, job, timeout=120):
@@ -93,12 +107,13 @@ def test_sigterm_to_torchrun_checkpoints_and_exits_then_resume_finishes(tmp_path
     assert read_rows(run_dir)[-1]["step"] == stopped_at
     assert not list((run_dir / "checkpoints").glob(".partial-*"))
 
-    # Resume and stop again after a few more steps: training continues from stopped_at + 1.
+    # Resume, then SIGINT to rank 1 alone: rank 0 learns of it through the step's all-reduce.
     job = start_torchrun([run_dir, "datasets", "latest"], train_env())
     wait_for(lambda: read_rows(run_dir)[-1]["step"] >= stopped_at + 2, job)
-    job.send_signal(signal.SIGINT)
+    os.kill(worker_pid(job.pid, rank=1), signal.SIGINT)
     output, _ = job.communicate(timeout=120)
-    assert f"global step {stopped_at + 1}" in output and "Stopped by SIGINT" in output
+    assert job.returncode == 0
+    assert f"global step {stopped_at + 1}" in output and "Stopped by a signal to another rank" in output
     assert [r["step"] for r in read_rows(run_dir)] == list(range(latest_step(run_dir) + 1))
 
 
@@ -176,3 +191,28 @@ def test_a_failed_download_on_rank_0_ends_every_rank(tmp_path):
     assert "exitcode  : 2" in result.stderr
     assert "[rank0]: Traceback" not in result.stderr and "[rank1]: Traceback" not in result.stderr
     assert not (run_dir / "checkpoints").exists()
+
+
+def test_a_failed_checkpoint_save_on_rank_0_ends_every_rank(tmp_path, verdict_dataset):
+    """Rank 0 cannot write its checkpoint (a file sits where the checkpoints directory
+    should be); rank 1, waiting for it, must exit too instead of hanging."""
+    run_dir = make_run(tmp_path / "run", verdict_dataset, min_train_tokens=tokens_for(4, 2), checkpoint_interval=2)
+    (run_dir / "checkpoints").write_text("in the way")
+    started = time.time()
+    result = run_training([run_dir, "datasets"], nproc=2, check=False)
+    assert result.returncode != 0 and time.time() - started < 100
+    assert "FileExistsError" in result.stdout + result.stderr
+    assert (run_dir / "checkpoints").read_text() == "in the way"
+
+
+def test_connectivity_failure_suggests_the_nccl_settings(monkeypatch):
+    """A broken interconnect cannot be made here, so the start-up all-reduce is made to fail."""
+    import distributed
+
+    def broken_all_reduce(tensor):
+        raise RuntimeError("NCCL error: unhandled system error")
+
+    monkeypatch.setattr(distributed.dist, "all_reduce", broken_all_reduce)
+    ctx = distributed.DistContext(rank=3, local_rank=3, world_size=8, device=torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="rank 3: the ranks cannot communicate .*NCCL_P2P_DISABLE=1.*NCCL_IB_DISABLE=1"):
+        distributed.check_connectivity(ctx)
