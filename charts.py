@@ -28,12 +28,18 @@ def _save(fig, path):
     plt.close(fig)
 
 
+def _plot_band(ax, rows, key, label):
+    """A per-step value as a min-max band and its per-bin average; null values (skipped
+    steps) are left out."""
+    present = [r for r in rows if r[key] is not None]
+    steps, low, mean, high = _binned([r["step"] for r in present], [r[key] for r in present])
+    ax.fill_between(steps, low, high, alpha=0.3, label=f"{label} (min-max)")
+    ax.plot(steps, mean, label=f"{label} (average)")
+
+
 def plot_loss(rows, path, best_step=None):
-    applied = [r for r in rows if r["loss"] is not None]
-    steps, low, mean, high = _binned([r["step"] for r in applied], [r["loss"] for r in applied])
     fig, ax = plt.subplots(figsize=(8, 5))
-    ax.fill_between(steps, low, high, alpha=0.3, label="train loss (min-max)")
-    ax.plot(steps, mean, label="train loss (average)")
+    _plot_band(ax, rows, "loss", "train loss")
     validation = [r for r in rows if r.get("val_loss") is not None]
     if validation:
         ax.plot([r["step"] for r in validation], [r["val_loss"] for r in validation],
@@ -46,11 +52,8 @@ def plot_loss(rows, path, best_step=None):
 
 
 def plot_grad_norm(rows, path, clip_norm=None):
-    finite = [r for r in rows if r["grad_norm"] is not None]
-    steps, low, mean, high = _binned([r["step"] for r in finite], [r["grad_norm"] for r in finite])
     fig, ax = plt.subplots(figsize=(8, 5))
-    ax.fill_between(steps, low, high, alpha=0.3, label="gradient norm (min-max)")
-    ax.plot(steps, mean, label="gradient norm (average, before clipping)")
+    _plot_band(ax, rows, "grad_norm", "gradient norm before clipping")
     if clip_norm is not None:
         ax.axhline(clip_norm, color="red", linestyle="--", linewidth=1.2, label=f"clip at {clip_norm}")
     ax.set(title="Gradient norm", xlabel="global step", ylabel="L2 norm", yscale="log")
