@@ -44,52 +44,53 @@ HF_BUFFER = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")  # old causal-mask bu
 
 # ---------------------------------------------------------------- key mapping
 
+# (Hugging Face name, our name) outside the blocks, and inside block i (after `h.{i}.` /
+# `trf_blocks.{i}.`) with whether the tensor is a Conv1D weight, stored transposed.
+TOP_LEVEL_NAMES = [("wte.weight", "tok_emb.weight"), ("wpe.weight", "pos_emb.weight"),
+                   ("ln_f.weight", "final_norm.scale"), ("ln_f.bias", "final_norm.shift")]
+BLOCK_NAMES = [("attn.c_proj.weight", "att.out_proj.weight", True), ("attn.c_proj.bias", "att.out_proj.bias", False),
+               ("mlp.c_fc.weight", "ff.layers.0.weight", True), ("mlp.c_fc.bias", "ff.layers.0.bias", False),
+               ("mlp.c_proj.weight", "ff.layers.2.weight", True), ("mlp.c_proj.bias", "ff.layers.2.bias", False),
+               ("ln_1.weight", "norm1.scale", False), ("ln_1.bias", "norm1.shift", False),
+               ("ln_2.weight", "norm2.scale", False), ("ln_2.bias", "norm2.shift", False)]
+QKV = ("W_query", "W_key", "W_value")
+
+
+def name_pairs(n_layers):
+    """(Hugging Face name without `transformer.`, our name, transposed) for every tensor
+    that maps one to one (all but the fused QKV projection and the output head)."""
+    pairs = [(hf, ours, False) for hf, ours in TOP_LEVEL_NAMES]
+    for i in range(n_layers):
+        pairs += [(f"h.{i}.{hf}", f"trf_blocks.{i}.{ours}", transposed) for hf, ours, transposed in BLOCK_NAMES]
+    return pairs
+
+
 def hf_to_ours(hf, n_layers, tie_weights):
     """Our state dict from a Hugging Face GPT-2 one (keys without `transformer.`)."""
-    ours = {"tok_emb.weight": hf["wte.weight"], "pos_emb.weight": hf["wpe.weight"],
-            "final_norm.scale": hf["ln_f.weight"], "final_norm.shift": hf["ln_f.bias"]}
+    ours = {name: hf[hf_name].t() if transposed else hf[hf_name]
+            for hf_name, name, transposed in name_pairs(n_layers)}
     for i in range(n_layers):
         h, b = f"h.{i}.", f"trf_blocks.{i}."
-        for name, weight in zip(("W_query", "W_key", "W_value"),
-                                hf[h + "attn.c_attn.weight"].chunk(3, dim=1)):
-            ours[b + f"att.{name}.weight"] = weight.t().contiguous()
-        for name, bias in zip(("W_query", "W_key", "W_value"), hf[h + "attn.c_attn.bias"].chunk(3)):
-            ours[b + f"att.{name}.bias"] = bias.clone()
-        ours[b + "att.out_proj.weight"] = hf[h + "attn.c_proj.weight"].t().contiguous()
-        ours[b + "att.out_proj.bias"] = hf[h + "attn.c_proj.bias"]
-        ours[b + "ff.layers.0.weight"] = hf[h + "mlp.c_fc.weight"].t().contiguous()
-        ours[b + "ff.layers.0.bias"] = hf[h + "mlp.c_fc.bias"]
-        ours[b + "ff.layers.2.weight"] = hf[h + "mlp.c_proj.weight"].t().contiguous()
-        ours[b + "ff.layers.2.bias"] = hf[h + "mlp.c_proj.bias"]
-        ours[b + "norm1.scale"], ours[b + "norm1.shift"] = hf[h + "ln_1.weight"], hf[h + "ln_1.bias"]
-        ours[b + "norm2.scale"], ours[b + "norm2.shift"] = hf[h + "ln_2.weight"], hf[h + "ln_2.bias"]
+        for name, weight, bias in zip(QKV, hf[h + "attn.c_attn.weight"].chunk(3, dim=1),
+                                      hf[h + "attn.c_attn.bias"].chunk(3)):
+            ours[b + f"att.{name}.weight"] = weight.t()
+            ours[b + f"att.{name}.bias"] = bias
     # A tied head is stored as its own copy: safetensors files cannot share
     # tensors, and checkpointing.load_model_weights expects both keys.
     ours["out_head.weight"] = hf["wte.weight"].clone() if tie_weights else hf["lm_head.weight"]
-    return ours
+    return {key: value.contiguous() for key, value in ours.items()}
 
 
 def ours_to_hf(ours, cfg):
     """A Hugging Face GPT2LMHeadModel state dict from ours (`cfg` a ModelConfig)."""
-    hf = {"transformer.wte.weight": ours["tok_emb.weight"],
-          "transformer.wpe.weight": ours["pos_emb.weight"],
-          "transformer.ln_f.weight": ours["final_norm.scale"],
-          "transformer.ln_f.bias": ours["final_norm.shift"]}
+    hf = {"transformer." + hf_name: ours[name].t() if transposed else ours[name]
+          for hf_name, name, transposed in name_pairs(cfg.n_layers)}
     for i in range(cfg.n_layers):
         h, b = f"transformer.h.{i}.", f"trf_blocks.{i}."
-        qkv = ("W_query", "W_key", "W_value")
-        hf[h + "attn.c_attn.weight"] = torch.cat([ours[b + f"att.{n}.weight"].t() for n in qkv], dim=1)
+        hf[h + "attn.c_attn.weight"] = torch.cat([ours[b + f"att.{n}.weight"].t() for n in QKV], dim=1)
         # transformers' GPT-2 always has QKV biases: zeros are the same as none.
-        hf[h + "attn.c_attn.bias"] = (torch.cat([ours[b + f"att.{n}.bias"] for n in qkv])
+        hf[h + "attn.c_attn.bias"] = (torch.cat([ours[b + f"att.{n}.bias"] for n in QKV])
                                       if cfg.qkv_bias else torch.zeros(3 * cfg.emb_dim))
-        hf[h + "attn.c_proj.weight"] = ours[b + "att.out_proj.weight"].t().contiguous()
-        hf[h + "attn.c_proj.bias"] = ours[b + "att.out_proj.bias"]
-        hf[h + "mlp.c_fc.weight"] = ours[b + "ff.layers.0.weight"].t().contiguous()
-        hf[h + "mlp.c_fc.bias"] = ours[b + "ff.layers.0.bias"]
-        hf[h + "mlp.c_proj.weight"] = ours[b + "ff.layers.2.weight"].t().contiguous()
-        hf[h + "mlp.c_proj.bias"] = ours[b + "ff.layers.2.bias"]
-        hf[h + "ln_1.weight"], hf[h + "ln_1.bias"] = ours[b + "norm1.scale"], ours[b + "norm1.shift"]
-        hf[h + "ln_2.weight"], hf[h + "ln_2.bias"] = ours[b + "norm2.scale"], ours[b + "norm2.shift"]
     # transformers re-ties lm_head to wte on load, so a tied head is not stored.
     if not cfg.tie_weights:
         hf["lm_head.weight"] = ours["out_head.weight"]
