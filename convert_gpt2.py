@@ -27,7 +27,7 @@ from tiktoken.load import read_file_cached
 
 from config import ModelConfig, load_json
 from errors import UserError, report_user_errors
-from eval_common import TOKENIZER_CHOICES, load_model, load_model_config, one_line, tokenizer_name_for
+from eval_common import load_model, load_model_config, one_line, tokenizer_name_for, tokenizer_options
 from gpt import GPTModel
 from token_data import ByteTokenizer
 
@@ -328,10 +328,7 @@ def from_hf(hf_dir_or_repo, out_dir):
 @click.option("--push-to-hub", "repo_id", default=None,
               help="Also upload OUT_DIR to this Hub model repo (created if needed; uses your "
                    "`hf auth login` token or HF_TOKEN).")
-@click.option("--tokenizer", "tokenizer_name", type=click.Choice(TOKENIZER_CHOICES), default=None,
-              help="Default: the training dataset's (from the run's train.json), else gpt2.")
-@click.option("--datasets-dir", default="datasets", show_default=True,
-              help="Where the run's dataset is looked for when picking the tokenizer.")
+@tokenizer_options
 @report_user_errors
 def to_hf(model_json, model_safetensors, out_dir, repo_id, tokenizer_name, datasets_dir):
     """MODEL_JSON + MODEL_SAFETENSORS -> OUT_DIR loadable by GPT2LMHeadModel.from_pretrained."""

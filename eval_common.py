@@ -5,6 +5,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
+import click
 import torch
 
 from checkpointing import load_model_weights
@@ -78,3 +79,11 @@ def load_tokenizer(model_json, name, datasets_dir, vocab_size):
         raise UserError(f"tokenizer '{name}' has {tokenizer.vocab_size} tokens but the model's "
                         f"vocab_size is {vocab_size}; pass the model's tokenizer with --tokenizer")
     return tokenizer
+
+
+def tokenizer_options(command):
+    """--tokenizer and --datasets-dir, for scripts that pick a model's tokenizer."""
+    command = click.option("--datasets-dir", default="datasets", show_default=True,
+                           help="Where the run's dataset is looked for when picking the tokenizer.")(command)
+    return click.option("--tokenizer", "tokenizer_name", type=click.Choice(TOKENIZER_CHOICES), default=None,
+                        help="Default: the training dataset's (from the run's train.json), else gpt2.")(command)

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from config import load_json
 from errors import UserError, report_user_errors
-from eval_common import TOKENIZER_CHOICES, load_model, load_tokenizer, one_line, pick_device
+from eval_common import load_model, load_tokenizer, one_line, pick_device, tokenizer_options
 from gpt import generate
 
 BOOK_DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
@@ -425,10 +425,7 @@ def cli():
 @click.option("--seed", default=42, show_default=True, help="Seed for the order of the training batches.")
 @click.option("--out-dir", default=".", show_default=True,
               help=f"Where NAME{RESULTS_SUFFIX} is written.")
-@click.option("--tokenizer", "tokenizer_name", type=click.Choice(TOKENIZER_CHOICES), default=None,
-              help="Default: the training dataset's (from the run's train.json), else gpt2.")
-@click.option("--datasets-dir", default="datasets", show_default=True,
-              help="Where the run's dataset is looked for when picking the tokenizer.")
+@tokenizer_options
 @report_user_errors
 def generate_command(name, model_json, model_safetensors, data_source, cache_dir, epochs, seed,
                      out_dir, tokenizer_name, datasets_dir):

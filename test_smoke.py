@@ -11,7 +11,7 @@ import click
 import torch
 
 from errors import UserError, report_user_errors
-from eval_common import TOKENIZER_CHOICES, load_model, load_tokenizer, pick_device
+from eval_common import load_model, load_tokenizer, pick_device, tokenizer_options
 from gpt import generate
 
 
@@ -38,10 +38,7 @@ def continue_prompt(model, tokenizer, prompt, max_new_tokens, temperature, top_k
 @click.option("--top-k", default=25, show_default=True, type=click.IntRange(min=0),
               help="Sample from the k most likely tokens; 0 for all of them.")
 @click.option("--seed", type=int, default=None, help="Seed for sampling: same seed, same output.")
-@click.option("--tokenizer", "tokenizer_name", type=click.Choice(TOKENIZER_CHOICES), default=None,
-              help="Default: the training dataset's (from the run's train.json), else gpt2.")
-@click.option("--datasets-dir", default="datasets", show_default=True,
-              help="Where the run's dataset is looked for when picking the tokenizer.")
+@tokenizer_options
 @report_user_errors
 def main(model_json, model_safetensors, prompt, max_new_tokens, temperature, top_k, seed,
          tokenizer_name, datasets_dir):
