@@ -16,6 +16,11 @@ import torch.distributed as dist
 from errors import UserError
 
 
+# Every rank has already joined the rendezvous by then: a first all-reduce that takes
+# longer than this is stuck, not slow.
+CONNECTIVITY_TIMEOUT = datetime.timedelta(minutes=5)
+
+
 @dataclass(frozen=True)
 class DistContext:
     rank: int
@@ -55,11 +60,12 @@ def init_distributed(timeout_minutes):
     return DistContext(rank, local_rank, world_size, device)
 
 
-def check_connectivity(ctx):
-    """A small all-reduce at start-up, so a broken interconnect fails fast with advice."""
+def check_connectivity(ctx, timeout=CONNECTIVITY_TIMEOUT):
+    """A small all-reduce at start-up, so a broken interconnect fails fast with advice
+    instead of hanging until the (long) process-group timeout."""
     probe = torch.ones(1, device=ctx.device)
     try:
-        dist.all_reduce(probe)
+        dist.all_reduce(probe, async_op=True).wait(timeout=timeout)
     except Exception as e:
         raise RuntimeError(
             f"rank {ctx.rank}: the ranks cannot communicate ({type(e).__name__}: {e}). "

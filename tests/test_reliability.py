@@ -209,10 +209,36 @@ def test_connectivity_failure_suggests_the_nccl_settings(monkeypatch):
     """A broken interconnect cannot be made here, so the start-up all-reduce is made to fail."""
     import distributed
 
-    def broken_all_reduce(tensor):
+    def broken_all_reduce(tensor, async_op=False):
         raise RuntimeError("NCCL error: unhandled system error")
 
     monkeypatch.setattr(distributed.dist, "all_reduce", broken_all_reduce)
     ctx = distributed.DistContext(rank=3, local_rank=3, world_size=8, device=torch.device("cpu"))
     with pytest.raises(RuntimeError, match="rank 3: the ranks cannot communicate .*NCCL_P2P_DISABLE=1.*NCCL_IB_DISABLE=1"):
         distributed.check_connectivity(ctx)
+
+
+def test_connectivity_check_times_out_instead_of_hanging(tmp_path):
+    """Rank 1 never joins the first all-reduce (it sleeps instead): rank 0's check gives up
+    after its timeout with the NCCL advice, long before the process-group timeout."""
+    script = tmp_path / "stuck.py"
+    script.write_text(f"""
+import datetime, os, sys, time
+sys.path.insert(0, {str(PROJECT_DIR)!r})
+import torch.distributed as dist
+from distributed import check_connectivity, init_distributed
+ctx = init_distributed(timeout_minutes=60)
+if ctx.rank == 1:
+    time.sleep(10)
+else:
+    try:
+        check_connectivity(ctx, timeout=datetime.timedelta(seconds=3))
+    except RuntimeError as e:
+        print("CHECK FAILED:", e, flush=True)
+    os._exit(0)
+""")
+    started = time.time()
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script)], env=train_env(), capture_output=True, text=True, timeout=120)
+    assert "CHECK FAILED: rank 0: the ranks cannot communicate" in result.stdout
+    assert "NCCL_P2P_DISABLE=1" in result.stdout and time.time() - started < 60
