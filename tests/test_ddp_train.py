@@ -23,7 +23,7 @@ def two_rank_run(tmp_path_factory, verdict_dataset):
     run_dir = make_run(tmp_path_factory.mktemp("runs") / "two-ranks", verdict_dataset,
                        min_train_tokens=tokens_for(STEPS, 2), checkpoint_interval=3, validation_interval=4,
                        validation_batches=3, clipping_max_norm=0.8, schedule_learning_rate=True,
-                       warmup_period_percent=25, use_amp=True)
+                       warmup_period_percent=25, use_amp=True, peak_tflops=0.001)
     result = run_training([run_dir, "datasets"], nproc=2)
     return run_dir, result
 
@@ -42,6 +42,18 @@ def test_two_ranks_train_and_log_every_step(two_rank_run):
     assert rows[-1]["lr"] == pytest.approx(0.0003)
     assert any(r["clipped"] for r in rows) and all(r["clipped"] == (r["grad_norm"] > 0.8) for r in rows)
     assert "Training complete" in result.stdout and "final validation loss" in result.stdout
+
+
+def test_throughput_and_mfu_per_step(two_rank_run):
+    run_dir, _ = two_rank_run
+    # Training FLOPs per token of the tiny model, by hand: 6 x matmul weights (2 layers x 12 x 32^2,
+    # plus the 257 x 32 output head) + 12 x layers x emb x context for attention.
+    flops_per_token = 6 * (2 * 12 * 32 * 32 + 257 * 32) + 12 * 2 * 32 * 32
+    for row in read_rows(run_dir):
+        assert row["tokens_per_sec_per_device"] == pytest.approx(row["tokens_per_sec"] / 2)
+        assert row["mfu"] == pytest.approx(row["tokens_per_sec_per_device"] * flops_per_token / 1e9)
+        assert row["eta_s"] >= 0
+    assert read_rows(run_dir)[-1]["eta_s"] == 0
 
 
 def test_checkpoints_links_meta_and_charts(two_rank_run):
