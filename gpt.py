@@ -2,9 +2,19 @@
 reference harness gpjt/ddp-base-model-from-scratch.
 
 Parameter names match the reference harness exactly, so its `model.safetensors`
-files load unchanged. The one difference is that no T x T causal-mask buffer is
-stored: attention uses `scaled_dot_product_attention(is_causal=True)`.
+(and, because the parameter list and order are unchanged, its `optimizer.pt`)
+files load unchanged. The differences are all in how the forward pass computes
+the same function:
+
+- no T x T causal-mask buffer: attention uses `scaled_dot_product_attention(is_causal=True)`;
+- the query, key and value projections run as one matmul over their
+  concatenated weights (`fused_qkv`, see MultiHeadAttention);
+- optionally the output head is padded to a multiple of some size
+  (`pad_vocab_to_multiple_of`) for faster matmul shapes; checkpoints never see
+  the padding.
 """
+
+import math
 
 import torch
 import torch.nn as nn
@@ -25,7 +35,14 @@ class LayerNorm(nn.Module):
 
 
 class MultiHeadAttention(nn.Module):
-    def __init__(self, emb_dim, n_heads, drop_rate, qkv_bias):
+    """With `fused_qkv` the three projections run as one [emb, 3 * emb] matmul over
+    their weights concatenated at forward time, instead of three [emb, emb] ones.
+    The parameters stay three separate Linear layers, so state dicts and the
+    optimizer's parameter list are exactly the reference harness's; the
+    concatenation copies 3 * emb^2 weights per layer, which is small next to the
+    matmul over every token (README "Performance" has the measurements)."""
+
+    def __init__(self, emb_dim, n_heads, drop_rate, qkv_bias, fused_qkv=True):
         super().__init__()
         self.n_heads = n_heads
         self.head_dim = emb_dim // n_heads
@@ -34,23 +51,45 @@ class MultiHeadAttention(nn.Module):
         self.W_value = nn.Linear(emb_dim, emb_dim, bias=qkv_bias)
         self.out_proj = nn.Linear(emb_dim, emb_dim)
         self.drop_rate = drop_rate
+        self.fused_qkv = fused_qkv
 
     def _split_heads(self, x):
         batch, seq_len, _ = x.shape
         return x.view(batch, seq_len, self.n_heads, self.head_dim).transpose(1, 2)
 
+    def _project_qkv(self, x):
+        projections = (self.W_query, self.W_key, self.W_value)
+        if not self.fused_qkv:
+            return [projection(x) for projection in projections]
+        weight = torch.cat([p.weight for p in projections])
+        bias = torch.cat([p.bias for p in projections]) if self.W_query.bias is not None else None
+        return F.linear(x, weight, bias).chunk(3, dim=-1)
+
     def forward(self, x):
         batch, seq_len, emb_dim = x.shape
-        queries = self._split_heads(self.W_query(x))
-        keys = self._split_heads(self.W_key(x))
-        values = self._split_heads(self.W_value(x))
-        context = F.scaled_dot_product_attention(
-            queries, keys, values,
-            dropout_p=self.drop_rate if self.training else 0.0,
-            is_causal=True,
-        )
+        queries, keys, values = (self._split_heads(t) for t in self._project_qkv(x))
+        dropout_p = self.drop_rate if self.training else 0.0
+        if dropout_p > 0 and x.device.type == "cpu":
+            # PyTorch's CPU flash-attention kernel has no dropout, and SDPA's
+            # fallback then computes in fp32 even under bf16/fp16 autocast, which
+            # made GPTModel slower than the book's code (README "Performance").
+            context = _causal_attention_with_dropout(queries, keys, values, dropout_p)
+        else:
+            context = F.scaled_dot_product_attention(queries, keys, values, dropout_p=dropout_p,
+                                                     is_causal=True)
         context = context.transpose(1, 2).reshape(batch, seq_len, emb_dim)
         return self.out_proj(context)
+
+
+def _causal_attention_with_dropout(queries, keys, values, dropout_p):
+    """What scaled_dot_product_attention(is_causal=True) computes, in the book's
+    steps, so that autocast runs the matmuls in low precision."""
+    seq_len = queries.shape[-2]
+    scores = (queries * queries.shape[-1] ** -0.5) @ keys.transpose(-2, -1)
+    future = torch.ones(seq_len, seq_len, dtype=torch.bool, device=scores.device).triu(diagonal=1)
+    scores.masked_fill_(future, float("-inf"))  # in place: matmul's backward does not need its output
+    weights = F.dropout(torch.softmax(scores, dim=-1), dropout_p)
+    return weights @ values
 
 
 class FeedForward(nn.Module):
@@ -69,9 +108,9 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, fused_qkv=True):
         super().__init__()
-        self.att = MultiHeadAttention(cfg.emb_dim, cfg.n_heads, cfg.drop_rate, cfg.qkv_bias)
+        self.att = MultiHeadAttention(cfg.emb_dim, cfg.n_heads, cfg.drop_rate, cfg.qkv_bias, fused_qkv)
         self.ff = FeedForward(cfg.emb_dim)
         self.norm1 = LayerNorm(cfg.emb_dim)
         self.norm2 = LayerNorm(cfg.emb_dim)
@@ -83,21 +122,45 @@ class TransformerBlock(nn.Module):
         return x
 
 
-class GPTModel(nn.Module):
-    """`cfg` is a model.json dict or a ModelConfig; it is validated either way."""
+# The tensors whose rows are vocabulary entries, and so carry the padding rows.
+VOCAB_ROW_KEYS = ("tok_emb.weight", "out_head.weight")
 
-    def __init__(self, cfg):
+
+class GPTModel(nn.Module):
+    """`cfg` is a model.json dict or a ModelConfig; it is validated either way.
+
+    `pad_vocab_to_multiple_of`: give the output head `vocab_size` rounded up to
+    this multiple (64: 50257 -> 50304), a matmul shape GPUs run faster. The pad
+    rows start at zero, `forward` cuts the logits back to `vocab_size` (so the
+    loss and sampling never see them and they never get a gradient), and state
+    dicts hold only the real rows, so checkpoints are interchangeable between
+    padded and unpadded models. With `tie_weights` the token embedding is the
+    output head, so it is padded too; its pad rows are never looked up.
+
+    `fused_qkv`: see MultiHeadAttention; the result is the same either way.
+    """
+
+    def __init__(self, cfg, pad_vocab_to_multiple_of=1, fused_qkv=True):
         super().__init__()
         cfg = cfg if isinstance(cfg, ModelConfig) else ModelConfig.from_dict(cfg)
+        if pad_vocab_to_multiple_of < 1:
+            raise ValueError(f"pad_vocab_to_multiple_of must be >= 1, got {pad_vocab_to_multiple_of}")
         self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.padded_vocab_size = math.ceil(cfg.vocab_size / pad_vocab_to_multiple_of) * pad_vocab_to_multiple_of
+        embedding_rows = self.padded_vocab_size if cfg.tie_weights else cfg.vocab_size
+        self.tok_emb = nn.Embedding(embedding_rows, cfg.emb_dim)
         self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
         self.drop_emb = nn.Dropout(cfg.drop_rate)
-        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg.n_layers)])
+        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg, fused_qkv) for _ in range(cfg.n_layers)])
         self.final_norm = LayerNorm(cfg.emb_dim)
-        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        self.out_head = nn.Linear(cfg.emb_dim, self.padded_vocab_size, bias=False)
         if cfg.tie_weights:
             self.out_head.weight = self.tok_emb.weight
+        if self.padded_vocab_size != cfg.vocab_size:
+            with torch.no_grad():
+                self.out_head.weight[cfg.vocab_size:].zero_()
+            self.register_state_dict_post_hook(_drop_vocab_padding)
+            self.register_load_state_dict_pre_hook(_add_vocab_padding)
 
     def forward(self, idx):
         seq_len = idx.shape[1]
@@ -108,11 +171,32 @@ class GPTModel(nn.Module):
         positions = torch.arange(seq_len, device=idx.device)
         x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(positions))
         x = self.trf_blocks(x)
-        return self.out_head(self.final_norm(x))
+        return self.out_head(self.final_norm(x))[..., :self.cfg.vocab_size]  # without pad columns
 
     def num_parameters(self):
-        """Unique parameters: a tied output head is counted once."""
-        return sum(p.numel() for p in self.parameters())
+        """Unique parameters, as a checkpoint holds them: a tied output head is
+        counted once, vocabulary pad rows not at all."""
+        padding = (self.padded_vocab_size - self.cfg.vocab_size) * self.cfg.emb_dim
+        return sum(p.numel() for p in self.parameters()) - padding
+
+
+def _drop_vocab_padding(model, state_dict, prefix, local_metadata):
+    """state_dict post-hook: keep only the real vocabulary rows."""
+    for key in VOCAB_ROW_KEYS:
+        state_dict[prefix + key] = state_dict[prefix + key][:model.cfg.vocab_size]
+
+
+def _add_vocab_padding(model, state_dict, prefix, local_metadata, strict, missing_keys,
+                       unexpected_keys, error_msgs):
+    """load_state_dict pre-hook: zero pad rows under real-vocabulary weights.
+
+    Any other shape is left alone for load_state_dict to report."""
+    for key in VOCAB_ROW_KEYS:
+        own_rows = getattr(model, key.split(".")[0]).weight.shape[0]
+        tensor = state_dict.get(prefix + key)
+        if tensor is not None and tensor.dim() == 2 and tensor.shape[0] == model.cfg.vocab_size < own_rows:
+            padding = tensor.new_zeros(own_rows - tensor.shape[0], tensor.shape[1])
+            state_dict[prefix + key] = torch.cat([tensor, padding])
 
 
 @torch.no_grad()

@@ -1,12 +1,12 @@
 """gpt.py against an independent, deliberately naive implementation of the same
-architecture (explicit mask, hand-written softmax attention, LayerNorm and GELU)."""
-
-import math
+architecture: bench.PlainGPT, the book's code (explicit mask, hand-written softmax
+attention, LayerNorm and GELU)."""
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from bench import PlainGPT
 from checkpointing import load_model_weights
 from config import ModelConfig
 from errors import UserError
@@ -16,35 +16,11 @@ SMALL = dict(vocab_size=61, context_length=16, emb_dim=24, n_heads=3, n_layers=2
              qkv_bias=True)
 
 
-def naive_forward(state, cfg, idx):
-    """The book's GPT-2 forward pass written out by hand from a state dict."""
-    def layer_norm(x, prefix):
-        mean = x.mean(dim=-1, keepdim=True)
-        var = ((x - mean) ** 2).mean(dim=-1, keepdim=True)
-        return state[f"{prefix}.scale"] * (x - mean) / torch.sqrt(var + 1e-5) + state[f"{prefix}.shift"]
-
-    def linear(x, prefix, bias=True):
-        out = x @ state[f"{prefix}.weight"].T
-        return out + state[f"{prefix}.bias"] if bias else out
-
-    def gelu(x):
-        return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
-
-    batch, seq_len = idx.shape
-    heads, head_dim = cfg["n_heads"], cfg["emb_dim"] // cfg["n_heads"]
-    x = state["tok_emb.weight"][idx] + state["pos_emb.weight"][:seq_len]
-    mask = torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool), diagonal=1)
-    for i in range(cfg["n_layers"]):
-        p = f"trf_blocks.{i}"
-        h = layer_norm(x, f"{p}.norm1")
-        q, k, v = (linear(h, f"{p}.att.{name}", cfg["qkv_bias"]).view(batch, seq_len, heads, head_dim)
-                   .transpose(1, 2) for name in ("W_query", "W_key", "W_value"))
-        scores = (q @ k.transpose(2, 3)).masked_fill(mask, float("-inf")) / math.sqrt(head_dim)
-        context = (torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(batch, seq_len, -1)
-        x = x + linear(context, f"{p}.att.out_proj")
-        h = layer_norm(x, f"{p}.norm2")
-        x = x + linear(gelu(linear(h, f"{p}.ff.layers.0")), f"{p}.ff.layers.2")
-    return layer_norm(x, "final_norm") @ state["out_head.weight"].T
+def plain_gpt_like(model):
+    """The book's implementation (bench.PlainGPT) holding `model`'s weights."""
+    plain = PlainGPT(model.cfg).eval()
+    plain.load_state_dict(model.state_dict())
+    return plain
 
 
 def randomized(cfg):
@@ -65,7 +41,7 @@ def test_logits_match_naive_implementation(qkv_bias):
     idx = torch.randint(0, cfg["vocab_size"], (3, cfg["context_length"]))
     logits = model(idx)
     assert logits.shape == (3, cfg["context_length"], cfg["vocab_size"])
-    expected = naive_forward(model.state_dict(), cfg, idx)
+    expected = plain_gpt_like(model)(idx)
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -134,10 +110,11 @@ def test_greedy_generation_is_repeated_argmax_with_context_cropping():
     model = randomized(SMALL)
     prompt = torch.randint(0, SMALL["vocab_size"], (1, 12))
     out = generate(model, prompt, max_new_tokens=10, temperature=0.0)
+    plain = plain_gpt_like(model)
     expected = prompt.clone()
     for _ in range(10):
         window = expected[:, -SMALL["context_length"]:]
-        next_id = naive_forward(model.state_dict(), SMALL, window)[0, -1].argmax()
+        next_id = plain(window)[0, -1].argmax()
         expected = torch.cat([expected, next_id.view(1, 1)], dim=1)
     assert torch.equal(out, expected)
 

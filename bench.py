@@ -1,0 +1,386 @@
+"""Training throughput of gpt.py's GPTModel on this device: tokens/s, step time,
+peak memory and MFU for each microbatch size.
+
+    uv run bench.py 8xh100m80 --microbatch 1,2,4
+    uv run bench.py runs/demo/model.json --steps 3 --warmup 1 --compare
+
+RUN_OR_MODEL_JSON is a run name under runs/, a run directory, or a model.json.
+A step is what ddp_train.py does for one microbatch on one rank, without the
+all-reduce: forward under autocast, fp32 cross-entropy, backward, gradient norm,
+AdamW step, on random full-length sequences. --compare also measures PlainGPT,
+the book's eager implementation of the same model with the same weights, in the
+same process and precision, and prints the throughput ratio. The models take
+turns step by step, so a change in load on a shared machine hits both alike.
+
+Step times are wall-clock; tokens/s uses the median (p50) step time, which a
+noisy neighbour disturbs less than the mean. Peak memory is the most allocated
+on the GPU (torch.cuda.max_memory_allocated), or the peak resident set size on
+CPU, during that model's steps; it is the whole process's, so with --compare it
+includes the other model's weights and optimizer state.
+"""
+
+import gc
+import math
+import os
+import platform
+import resource
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import click
+import torch
+import torch.nn as nn
+
+import perf
+from config import ModelConfig, TrainConfig, load_json, resolve_run_dir
+from ddp_train import compute_loss, make_optimizer
+from errors import UserError, report_user_errors
+from gpt import GPTModel
+
+# The train.json keys make_optimizer reads, at their defaults.
+DEFAULT_OPTIMIZER_SETTINGS = SimpleNamespace(learning_rate=TrainConfig.learning_rate,
+                                             weight_decay=TrainConfig.weight_decay)
+
+# ---------------------------------------------------------------- the book's implementation
+
+
+class PlainLayerNorm(nn.Module):
+    def __init__(self, emb_dim):
+        super().__init__()
+        self.eps = 1e-5
+        self.scale = nn.Parameter(torch.ones(emb_dim))
+        self.shift = nn.Parameter(torch.zeros(emb_dim))
+
+    def forward(self, x):
+        mean = x.mean(dim=-1, keepdim=True)
+        var = x.var(dim=-1, keepdim=True, unbiased=False)
+        return self.scale * (x - mean) / torch.sqrt(var + self.eps) + self.shift
+
+
+class PlainGELU(nn.Module):
+    def forward(self, x):
+        return 0.5 * x * (1 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3))))
+
+
+class PlainMultiHeadAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.emb_dim // cfg.n_heads
+        self.W_query = nn.Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.qkv_bias)
+        self.W_key = nn.Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.qkv_bias)
+        self.W_value = nn.Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.qkv_bias)
+        self.out_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
+        self.dropout = nn.Dropout(cfg.drop_rate)
+        # Not persistent, unlike the book's, so state dicts have GPTModel's keys.
+        mask = torch.triu(torch.ones(cfg.context_length, cfg.context_length), diagonal=1)
+        self.register_buffer("mask", mask, persistent=False)
+
+    def forward(self, x):
+        batch, seq_len, emb_dim = x.shape
+        queries, keys, values = (
+            projection(x).view(batch, seq_len, self.n_heads, self.head_dim).transpose(1, 2)
+            for projection in (self.W_query, self.W_key, self.W_value))
+        scores = queries @ keys.transpose(2, 3)
+        scores.masked_fill_(self.mask.bool()[:seq_len, :seq_len], -torch.inf)
+        weights = self.dropout(torch.softmax(scores / self.head_dim ** 0.5, dim=-1))
+        context = (weights @ values).transpose(1, 2).contiguous().view(batch, seq_len, emb_dim)
+        return self.out_proj(context)
+
+
+class PlainFeedForward(nn.Module):
+    def __init__(self, emb_dim):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(emb_dim, 4 * emb_dim), PlainGELU(), nn.Linear(4 * emb_dim, emb_dim))
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class PlainTransformerBlock(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.att = PlainMultiHeadAttention(cfg)
+        self.ff = PlainFeedForward(cfg.emb_dim)
+        self.norm1 = PlainLayerNorm(cfg.emb_dim)
+        self.norm2 = PlainLayerNorm(cfg.emb_dim)
+        self.drop_shortcut = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x):
+        x = x + self.drop_shortcut(self.att(self.norm1(x)))
+        x = x + self.drop_shortcut(self.ff(self.norm2(x)))
+        return x
+
+
+class PlainGPT(nn.Module):
+    """GPT-2 as the book writes it, eagerly: a T x T mask buffer with masked_fill
+    and softmax attention, hand-written GELU and LayerNorm. Parameter names are
+    GPTModel's, so the same state dict loads into either."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        self.drop_emb = nn.Dropout(cfg.drop_rate)
+        self.trf_blocks = nn.Sequential(*[PlainTransformerBlock(cfg) for _ in range(cfg.n_layers)])
+        self.final_norm = PlainLayerNorm(cfg.emb_dim)
+        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        if cfg.tie_weights:
+            self.out_head.weight = self.tok_emb.weight
+
+    def forward(self, idx):
+        positions = torch.arange(idx.shape[1], device=idx.device)
+        x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(positions))
+        return self.out_head(self.final_norm(self.trf_blocks(x)))
+
+
+# ---------------------------------------------------------------- measuring
+
+
+@dataclass
+class Measurement:
+    implementation: str
+    microbatch: int
+    tokens_per_step: int
+    step_times: list  # seconds, timed steps only; empty when the microbatch did not fit
+    peak_memory_bytes: int = 0
+
+    @property
+    def fits(self):
+        return bool(self.step_times)
+
+    @property
+    def p50(self):
+        return statistics.median(self.step_times)
+
+    @property
+    def tokens_per_sec(self):
+        return self.tokens_per_step / self.p50
+
+
+@dataclass(frozen=True)
+class Precision:
+    amp_dtype: torch.dtype | None  # None: no autocast, fp32
+
+    @property
+    def peak_key(self):
+        """perf.PRECISIONS key of the matmul peak this precision runs at, or None."""
+        if self.amp_dtype is not None:
+            return str(self.amp_dtype).removeprefix("torch.")
+        return "tf32" if torch.get_float32_matmul_precision() != "highest" else None
+
+    def __str__(self):
+        return f"autocast {self.peak_key}" if self.amp_dtype else "fp32 (no autocast)"
+
+
+def load_model_config(run_or_model_json):
+    path = Path(run_or_model_json)
+    model_json = path if path.is_file() else resolve_run_dir(run_or_model_json) / "model.json"
+    return ModelConfig.from_dict(load_json(model_json), source=str(model_json))
+
+
+def build(implementation, cfg, device, pad_vocab, fused_qkv, compile_model):
+    """A freshly initialised model; the same seed gives every implementation the same
+    weights. PlainGPT is never compiled: it is the eager baseline."""
+    torch.manual_seed(0)
+    model = GPTModel(cfg, pad_vocab_to_multiple_of=pad_vocab, fused_qkv=fused_qkv).to(device).train()
+    if implementation == "PlainGPT":
+        plain = PlainGPT(cfg).to(device).train()
+        plain.load_state_dict(model.state_dict())
+        return plain
+    return torch.compile(model) if compile_model else model
+
+
+def train_step(model, optimizer, scaler, inputs, targets, precision, device):
+    """ddp_train.py's step for one microbatch on one rank (its compute_loss, and the
+    gradient norm it logs), without the all-reduce."""
+    loss = compute_loss(model, inputs, targets, precision.amp_dtype, device)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+    scaler.step(optimizer)  # a plain optimizer.step() unless float16 enabled the scaler
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def reset_peak_memory(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: "5" resets the peak RSS that getrusage reports to the current RSS
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # then the peak is the process's high-water mark so far
+
+
+def peak_memory(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(models, cfg, microbatch, steps, warmup, precision, device):
+    """Train every model in `models` ({name: model}) for warmup + steps steps on the
+    same batch, taking turns step by step so that a change in load on a shared
+    machine hits all of them alike; time the last `steps` steps of each."""
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, cfg.vocab_size, (microbatch, cfg.context_length + 1), generator=generator)
+    inputs, targets = tokens[:, :-1].to(device), tokens[:, 1:].to(device)
+    measurements, trainers = {}, {}
+    for name, model in models.items():
+        measurements[name] = Measurement(name, microbatch, inputs.numel(), [])
+        optimizer = make_optimizer(model, DEFAULT_OPTIMIZER_SETTINGS)
+        trainers[name] = (model, optimizer,
+                          torch.amp.GradScaler(device.type, enabled=precision.amp_dtype == torch.float16))
+    for step in range(warmup + steps):
+        for name, (model, optimizer, scaler) in list(trainers.items()):
+            m = measurements[name]
+            reset_peak_memory(device)
+            synchronize(device)
+            start = time.perf_counter()
+            try:
+                train_step(model, optimizer, scaler, inputs, targets, precision, device)
+            except torch.OutOfMemoryError:
+                m.step_times.clear()
+                del trainers[name]
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            synchronize(device)
+            if step >= warmup:
+                m.step_times.append(time.perf_counter() - start)
+            m.peak_memory_bytes = max(m.peak_memory_bytes, peak_memory(device))
+    return list(measurements.values())
+
+
+def release(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------- reporting
+
+
+def machine_description(device):
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} x{torch.cuda.device_count()}"
+    cpuinfo = Path("/proc/cpuinfo")
+    fields = {}
+    if cpuinfo.is_file():  # the first processor's fields
+        for line in cpuinfo.read_text().split("\n\n")[0].splitlines():
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
+    name = fields.get("model name") or platform.processor() or "unknown"
+    if "cpu family" in fields:  # a bare "AMD EPYC" says little; family and model name the generation
+        name += f" (family {fields['cpu family']}, model {fields.get('model', '?')})"
+    return f"CPU {name}, {os.cpu_count()} logical CPUs"
+
+
+def device_peak(device, precision, peak_tflops):
+    """(peak FLOP/s or None, where it comes from) for MFU."""
+    if peak_tflops is not None:
+        return peak_tflops * 1e12, f"{peak_tflops:g} TFLOPS (--peak-tflops)"
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    peak = perf.peak_flops(device_name, precision.peak_key) if precision.peak_key else None
+    if peak is None:
+        return None, "n/a (not in perf.py's table for this device and precision; pass --peak-tflops)"
+    gpu = perf.find_gpu(device_name)
+    return peak, f"{peak / 1e12:g} TFLOPS dense {precision.peak_key} ({gpu.name}: {gpu.source})"
+
+
+def format_row(m, flops_per_token, peak):
+    if not m.fits:
+        return f"{m.implementation:<10} {m.microbatch:>10}  out of memory"
+    utilisation = perf.mfu(m.tokens_per_sec, flops_per_token, peak)
+    mfu_text = "n/a" if utilisation is None else f"{utilisation:.1%}"
+    return (f"{m.implementation:<10} {m.microbatch:>10} {m.tokens_per_sec:>12,.1f} "
+            f"{statistics.fmean(m.step_times):>14.3f} {m.p50:>13.3f} "
+            f"{m.peak_memory_bytes / 1e9:>12.2f} {mfu_text:>7}")
+
+
+def print_report(measurements, cfg, gpt_options, device, precision, peak, peak_text, steps, warmup):
+    flops_per_token = perf.training_flops_per_token(cfg)
+    print(f"machine: {machine_description(device)}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"model: {', '.join(f'{key}={value}' for key, value in cfg.to_dict().items())}")
+    print(f"GPTModel built with: {gpt_options}")
+    print(f"precision: {precision}; {steps} timed steps after {warmup} warm-up; "
+          f"{flops_per_token:,} model FLOPs per token (perf.py)")
+    print(f"peak: {peak_text}")
+    memory_header = "peak GB" if device.type == "cuda" else "peak RSS GB"
+    print(f"{'model':<10} {'microbatch':>10} {'tokens/s':>12} {'step mean s':>14} {'step p50 s':>13} "
+          f"{memory_header:>12} {'MFU':>7}")
+    for m in measurements:
+        print(format_row(m, flops_per_token, peak))
+    for microbatch in sorted({m.microbatch for m in measurements}):
+        pair = {m.implementation: m for m in measurements if m.microbatch == microbatch}
+        if {"GPTModel", "PlainGPT"} <= pair.keys() and all(m.fits for m in pair.values()):
+            ratio = pair["GPTModel"].tokens_per_sec / pair["PlainGPT"].tokens_per_sec
+            print(f"ratio at microbatch {microbatch}: GPTModel / PlainGPT tokens/s = {ratio:.2f}x")
+
+
+def parse_microbatches(text):
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise UserError(f"--microbatch: expected comma-separated integers, got {text!r}")
+    if not sizes or min(sizes) < 1:
+        raise UserError(f"--microbatch: sizes must be positive, got {text!r}")
+    return sizes
+
+
+@click.command()
+@click.argument("run_or_model_json")
+@click.option("--microbatch", "microbatch_text", default="1,2,4", show_default=True,
+              help="Comma-separated microbatch sizes to measure.")
+@click.option("--steps", default=10, show_default=True, type=click.IntRange(min=1), help="Timed steps.")
+@click.option("--warmup", default=2, show_default=True, type=click.IntRange(min=0),
+              help="Untimed steps first (allocation, kernel selection, optimizer state).")
+@click.option("--compare", is_flag=True, help="Also measure PlainGPT, the book's eager implementation.")
+@click.option("--amp/--no-amp", default=True, show_default=True, help="Autocast, as use_amp in train.json.")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16"]), default="bfloat16", show_default=True,
+              help="Autocast dtype.")
+@click.option("--fused-qkv/--separate-qkv", default=True, show_default=True,
+              help="GPTModel's query/key/value projections as one matmul or three.")
+@click.option("--pad-vocab", default=1, show_default=True, type=click.IntRange(min=1),
+              help="GPTModel's pad_vocab_to_multiple_of (64: 50257 -> 50304).")
+@click.option("--compile", "compile_model", is_flag=True,
+              help="torch.compile GPTModel, as \"compile\": true in train.json does (the warm-up "
+                   "steps then include compiling).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads for torch (default: torch's, one per core). On a machine shared with "
+                   "other work, 1 avoids stalls while a descheduled thread holds up the others.")
+@click.option("--peak-tflops", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Peak TFLOPS per device for MFU, instead of perf.py's table (which has no CPUs).")
+@report_user_errors
+def main(run_or_model_json, microbatch_text, steps, warmup, compare, amp, dtype, fused_qkv, pad_vocab,
+         compile_model, threads, peak_tflops):
+    cfg = load_model_config(run_or_model_json)
+    if threads:
+        torch.set_num_threads(threads)
+    microbatches = parse_microbatches(microbatch_text)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = Precision(getattr(torch, dtype) if amp else None)
+    peak, peak_text = device_peak(device, precision, peak_tflops)
+    implementations = ["GPTModel", "PlainGPT"] if compare else ["GPTModel"]
+    measurements = []
+    for microbatch in microbatches:
+        models = {name: build(name, cfg, device, pad_vocab, fused_qkv, compile_model) for name in implementations}
+        measurements += measure(models, cfg, microbatch, steps, warmup, precision, device)
+        del models
+        release(device)
+    gpt_options = (f"fused_qkv={fused_qkv}, pad_vocab_to_multiple_of={pad_vocab}"
+                   + (", torch.compile" if compile_model else ""))
+    print_report(measurements, cfg, gpt_options, device, precision, peak, peak_text, steps, warmup)
+
+
+if __name__ == "__main__":
+    main()
