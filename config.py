@@ -142,6 +142,7 @@ class TrainConfig:
     log_interval: int | None = None  # steps between reads of the metrics from the device; default 1 on CPU, 10 on GPU
     compile: bool = False  # torch.compile the model (off until proven on your GPU)
     peak_tflops: float | None = None  # the device's peak for MFU, when it is not in perf.py's table
+    pad_vocab_to_multiple_of: int = 1  # pad the output layer's vocabulary (64 suits GPUs); checkpoints unpadded
 
     @classmethod
     def from_dict(cls, raw, source="train.json"):
@@ -167,7 +168,8 @@ class TrainConfig:
                  f"must be between 0 and 100, got {self.warmup_period_percent}")
         _require(self.amp_dtype in (None, "bfloat16", "float16"), source, "amp_dtype",
                  f"must be \"bfloat16\" or \"float16\", got {json.dumps(self.amp_dtype)}")
-        for key in ("keep_last_checkpoints", "max_skipped_steps", "log_interval", "peak_tflops"):
+        for key in ("keep_last_checkpoints", "max_skipped_steps", "log_interval", "peak_tflops",
+                    "pad_vocab_to_multiple_of"):
             value = getattr(self, key)
             _require(value is None or value > 0, source, key, f"must be positive, got {value}")
         _require(self.dist_timeout_minutes > 0, source, "dist_timeout_minutes",

@@ -214,6 +214,11 @@ def check_resumable(run, ctx, checkpoint_dir, meta):
         changed = sorted(k for k in saved_model if saved_model[k] != run.model.to_dict().get(k))
         raise UserError(f"checkpoint {checkpoint_dir.name} was trained with a different model.json "
                         f"(differs in: {', '.join(changed)}); resume it with the model.json it was trained with")
+    # The optimizer state holds the padded output layer: it only fits the same padding.
+    saved_padding = meta.get("pad_vocab_to_multiple_of", 1)
+    if saved_padding != run.train.pad_vocab_to_multiple_of:
+        raise UserError(f"checkpoint {checkpoint_dir.name} was trained with pad_vocab_to_multiple_of "
+                        f"{saved_padding}; resume it with the same value in train.json")
     now = {"world_size": ctx.world_size, "microbatch_size": run.train.microbatch_size,
            "gradient_accumulation_steps": run.train.gradient_accumulation_steps}
     saved = {key: meta.get(key) for key in now}
@@ -301,7 +306,7 @@ def make_optimizer(model, train_cfg):
 def build_trainer(run, ctx, datasets_dir, checkpoint_dir):
     train_cfg = run.train
     torch.manual_seed(train_cfg.random_seed)  # identical initial weights on every rank
-    model = GPTModel(run.model).to(ctx.device)
+    model = GPTModel(run.model, pad_vocab_to_multiple_of=train_cfg.pad_vocab_to_multiple_of).to(ctx.device)
     data = load_data(run, ctx, datasets_dir)
     amp_dtype = amp_dtype_for(train_cfg, ctx.device)
     if amp_dtype is not None:
@@ -381,7 +386,7 @@ def find_max_microbatch(run, ctx, target_global_batch, write):
     if ctx.device.type != "cuda" and TEST_LIMIT_VARIABLE not in os.environ:
         raise UserError("-f searches GPU memory for the largest microbatch, and this machine has no CUDA device")
     torch.manual_seed(run.train.random_seed)
-    model = GPTModel(run.model).to(ctx.device)
+    model = GPTModel(run.model, pad_vocab_to_multiple_of=run.train.pad_vocab_to_multiple_of).to(ctx.device)
     amp_dtype = amp_dtype_for(run.train, ctx.device)
     optimizer = make_optimizer(model, run.train)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16)

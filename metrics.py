@@ -215,6 +215,7 @@ class TrainingLog:
                 "elapsed_s": self.last_row["elapsed_s"], "world_size": self.ctx.world_size,
                 "microbatch_size": train_cfg.microbatch_size,
                 "gradient_accumulation_steps": train_cfg.gradient_accumulation_steps,
+                "pad_vocab_to_multiple_of": train_cfg.pad_vocab_to_multiple_of,
                 "model_config": self.run.model.to_dict()}
         return meta, is_best
 
