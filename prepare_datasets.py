@@ -272,7 +272,10 @@ def tokenize_into(dataset_dir, files, text_field, tokenizer, *, validation_fract
     batches = document_batches(files, text_field, batch_size)
     start = time.perf_counter()
     worker_settings = (tokenizer.name, validation_fraction)
-    with multiprocessing.Pool(workers, initializer=start_worker, initargs=worker_settings) as pool, \
+    # forkserver, not fork: forking a process whose threads (torch's, tiktoken's) may hold locks
+    # can leave the workers deadlocked, e.g. when this runs inside a larger program or test run.
+    context = multiprocessing.get_context("forkserver")
+    with context.Pool(workers, initializer=start_worker, initargs=worker_settings) as pool, \
             TokenFileWriter(dataset_dir / "train.safetensors") as train_file, \
             TokenFileWriter(dataset_dir / "validation.safetensors") as validation_file, \
             tqdm(desc="tokenizing", unit=" docs") as progress:
