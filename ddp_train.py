@@ -65,7 +65,6 @@ class Data:
     validation: Microbatches | None
     total_steps: int
     global_batch_tokens: int
-    meta: token_data.DatasetMeta
 
 
 def load_data(run, ctx, datasets_dir):
@@ -99,28 +98,29 @@ def load_data(run, ctx, datasets_dir):
                             f"{needed:,} tokens, the file has {len(val_tokens):,}")
         validation = Microbatches(val_tokens, train_cfg.start_val_token, train_cfg.validation_batches,
                                   train_cfg.microbatch_size, context_length)
-    return Data(train, validation, total_steps, global_batch_tokens, meta)
+    return Data(train, validation, total_steps, global_batch_tokens)
 
 
 # ---------------------------------------------------------------- RNG state
 
-def capture_rng_state():
+def capture_rng_state(device):
     numpy_state = np.random.get_state()
     return {
         "python": random.getstate(),
         "numpy": (numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        # This rank's GPU only: touching the others would open a CUDA context on each.
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
     }
 
 
-def restore_rng_state(state):
+def restore_rng_state(state, device):
     random.setstate(state["python"])
     kind, keys, *rest = state["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 # ---------------------------------------------------------------- steps
@@ -167,9 +167,11 @@ def train_step(global_step, t, run, ctx, microbatches, stop_requested):
     t.scaler.unscale_(t.optimizer)
     max_norm = run.train.clipping_max_norm or float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), max_norm)
-    # One all-reduce carries the loss, the non-finite flag and the stop flag.
+    # One all-reduce carries the loss, the non-finite flag and the stop flag. The stop flag is
+    # picked from constants already on the device: making a tensor from a Python value would
+    # be a copy that waits for the device.
     stats = torch.stack([loss_sum / accumulation_steps, (~torch.isfinite(loss_sum)).float(),
-                         torch.tensor(float(stop_requested), device=ctx.device)])
+                         t.zero_and_one[int(stop_requested)]])
     dist.all_reduce(stats)
     if t.scaler.is_enabled():
         # float16: the scaler found any inf/NaN in the (all-reduced) gradients and skips for us.
@@ -245,7 +247,7 @@ def restore(run, ctx, checkpoint_dir, model, optimizer, scaler, scheduler, data)
         scheduler.last_epoch = start_step - 1
         scheduler.step()
     if rng_states is not None and len(rng_states) == ctx.world_size:
-        restore_rng_state(rng_states[ctx.rank])
+        restore_rng_state(rng_states[ctx.rank], ctx.device)
     elif ctx.is_main:
         print("note: checkpoint has no RNG state for this world size; dropout masks will differ "
               "from an uninterrupted run")
@@ -263,7 +265,7 @@ def save(run, ctx, model, optimizer, scaler, scheduler, meta, is_best):
     """Every rank sends its RNG state; rank 0 writes the checkpoint and charts.
     A failure on rank 0 reaches every rank (no one waits forever)."""
     rng_states = [None] * ctx.world_size if ctx.is_main else None
-    dist.gather_object(capture_rng_state(), rng_states, dst=0)
+    dist.gather_object(capture_rng_state(ctx.device), rng_states, dst=0)
 
     def write():
         checkpointing.save_checkpoint(run.checkpoints_dir, model, optimizer, scaler, scheduler,
@@ -294,6 +296,7 @@ class Trainer:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     data: Data
     amp_dtype: torch.dtype | None
+    zero_and_one: torch.Tensor  # [0., 1.] on the device
 
 
 def make_optimizer(model, train_cfg):
@@ -330,7 +333,9 @@ def build_trainer(run, ctx, datasets_dir, checkpoint_dir):
     # Compiling the DDP module lets the compiler split graphs at DDP's bucket boundaries,
     # so gradient all-reduces still overlap the backward pass.
     forward_model = torch.compile(ddp_model) if train_cfg.compile else ddp_model
-    return Trainer(model, ddp_model, forward_model, optimizer, scaler, scheduler, data, amp_dtype), progress
+    zero_and_one = torch.tensor([0.0, 1.0], device=ctx.device)
+    return Trainer(model, ddp_model, forward_model, optimizer, scaler, scheduler, data, amp_dtype,
+                   zero_and_one), progress
 
 
 def train(run, ctx, datasets_dir, checkpoint_dir):
