@@ -11,6 +11,7 @@ checkpoints, metrics.jsonl and charts into the run directory. SIGTERM or SIGINT
 stops every rank after the current optimizer step, with a checkpoint.
 """
 
+import gc
 import math
 import os
 import random
@@ -469,6 +470,9 @@ def main(run, datasets_dir, checkpoint, force, find_max, target_global_batch, wr
         else:
             train(run, ctx, datasets_dir, checkpoint_dir)
     finally:
+        # DDP's hooks form reference cycles that keep the process group alive; left to the
+        # interpreter's teardown, gloo's threads are then destroyed too late and abort the process.
+        gc.collect()
         dist.destroy_process_group()
 
 
