@@ -81,15 +81,31 @@ class MultiHeadAttention(nn.Module):
         return self.out_proj(context)
 
 
-def _causal_attention_with_dropout(queries, keys, values, dropout_p):
+# Query rows per block in _causal_attention_with_dropout. Block i needs keys up to
+# its own last row only, so with T = 1024 the blocks compute 62.5% of the T x T
+# scores, softmax and dropout mask; 128 and 256 measured alike on CPU, 512 slower.
+CPU_ATTENTION_QUERY_BLOCK = 256
+
+
+def _causal_attention_with_dropout(queries, keys, values, dropout_p, query_block=CPU_ATTENTION_QUERY_BLOCK):
     """What scaled_dot_product_attention(is_causal=True) computes, in the book's
-    steps, so that autocast runs the matmuls in low precision."""
+    steps (masked scores, softmax, dropout, weighted values), so that autocast
+    runs the matmuls in low precision. Queries go in blocks that skip the keys
+    after their last row, which a causal mask would zero anyway: a flash kernel
+    skips them the same way, and it halves the time on CPU."""
     seq_len = queries.shape[-2]
-    scores = (queries * queries.shape[-1] ** -0.5) @ keys.transpose(-2, -1)
-    future = torch.ones(seq_len, seq_len, dtype=torch.bool, device=scores.device).triu(diagonal=1)
-    scores.masked_fill_(future, float("-inf"))  # in place: matmul's backward does not need its output
-    weights = F.dropout(torch.softmax(scores, dim=-1), dropout_p)
-    return weights @ values
+    queries = queries * queries.shape[-1] ** -0.5
+    blocks = []
+    for start in range(0, seq_len, query_block):
+        end = min(start + query_block, seq_len)
+        scores = queries[..., start:end, :] @ keys[..., :end, :].transpose(-2, -1)
+        # Only the square on the diagonal holds future keys; in place, because
+        # matmul's backward does not need its output.
+        future = torch.ones(end - start, end - start, dtype=torch.bool, device=scores.device).triu(diagonal=1)
+        scores[..., start:].masked_fill_(future, float("-inf"))
+        weights = F.dropout(torch.softmax(scores, dim=-1), dropout_p)
+        blocks.append(weights @ values[..., :end, :])
+    return torch.cat(blocks, dim=-2)
 
 
 class FeedForward(nn.Module):

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+import gpt
 from bench import PlainGPT
 from checkpointing import load_model_weights
 from gpt import GPTModel
@@ -135,8 +136,9 @@ def test_padding_multiple_must_be_positive():
 @pytest.mark.parametrize("fused_qkv", [True, False])
 def test_training_mode_with_dropout_matches_the_book_mask_for_mask(fused_qkv):
     """With dropout active on CPU, GPTModel writes attention out (gpt.py says why).
-    It draws its dropout masks in the book's order and shapes, so under the same
-    seed both models drop the same units: outputs and gradients must agree."""
+    A context within one query block (as here) draws its dropout masks in the
+    book's order and shapes, so under the same seed both models drop the same
+    units: outputs and gradients must agree. Longer contexts: the tests below."""
     cfg = {**CFG, "drop_rate": 0.2, "qkv_bias": True}
     model = random_model(cfg, fused_qkv=fused_qkv).train()
     plain = PlainGPT(model.cfg).train()
@@ -152,3 +154,55 @@ def test_training_mode_with_dropout_matches_the_book_mask_for_mask(fused_qkv):
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
     for (name, p_model), p_plain in zip(model.named_parameters(), plain.parameters()):
         torch.testing.assert_close(p_model.grad, p_plain.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def recording_dropout(records):
+    """torch's own dropout, also noting which entries it kept, so that a reference
+    computation can apply the same masks."""
+    real_dropout = F.dropout
+
+    def dropout(input, p=0.5, training=True, inplace=False):
+        output = real_dropout(input, p, training, inplace)
+        records.append((output != 0) | (input == 0))  # kept, or zero anyway (future keys)
+        return output
+    return dropout
+
+
+@pytest.mark.parametrize("query_block", [1, 3, 4, 16])
+def test_blocked_attention_with_dropout_equals_full_causal_attention(monkeypatch, query_block):
+    """The CPU dropout path splits queries into blocks that skip future keys. With
+    the dropout masks it drew put together into one T x T mask, the book's full
+    masked attention must give the same output and gradients."""
+    batch, heads, seq_len, head_dim, dropout_p = 2, 3, 10, 4, 0.3
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, seq_len, head_dim, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    masks = []
+    monkeypatch.setattr(gpt.F, "dropout", recording_dropout(masks))
+    blocked = gpt._causal_attention_with_dropout(q, k, v, dropout_p, query_block=query_block)
+    monkeypatch.undo()
+    assert len(masks) == -(-seq_len // query_block)
+    keep = torch.zeros(batch, heads, seq_len, seq_len, dtype=torch.float64)
+    for start, mask in zip(range(0, seq_len, query_block), masks):
+        rows, keys_seen = mask.shape[-2:]
+        keep[..., start:start + rows, :keys_seen] = mask.double()
+    dropped = 1 - keep.tril().sum() / (batch * heads * seq_len * (seq_len + 1) / 2)
+    assert 0.1 < dropped < 0.5  # masks really were drawn, at about dropout_p
+
+    scores = (q @ k.transpose(-2, -1)) / head_dim ** 0.5
+    scores = scores.masked_fill(torch.ones(seq_len, seq_len, dtype=torch.bool).triu(1), float("-inf"))
+    reference = (torch.softmax(scores, dim=-1) * keep / (1 - dropout_p)) @ v
+
+    torch.testing.assert_close(blocked, reference)
+    upstream = torch.randn_like(reference)
+    grads = torch.autograd.grad(blocked, (q, k, v), upstream)
+    reference_grads = torch.autograd.grad(reference, (q, k, v), upstream)
+    for name, grad, reference_grad in zip("qkv", grads, reference_grads):
+        torch.testing.assert_close(grad, reference_grad, msg=name)
+
+
+def test_blocked_attention_without_dropout_equals_sdpa():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 37, 8) for _ in range(3))
+    torch.testing.assert_close(gpt._causal_attention_with_dropout(q, k, v, 0.0, query_block=8),
+                               F.scaled_dot_product_attention(q, k, v, is_causal=True))
