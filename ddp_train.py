@@ -46,7 +46,9 @@ def amp_dtype_for(train_cfg, device):
         return None
     if train_cfg.amp_dtype is not None:
         return getattr(torch, train_cfg.amp_dtype)
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    # Without including_emulation=False a V100 or T4 counts as bf16-capable (it can hold
+    # bf16 tensors), and would then run bf16 matmuls emulated, without tensor cores.
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
         return torch.float16
     return torch.bfloat16
 

@@ -3,11 +3,15 @@ backend, a world of one through the same DDP wrapper) and a padded vocabulary tr
 same as the plain model, and their checkpoints keep the plain key names and shapes."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
+from config import TrainConfig
 from conftest import make_run, read_rows, run_training
+from ddp_train import amp_dtype_for
 
 
 def test_compiled_and_eager_losses_agree(tmp_path, verdict_dataset):
@@ -40,3 +44,27 @@ def test_padded_vocabulary_trains_the_same_and_saves_unpadded_checkpoints(tmp_pa
     (padded / "train.json").write_text(json.dumps({**train, "pad_vocab_to_multiple_of": 1}))
     refused = run_training([padded, "datasets", "latest"], check=False)
     assert refused.returncode == 2 and "was trained with pad_vocab_to_multiple_of 64" in refused.stderr
+
+
+@pytest.mark.parametrize("compute_capability_major, expected", [
+    (7, torch.float16),  # V100, T4: no bf16 tensor cores
+    (8, torch.bfloat16),  # A100, RTX 3090
+    (9, torch.bfloat16),  # H100
+])
+def test_default_autocast_dtype_is_bf16_only_where_the_gpu_runs_it_natively(monkeypatch, compute_capability_major,
+                                                                            expected):
+    """There is no GPU here, so torch's view of one is replaced: its compute capability,
+    and the probe that creates a bf16 tensor, which succeeds on every CUDA GPU, including
+    those that only emulate bf16. The decision itself is torch.cuda.is_bf16_supported's."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: SimpleNamespace(major=compute_capability_major))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)
+    train_cfg = TrainConfig.from_dict({"dataset": "x/y", "microbatch_size": 1})
+    assert amp_dtype_for(train_cfg, torch.device("cuda", 0)) is expected
+    chosen = TrainConfig.from_dict({"dataset": "x/y", "microbatch_size": 1, "amp_dtype": "bfloat16"})
+    assert amp_dtype_for(chosen, torch.device("cuda", 0)) is torch.bfloat16  # an explicit choice wins
+    assert amp_dtype_for(train_cfg, torch.device("cpu")) is torch.bfloat16
+    no_amp = TrainConfig.from_dict({"dataset": "x/y", "microbatch_size": 1, "use_amp": False})
+    assert amp_dtype_for(no_amp, torch.device("cuda", 0)) is None
