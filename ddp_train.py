@@ -398,23 +398,26 @@ def find_max_microbatch(run, ctx, target_global_batch, write):
     amp_dtype = amp_dtype_for(run.train, ctx.device)
     optimizer = make_optimizer(model, run.train)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16)
-    fits = make_trial(model, optimizer, scaler,
-                      lambda m, inputs, targets: compute_loss(m, inputs, targets, amp_dtype, ctx.device),
-                      ctx, run.model.context_length, run.model.vocab_size)
+    try_microbatch = make_trial(model, optimizer, scaler,
+                                lambda m, inputs, targets: compute_loss(m, inputs, targets, amp_dtype, ctx.device),
+                                ctx, run.model.context_length, run.model.vocab_size)
+    peak_bytes = {}  # this rank's, for each size that fitted on every rank
 
     def fits_on_every_rank(size):
-        passed = torch.tensor([float(fits(size))], device=ctx.device)
+        peak = try_microbatch(size)
+        passed = torch.tensor([float(peak is not None)], device=ctx.device)
         dist.all_reduce(passed, op=dist.ReduceOp.MIN)
         if ctx.is_main:
             print(f"microbatch {size}: {'fits' if passed.item() else 'out of memory'}", flush=True)
+        if passed.item():
+            peak_bytes[size] = peak
         return bool(passed.item())
 
     largest = largest_passing(fits_on_every_rank)
     if largest == 0:
         raise UserError(f"even a microbatch of 1 sequence of {run.model.context_length} tokens runs out of "
                         "memory; use a smaller model or context_length")
-    peak = torch.tensor([torch.cuda.max_memory_allocated(ctx.device) if ctx.device.type == "cuda" else 0.0],
-                        device=ctx.device)
+    peak = torch.tensor([float(peak_bytes[largest])], device=ctx.device)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     microbatch, accumulation = suggest_batch_split(largest, ctx.world_size, target_global_batch)
     if ctx.is_main:

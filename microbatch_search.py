@@ -44,33 +44,44 @@ def memory_limit_for_tests(rank):
 
 
 def make_trial(model, optimizer, scaler, compute_loss, ctx, context_length, vocab_size):
-    """`fits(size)`: whether STEPS_PER_TRY forward/backward/optimizer steps at that
-    microbatch size succeed on this rank. The model is not wrapped in DDP here: an
-    out-of-memory error in one rank's backward would leave the others waiting in a
-    gradient all-reduce."""
+    """`try_microbatch(size)`: this rank's peak memory in bytes (0 on CPU, which has no
+    allocator statistics) while STEPS_PER_TRY forward/backward/optimizer steps at that
+    microbatch size ran, or None if they ran out of memory. The model is not wrapped in
+    DDP here: an out-of-memory error in one rank's backward would leave the others
+    waiting in a gradient all-reduce."""
     test_limit = memory_limit_for_tests(ctx.rank)
+    on_gpu = ctx.device.type == "cuda"
 
-    def fits(size):
-        try:
-            for _ in range(STEPS_PER_TRY):
-                if test_limit is not None and size > test_limit:
-                    raise torch.OutOfMemoryError(f"test limit: microbatch {size} > {test_limit}")
-                tokens = torch.randint(0, vocab_size, (size, context_length + 1), device=ctx.device)
-                loss = compute_loss(model, tokens[:, :-1], tokens[:, 1:])
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-            return True
-        except torch.OutOfMemoryError:
-            return False
-        finally:
+    def train_steps(size):
+        for _ in range(STEPS_PER_TRY):
+            if test_limit is not None and size > test_limit:
+                raise torch.OutOfMemoryError(f"test limit: microbatch {size} > {test_limit}")
+            tokens = torch.randint(0, vocab_size, (size, context_length + 1), device=ctx.device)
+            loss = compute_loss(model, tokens[:, :-1], tokens[:, 1:])
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            gc.collect()
-            if ctx.device.type == "cuda":
-                torch.cuda.empty_cache()
 
-    return fits
+    def try_microbatch(size):
+        if on_gpu:  # otherwise the peak would be the largest of every try so far, failed ones included
+            torch.cuda.reset_peak_memory_stats(ctx.device)
+        try:
+            train_steps(size)
+            passed = True
+        except torch.OutOfMemoryError:
+            passed = False
+        # Out here, once the exception and with it train_steps' frame (its activations) are
+        # gone, so that emptying the cache hands the failed try's memory back.
+        optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        if on_gpu:
+            torch.cuda.empty_cache()
+        if not passed:
+            return None
+        return torch.cuda.max_memory_allocated(ctx.device) if on_gpu else 0
+
+    return try_microbatch
 
 
 def write_batch_split(train_json, microbatch, accumulation):

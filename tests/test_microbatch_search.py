@@ -1,13 +1,23 @@
 """The -f search: its arithmetic against brute force, and for real under torchrun with a
 test-only memory limit (CPUs have no out-of-memory error to catch)."""
 
+import gc
 import json
 import math
+import weakref
+from types import SimpleNamespace
 
 import pytest
+import torch
 
+import microbatch_search
 from conftest import make_run, run_training, train_env
-from microbatch_search import largest_passing, suggest_batch_split
+from ddp_train import compute_loss
+from gpt import GPTModel
+from microbatch_search import largest_passing, make_trial, suggest_batch_split
+
+CPU = SimpleNamespace(rank=0, device=torch.device("cpu"))
+TINY = dict(vocab_size=50, context_length=8, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0, qkv_bias=False)
 
 
 @pytest.mark.parametrize("limit", [0, 1, 2, 3, 5, 8, 13, 64, 100, 1000])
@@ -46,3 +56,41 @@ def test_refused_on_cpu_without_the_test_limit(tmp_path, verdict_dataset):
     run_dir = make_run(tmp_path / "run", verdict_dataset)
     result = run_training([run_dir, "datasets", "-f"], check=False)
     assert result.returncode == 2 and "no CUDA device" in result.stderr
+
+
+def tiny_trial(loss_fn):
+    model = GPTModel(TINY)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    return model, make_trial(model, optimizer, scaler, loss_fn, CPU, TINY["context_length"], TINY["vocab_size"])
+
+
+def test_a_try_that_fits_trains_for_real():
+    model, try_microbatch = tiny_trial(lambda m, inputs, targets: compute_loss(m, inputs, targets, None, CPU.device))
+    before = [p.detach().clone() for p in model.parameters()]
+    assert try_microbatch(3) == 0  # no allocator statistics on CPU
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))  # optimizer steps ran
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_failed_try_releases_its_tensors_before_memory_is_handed_back(monkeypatch):
+    """The try's tensors must be gone by the time the cache is emptied (on CPU, the
+    gc.collect just before), or a GPU would keep the failed try's memory."""
+    alive = []
+
+    def out_of_memory_in_forward(model, inputs, targets):
+        activations = model(inputs)
+        alive.extend([weakref.ref(inputs._base), weakref.ref(activations)])  # the batch and the activations
+        raise torch.OutOfMemoryError("simulated: CPUs have no out-of-memory error to raise")
+
+    seen_at_collect = []
+    real_collect = gc.collect
+
+    def collect(*args):
+        seen_at_collect.append([ref() is not None for ref in alive])
+        return real_collect(*args)
+
+    monkeypatch.setattr(microbatch_search.gc, "collect", collect)
+    _, try_microbatch = tiny_trial(out_of_memory_in_forward)
+    assert try_microbatch(2) is None
+    assert seen_at_collect == [[False, False]]
