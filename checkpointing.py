@@ -119,9 +119,11 @@ def save_checkpoint(checkpoints_dir, model, optimizer, scaler, scheduler, rank_r
     partial = checkpoints_dir / f".partial-{name}"
     partial.mkdir()
 
-    # safetensors refuses tensors that share memory (a tied output head); store
-    # both keys as separate copies so every loader finds the reference key set.
-    state_dict = {key: tensor.detach().contiguous().clone() for key, tensor in model.state_dict().items()}
+    # Copied straight to host memory: a copy on the GPU could run a full one out of
+    # memory. Separate copies also keep safetensors from refusing a tied output head
+    # (tensors that share memory), so both keys are saved and every loader finds them.
+    state_dict = {key: tensor.detach().to("cpu", copy=True).contiguous()
+                  for key, tensor in model.state_dict().items()}
     save_file(state_dict, partial / "model.safetensors")
     time.sleep(SAVE_DELAY_FOR_TESTS_S)
     for filename, state in (("optimizer.pt", optimizer.state_dict()), ("scaler.pt", scaler.state_dict()),
@@ -177,8 +179,9 @@ def load_training_state(checkpoint_dir, model, optimizer, scaler, scheduler, dev
     meta = verify_checkpoint(checkpoint_dir)
     load_model_weights(model, checkpoint_dir / "model.safetensors")
     load_optimizer_state(optimizer, torch.load(checkpoint_dir / "optimizer.pt", map_location=device))
-    if (checkpoint_dir / "scaler.pt").is_file():
-        scaler.load_state_dict(torch.load(checkpoint_dir / "scaler.pt"))
+    scaler_state = torch.load(checkpoint_dir / "scaler.pt") if (checkpoint_dir / "scaler.pt").is_file() else {}
+    if scaler_state:  # empty when saved without fp16 (bf16 or fp32): a scaler now on starts fresh
+        scaler.load_state_dict(scaler_state)
     if (checkpoint_dir / "scheduler.pt").is_file():
         scheduler.load_state_dict(torch.load(checkpoint_dir / "scheduler.pt"))
     rng_states = None
