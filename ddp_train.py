@@ -126,6 +126,17 @@ def restore_rng_state(state, device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def set_rank_rng(ctx, random_seed, saved_states=None):
+    """Give each rank its own dropout masks: its saved RNG state if `saved_states` has one
+    per rank of this world size, otherwise the seed random_seed + rank. Returns whether
+    the saved state was restored."""
+    if saved_states is not None and len(saved_states) == ctx.world_size:
+        restore_rng_state(saved_states[ctx.rank], ctx.device)
+        return True
+    torch.manual_seed(random_seed + ctx.rank)
+    return False
+
+
 # ---------------------------------------------------------------- steps
 
 def nan_injection_for_tests():
@@ -249,9 +260,7 @@ def restore(run, ctx, checkpoint_dir, model, optimizer, scaler, scheduler, data)
         # A reference-harness checkpoint: put the schedule where it would have been.
         scheduler.last_epoch = start_step - 1
         scheduler.step()
-    if rng_states is not None and len(rng_states) == ctx.world_size:
-        restore_rng_state(rng_states[ctx.rank], ctx.device)
-    elif ctx.is_main:
+    if not set_rank_rng(ctx, run.train.random_seed, rng_states) and ctx.is_main:
         print("note: checkpoint has no RNG state for this world size; dropout masks will differ "
               "from an uninterrupted run")
     best_dir = run.checkpoints_dir / "best"
@@ -330,7 +339,7 @@ def build_trainer(run, ctx, datasets_dir, checkpoint_dir):
         progress = restore(run, ctx, checkpoint_dir, model, optimizer, scaler, scheduler, data)
     else:
         progress = Progress()
-        torch.manual_seed(train_cfg.random_seed + ctx.rank)  # different dropout masks per rank
+        set_rank_rng(ctx, train_cfg.random_seed)
     ddp_model = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
                     gradient_as_bucket_view=True)
     # Compiling the DDP module lets the compiler split graphs at DDP's bucket boundaries,

@@ -2,12 +2,14 @@
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import make_run, read_rows, run_training
+from ddp_train import capture_rng_state, set_rank_rng
 
 STEPS = 8  # optimizer steps in each run below
 
@@ -143,6 +145,45 @@ def test_resume_with_another_split_of_the_same_global_batch(tmp_path, verdict_da
     (one_rank / "train.json").write_text(json.dumps({**train, "gradient_accumulation_steps": 3}))
     refused = run_training([one_rank, "datasets", first], check=False)
     assert refused.returncode == 2 and "global batch of 8 sequences" in refused.stderr
+
+
+def test_resume_after_switching_autocast_between_bf16_and_fp16(tmp_path, verdict_dataset):
+    """A bf16 run saves an empty GradScaler state (the scaler is off); resumed in fp16 the
+    scaler starts fresh, and back in bf16 the fp16 scaler state is not needed."""
+    run_dir = make_run(tmp_path / "run", verdict_dataset, min_train_tokens=tokens_for(6, 1),
+                       checkpoint_interval=2, use_amp=True, amp_dtype="bfloat16")
+    run_training([run_dir, "datasets"])
+    train = json.loads((run_dir / "train.json").read_text())
+    for amp_dtype, checkpoint_step in (("float16", 1), ("bfloat16", 3)):
+        checkpoint = next(p.name for p in (run_dir / "checkpoints").iterdir()
+                          if f"iteration-{checkpoint_step}" in p.name)
+        (run_dir / "train.json").write_text(json.dumps({**train, "amp_dtype": amp_dtype}))
+        result = run_training([run_dir, "datasets", checkpoint])
+        assert f"global step {checkpoint_step + 1}" in result.stdout and "autocast torch." + amp_dtype in result.stdout
+    assert [r["step"] for r in read_rows(run_dir)] == list(range(6))
+    assert all(r["loss"] < 10 for r in read_rows(run_dir))  # finite, and no worse than ln(vocab) = 5.5 by much
+
+
+def test_every_rank_draws_its_own_dropout_masks_fresh_or_resumed():
+    """From the seed random_seed + rank on a fresh start or when the checkpoint has no RNG
+    state for this world size (a reference checkpoint, another world size); from the
+    saved state otherwise."""
+    ranks = [SimpleNamespace(rank=rank, world_size=2, device=torch.device("cpu")) for rank in range(2)]
+
+    def seeded(seed):
+        return torch.rand(4, generator=torch.Generator().manual_seed(seed))
+
+    for saved in (None, [capture_rng_state(torch.device("cpu"))]):  # none, or one rank's of a 1-rank run
+        for ctx, seed in zip(ranks, (42, 43)):
+            assert set_rank_rng(ctx, 42, saved) is False
+            assert torch.equal(torch.rand(4), seeded(seed))
+
+    torch.manual_seed(7)
+    saved_states = [capture_rng_state(torch.device("cpu")) for _ in range(2)]
+    expected = torch.rand(4)
+    for ctx in ranks:
+        assert set_rank_rng(ctx, 42, saved_states) is True
+        assert torch.equal(torch.rand(4), expected)
 
 
 def test_resumes_a_reference_harness_checkpoint(tmp_path, verdict_dataset):
