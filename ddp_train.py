@@ -458,6 +458,19 @@ def choose_checkpoint(run, checkpoint, force):
     return None
 
 
+def check_same_checkpoint(ctx, checkpoint_dir):
+    """Each node resolves CHECKPOINT (`latest`, `auto`) in its own view of the run directory.
+    Nodes starting from different steps would run different numbers of steps and hang
+    at the end, so a disagreement (a stale view, or run directories that are not one
+    shared directory) stops every rank now."""
+    names = [None] * ctx.world_size
+    dist.all_gather_object(names, checkpoint_dir.name if checkpoint_dir else "a fresh start")
+    if len(set(names)) > 1:
+        per_rank = ", ".join(f"rank {rank}: {name}" for rank, name in enumerate(names))
+        raise UserError(f"the ranks resolved the checkpoint to resume differently ({per_rank}); every node "
+                        "must see the same run directory (a shared filesystem)")
+
+
 @click.command()
 @click.argument("run")
 @click.argument("datasets_dir", type=click.Path(file_okay=False))
@@ -479,6 +492,7 @@ def main(run, datasets_dir, checkpoint, force, find_max, target_global_batch, wr
     ctx = init_distributed(run.train.dist_timeout_minutes)
     try:
         check_connectivity(ctx)
+        check_same_checkpoint(ctx, checkpoint_dir)
         if find_max:
             find_max_microbatch(run, ctx, target_global_batch, write)
         else:
