@@ -318,16 +318,23 @@ def make_optimizer(model, train_cfg):
                              fused=True)
 
 
-def build_trainer(run, ctx, datasets_dir, checkpoint_dir):
-    train_cfg = run.train
-    torch.manual_seed(train_cfg.random_seed)  # identical initial weights on every rank
-    model = GPTModel(run.model, pad_vocab_to_multiple_of=train_cfg.pad_vocab_to_multiple_of).to(ctx.device)
-    data = load_data(run, ctx, datasets_dir)
-    amp_dtype = amp_dtype_for(train_cfg, ctx.device)
+def build_model(run, ctx):
+    """The model on this rank's device, its autocast dtype, optimizer and gradient scaler,
+    as training and the -f search use them."""
+    torch.manual_seed(run.train.random_seed)  # identical initial weights on every rank
+    model = GPTModel(run.model, pad_vocab_to_multiple_of=run.train.pad_vocab_to_multiple_of).to(ctx.device)
+    amp_dtype = amp_dtype_for(run.train, ctx.device)
     if amp_dtype is not None:
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and later
-    optimizer = make_optimizer(model, train_cfg)
+    optimizer = make_optimizer(model, run.train)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16)
+    return model, amp_dtype, optimizer, scaler
+
+
+def build_trainer(run, ctx, datasets_dir, checkpoint_dir):
+    train_cfg = run.train
+    model, amp_dtype, optimizer, scaler = build_model(run, ctx)
+    data = load_data(run, ctx, datasets_dir)
     warmup_steps = int(data.total_steps * train_cfg.warmup_period_percent // 100)
     min_ratio = train_cfg.effective_min_lr / train_cfg.learning_rate
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -402,11 +409,7 @@ def find_max_microbatch(run, ctx, target_global_batch, write):
     """The -f search: no validation, no checkpoints, random tokens (memory depends only on shapes)."""
     if ctx.device.type != "cuda" and TEST_LIMIT_VARIABLE not in os.environ:
         raise UserError("-f searches GPU memory for the largest microbatch, and this machine has no CUDA device")
-    torch.manual_seed(run.train.random_seed)
-    model = GPTModel(run.model, pad_vocab_to_multiple_of=run.train.pad_vocab_to_multiple_of).to(ctx.device)
-    amp_dtype = amp_dtype_for(run.train, ctx.device)
-    optimizer = make_optimizer(model, run.train)
-    scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16)
+    model, amp_dtype, optimizer, scaler = build_model(run, ctx)
     try_microbatch = make_trial(model, optimizer, scaler,
                                 lambda m, inputs, targets: compute_loss(m, inputs, targets, amp_dtype, ctx.device),
                                 ctx, run.model.context_length, run.model.vocab_size)
@@ -414,13 +417,14 @@ def find_max_microbatch(run, ctx, target_global_batch, write):
 
     def fits_on_every_rank(size):
         peak = try_microbatch(size)
-        passed = torch.tensor([float(peak is not None)], device=ctx.device)
-        dist.all_reduce(passed, op=dist.ReduceOp.MIN)
+        passed_everywhere = torch.tensor([float(peak is not None)], device=ctx.device)
+        dist.all_reduce(passed_everywhere, op=dist.ReduceOp.MIN)
+        passed = bool(passed_everywhere.item())
         if ctx.is_main:
-            print(f"microbatch {size}: {'fits' if passed.item() else 'out of memory'}", flush=True)
-        if passed.item():
+            print(f"microbatch {size}: {'fits' if passed else 'out of memory'}", flush=True)
+        if passed:
             peak_bytes[size] = peak
-        return bool(passed.item())
+        return passed
 
     largest = largest_passing(fits_on_every_rank)
     if largest == 0:
