@@ -37,10 +37,19 @@ def verdict_dataset(tmp_path_factory):
     return write_byte_dataset(tmp_path_factory.mktemp("datasets") / "verdict", text)
 
 
+MICROBATCH_SIZE = 4  # make_run's default
+
+
+def tokens_for(steps, world_size, accumulation=1, microbatch=MICROBATCH_SIZE,
+               context=TINY_MODEL["context_length"]):
+    """min_train_tokens for exactly `steps` optimizer steps."""
+    return steps * world_size * accumulation * microbatch * context
+
+
 def make_run(run_dir, dataset_dir, model=None, **train):
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "model.json").write_text(json.dumps({**TINY_MODEL, **(model or {})}))
-    train_cfg = {"dataset": str(dataset_dir), "microbatch_size": 4, "use_amp": False,
+    train_cfg = {"dataset": str(dataset_dir), "microbatch_size": MICROBATCH_SIZE, "use_amp": False,
                  "learning_rate": 0.003, **train}
     (run_dir / "train.json").write_text(json.dumps(train_cfg))
     return run_dir

@@ -8,14 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import make_run, read_rows, run_training
+from conftest import make_run, read_rows, run_training, tokens_for
 from ddp_train import capture_rng_state, set_rank_rng
 
 STEPS = 8  # optimizer steps in each run below
-
-
-def tokens_for(steps, world_size, accumulation=1, microbatch=4, context=32):
-    return steps * world_size * accumulation * microbatch * context
 
 
 @pytest.fixture(scope="module")

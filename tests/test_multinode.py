@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import PROJECT_DIR, make_run, read_rows, run_training, train_env
+from conftest import PROJECT_DIR, make_run, read_rows, run_training, tokens_for, train_env
 
 STEPS = 6
 
@@ -32,7 +32,7 @@ def test_two_nodes_equal_one_node_with_two_processes(tmp_path):
     """Uses the demo corpus with shared_filesystem: both nodes see one DATASETS_DIR, so only
     global rank 0 may build it (two builders would race on the same files)."""
     datasets_dir = tmp_path / "datasets"
-    common = dict(min_train_tokens=STEPS * 2 * 4 * 32, checkpoint_interval=100, shared_filesystem=True,
+    common = dict(min_train_tokens=tokens_for(STEPS, 2), checkpoint_interval=100, shared_filesystem=True,
                   tensorboard=True)
     two_nodes = make_run(tmp_path / "two-nodes", "demo", **common)
     one_node = make_run(tmp_path / "one-node", "demo", **common)
@@ -53,7 +53,7 @@ def test_two_nodes_equal_one_node_with_two_processes(tmp_path):
 def test_nodes_resolving_latest_to_different_checkpoints_stop_instead_of_hanging(tmp_path, verdict_dataset):
     """Node 0's `latest` is step 5, node 1's (another copy of the run directory, as a stale
     or unshared filesystem would show it) is step 3: every rank stops with one error line."""
-    node_0 = make_run(tmp_path / "node-0", verdict_dataset, min_train_tokens=6 * 4 * 32, checkpoint_interval=2)
+    node_0 = make_run(tmp_path / "node-0", verdict_dataset, min_train_tokens=tokens_for(6, 1), checkpoint_interval=2)
     run_training([node_0, "datasets"])
     node_1 = tmp_path / "node-1"
     shutil.copytree(node_0, node_1, symlinks=True)
@@ -74,7 +74,7 @@ def test_nodes_resolving_latest_to_different_checkpoints_stop_instead_of_hanging
 def test_tensorboard_scalars_match_metrics_jsonl(tmp_path, verdict_dataset):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run_dir = make_run(tmp_path / "run", verdict_dataset, min_train_tokens=4 * 4 * 32, tensorboard=True,
+    run_dir = make_run(tmp_path / "run", verdict_dataset, min_train_tokens=tokens_for(4, 1), tensorboard=True,
                        validation_interval=2, validation_batches=2)
     run_training([run_dir, "datasets"])
     events = EventAccumulator(str(run_dir / "tb"))

@@ -13,13 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import PROJECT_DIR, SHARED_DATA, make_run, read_rows, run_training, train_env, write_byte_dataset
+from conftest import (PROJECT_DIR, SHARED_DATA, make_run, read_rows, run_training, tokens_for, train_env,
+                      write_byte_dataset)
 
 STEPS = 8
-
-
-def tokens_for(steps, world_size):
-    return steps * world_size * 4 * 32
 
 
 def checkpoint_steps(run_dir):

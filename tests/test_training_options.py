@@ -10,12 +10,12 @@ import torch
 from safetensors.torch import load_file
 
 from config import TrainConfig
-from conftest import make_run, read_rows, run_training
+from conftest import make_run, read_rows, run_training, tokens_for
 from ddp_train import amp_dtype_for
 
 
 def test_compiled_and_eager_losses_agree(tmp_path, verdict_dataset):
-    common = dict(min_train_tokens=4 * 4 * 32, checkpoint_interval=100, gradient_accumulation_steps=2)
+    common = dict(min_train_tokens=tokens_for(4, 1), checkpoint_interval=100, gradient_accumulation_steps=2)
     eager = make_run(tmp_path / "eager", verdict_dataset, **common)
     compiled = make_run(tmp_path / "compiled", verdict_dataset, compile=True, **common)
     run_training([eager, "datasets"])
@@ -30,7 +30,7 @@ def test_compiled_and_eager_losses_agree(tmp_path, verdict_dataset):
 
 
 def test_padded_vocabulary_trains_the_same_and_saves_unpadded_checkpoints(tmp_path, verdict_dataset):
-    common = dict(min_train_tokens=3 * 4 * 32, checkpoint_interval=100)
+    common = dict(min_train_tokens=tokens_for(3, 1), checkpoint_interval=100)
     plain = make_run(tmp_path / "plain", verdict_dataset, **common)
     padded = make_run(tmp_path / "padded", verdict_dataset, pad_vocab_to_multiple_of=64, **common)
     run_training([plain, "datasets"])
