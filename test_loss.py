@@ -20,11 +20,11 @@ import json
 from pathlib import Path
 
 import click
-import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
+from batching import Microbatches
+from ddp_train import compute_loss
 from errors import UserError, report_user_errors
 from eval_common import load_model, pick_device
 from token_data import SPLITS, fetch_dataset, open_split, read_meta
@@ -43,15 +43,11 @@ def mean_batch_loss(model, tokens, start_token, batches, batch_size, autocast_dt
                         f"{batch_size} x {context_length} tokens from token {start_token:,} "
                         f"need {needed:,}; lower --batches or --start-token")
     total = 0.0
-    with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype,
-                                                enabled=autocast_dtype is not None):
-        for i in tqdm(range(batches), desc="test loss", unit="batch"):
-            begin = start_token + i * span
-            chunk = torch.from_numpy(tokens[begin:begin + span + 1].astype(np.int64)).to(device)
-            inputs = chunk[:-1].view(batch_size, context_length)
-            targets = chunk[1:].view(batch_size, context_length)
-            logits = model(inputs)
-            total += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()).item()
+    with torch.inference_mode():
+        # The trainer's windows and loss: the same slicing, autocast and fp32 cross-entropy.
+        for inputs, targets in tqdm(Microbatches(tokens, start_token, batches, batch_size, context_length),
+                                    desc="test loss", unit="batch"):
+            total += compute_loss(model, inputs.to(device), targets.to(device), autocast_dtype, device).item()
     return total / batches
 
 
