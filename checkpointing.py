@@ -3,13 +3,17 @@
 Each holds `model.safetensors` (reference-harness key names), `optimizer.pt`,
 `scaler.pt`, `scheduler.pt`, `training_state.pt` (every rank's RNG states) and
 `meta.json`. `latest` and `best` are relative symlinks beside them.
+
+A checkpoint directory is complete or absent: it is written under a hidden
+`.partial-*` name and renamed into place, and the links move after it.
 """
 
 import datetime
+import errno
 import json
 import os
 import shutil
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,12 +21,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from errors import UserError
+from jsonfiles import strict_json
 
 # Prefixes added by DDP and torch.compile wrappers; never part of a saved key.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 LINKS = ("latest", "best")
-# Test hook: widens the window in which a kill lands in the middle of a save.
-SAVE_DELAY_FOR_TESTS_S = float(os.environ.get("DDP_TRAIN_TEST_SAVE_DELAY_S", "0"))
+# The two names of a tied output head; the reference harness saves only one of them.
+TIED_KEYS = ("tok_emb.weight", "out_head.weight")
+# meta.json, the RNG states and the links, beyond the tensors' own bytes.
+SMALL_FILES_BYTES = 1 << 20
 
 
 def clean_state_dict(state_dict):
@@ -37,13 +44,23 @@ def clean_state_dict(state_dict):
     return cleaned
 
 
+def fill_tied_key(state_dict, model):
+    """The reference harness saves a tied model with safetensors' save_model, which keeps
+    only one of the two tied tensors: give the other name the same tensor."""
+    present = [key for key in TIED_KEYS if key in state_dict]
+    if getattr(model, "cfg", None) is not None and model.cfg.tie_weights and len(present) == 1:
+        other = TIED_KEYS[1 - TIED_KEYS.index(present[0])]
+        state_dict[other] = state_dict[present[0]]
+    return state_dict
+
+
 def load_model_weights(model, path):
     """Load a `model.safetensors` (ours, the reference harness's, or converted) into `model`."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: model weights not found")
     try:
-        state_dict = clean_state_dict(load_file(path))
+        state_dict = fill_tied_key(clean_state_dict(load_file(path)), model)
     except SafetensorError as e:
         raise UserError(f"{path}: not a readable safetensors file ({e})")
     missing, unexpected = [], []
@@ -59,7 +76,36 @@ def load_model_weights(model, path):
     return model
 
 
+def save_safetensors(tensors, path, metadata=None):
+    """safetensors' save_file, with the file mode every other file gets (it writes 0600)."""
+    save_file(tensors, path, metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 # ---------------------------------------------------------------- training checkpoints
+
+@dataclass
+class TrainingState:
+    """Everything a checkpoint restores, one file each (the reference harness's names)."""
+    model: torch.nn.Module  # the bare model, not its DDP or compiled wrapper
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+    def state_files(self):
+        """{file name: state} for the files torch.save writes."""
+        return {"optimizer.pt": self.optimizer.state_dict(), "scaler.pt": self.scaler.state_dict(),
+                "scheduler.pt": self.scheduler.state_dict()}
+
+    def size_estimate(self):
+        """Bytes a checkpoint of this state takes: the weights and the optimizer's tensors."""
+        tensors = list(self.model.state_dict().values())
+        tensors += [value for state in self.optimizer.state.values() for value in state.values()
+                    if torch.is_tensor(value)]
+        return sum(t.numel() * t.element_size() for t in tensors) + SMALL_FILES_BYTES
+
 
 def checkpoint_name(global_step, now=None):
     now = now or datetime.datetime.now(datetime.UTC)
@@ -77,19 +123,49 @@ def list_checkpoints(checkpoints_dir):
     return sorted(found, key=lambda p: json.loads((p / "meta.json").read_text())["global_step"])
 
 
+def has_checkpoint_entries(checkpoints_dir):
+    """Whether anything but hidden leftovers is there: complete, damaged or linked checkpoints."""
+    checkpoints_dir = Path(checkpoints_dir)
+    return checkpoints_dir.is_dir() and any(not p.name.startswith(".") for p in checkpoints_dir.iterdir())
+
+
 def resolve_checkpoint(checkpoints_dir, name):
     """A checkpoint directory by name, or `latest` / `best`."""
-    path = Path(checkpoints_dir) / name
-    if not (path / "meta.json").is_file():
+    checkpoints_dir = Path(checkpoints_dir)
+    path = checkpoints_dir / name
+    if path.is_symlink() and not path.exists():
+        raise UserError(f"checkpoint '{name}' in {checkpoints_dir} is a link to {os.readlink(path)}, "
+                        "which does not exist")
+    if path.is_dir() and not (path / "meta.json").is_file():
+        raise UserError(f"checkpoint '{name}': {path.resolve() / 'meta.json'} is missing (an incomplete or "
+                        "damaged checkpoint)")
+    if not path.is_dir():
         available = [p.name for p in list_checkpoints(checkpoints_dir)]
-        links = [link for link in LINKS if (Path(checkpoints_dir) / link).exists()]
+        links = [link for link in LINKS if (checkpoints_dir / link).exists()]
         raise UserError(f"checkpoint '{name}' not found in {checkpoints_dir} "
                         f"(available: {', '.join(links + available) or 'none'})")
     return path.resolve()
 
 
+def newest_complete_checkpoint(checkpoints_dir):
+    """The checkpoint with the highest step whose files all match its manifest, or None."""
+    for checkpoint_dir in reversed(list_checkpoints(checkpoints_dir)):
+        try:
+            verify_checkpoint(checkpoint_dir)
+        except UserError:
+            continue
+        return checkpoint_dir
+    return None
+
+
 def read_checkpoint_meta(checkpoint_dir):
-    return json.loads((Path(checkpoint_dir) / "meta.json").read_text())
+    path = Path(checkpoint_dir) / "meta.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing (an incomplete or damaged checkpoint)")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})")
 
 
 def _write_file(path, write):
@@ -107,41 +183,62 @@ def _point_link(checkpoints_dir, link, target_name):
     os.replace(temporary, checkpoints_dir / link)
 
 
-def save_checkpoint(checkpoints_dir, model, optimizer, scaler, scheduler, rank_rng_states, meta, is_best):
+def size_text(size_bytes):
+    return f"{size_bytes / 2**30:,.2f} GiB" if size_bytes >= 2**30 else f"{size_bytes / 2**20:,.1f} MiB"
+
+
+def check_free_space(checkpoints_dir, needed_bytes):
+    free = shutil.disk_usage(checkpoints_dir).free
+    if free < needed_bytes:
+        raise UserError(f"{checkpoints_dir}: not enough free disk space for a checkpoint: it needs about "
+                        f"{size_text(needed_bytes)} and {size_text(free)} are free; free some space "
+                        "(keep_last_checkpoints in train.json prunes old checkpoints) and resume")
+
+
+def save_checkpoint(checkpoints_dir, state, rank_rng_states, meta, is_best):
     """Write a checkpoint into a temporary directory, flush it, rename it into place,
     and only then re-point `latest` (and `best`), so a crash never leaves a link
-    to a half-written checkpoint. Returns the checkpoint directory."""
+    to a half-written checkpoint. A write that fails (a full disk) removes the partial
+    directory and leaves every earlier checkpoint and link as it was. Returns the
+    checkpoint directory."""
     checkpoints_dir = Path(checkpoints_dir)
-    checkpoints_dir.mkdir(parents=True, exist_ok=True)
     name = checkpoint_name(meta["global_step"])
-    for leftover in checkpoints_dir.glob(".partial-*"):  # from a save that was killed
-        shutil.rmtree(leftover, ignore_errors=True)
     partial = checkpoints_dir / f".partial-{name}"
-    partial.mkdir()
+    try:
+        checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        for leftover in checkpoints_dir.glob(".partial-*"):  # from a save that was killed
+            shutil.rmtree(leftover, ignore_errors=True)
+        check_free_space(checkpoints_dir, state.size_estimate())
+        partial.mkdir()
+        _write_checkpoint_files(partial, state, rank_rng_states, {**meta, "is_best": is_best})
+        final = checkpoints_dir / name
+        os.replace(partial, final)
+        _fsync_dir(checkpoints_dir)
+        if is_best:
+            _point_link(checkpoints_dir, "best", name)
+        _point_link(checkpoints_dir, "latest", name)
+        _fsync_dir(checkpoints_dir)
+    except OSError as e:
+        shutil.rmtree(partial, ignore_errors=True)
+        needed = f" (a checkpoint needs about {size_text(state.size_estimate())})" if e.errno == errno.ENOSPC else ""
+        raise UserError(f"could not write checkpoint {name} in {checkpoints_dir}: "
+                        f"{e.strerror or e}{needed}; earlier checkpoints are untouched")
+    return final
 
+
+def _write_checkpoint_files(directory, state, rank_rng_states, meta):
     # Copied straight to host memory: a copy on the GPU could run a full one out of
     # memory. Separate copies also keep safetensors from refusing a tied output head
     # (tensors that share memory), so both keys are saved and every loader finds them.
-    state_dict = {key: tensor.detach().to("cpu", copy=True).contiguous()
-                  for key, tensor in model.state_dict().items()}
-    save_file(state_dict, partial / "model.safetensors")
-    time.sleep(SAVE_DELAY_FOR_TESTS_S)
-    for filename, state in (("optimizer.pt", optimizer.state_dict()), ("scaler.pt", scaler.state_dict()),
-                            ("scheduler.pt", scheduler.state_dict()),
-                            ("training_state.pt", {"rng_states": rank_rng_states})):
-        _write_file(partial / filename, lambda f, state=state: torch.save(state, f))
-    manifest = {p.name: p.stat().st_size for p in partial.iterdir()}
-    meta = {**meta, "is_best": is_best, "files": manifest}
-    _write_file(partial / "meta.json", lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode()))
-
-    final = checkpoints_dir / name
-    os.replace(partial, final)
-    _fsync_dir(checkpoints_dir)
-    if is_best:
-        _point_link(checkpoints_dir, "best", name)
-    _point_link(checkpoints_dir, "latest", name)
-    _fsync_dir(checkpoints_dir)
-    return final
+    weights = {key: tensor.detach().to("cpu", copy=True).contiguous()
+               for key, tensor in state.model.state_dict().items()}
+    save_safetensors(weights, directory / "model.safetensors")
+    files = {**state.state_files(), "training_state.pt": {"rng_states": rank_rng_states}}
+    for filename, file_state in files.items():
+        _write_file(directory / filename, lambda f, file_state=file_state: torch.save(file_state, f))
+    manifest = {p.name: p.stat().st_size for p in directory.iterdir()}
+    text = strict_json({**meta, "files": manifest}, indent=2) + "\n"
+    _write_file(directory / "meta.json", lambda f: f.write(text.encode()))
 
 
 def prune_checkpoints(checkpoints_dir, keep_last):
@@ -172,33 +269,60 @@ def verify_checkpoint(checkpoint_dir):
     return meta
 
 
-def load_training_state(checkpoint_dir, model, optimizer, scaler, scheduler, device):
-    """Restore a checkpoint written by this project or by the reference harness
-    (which has no scheduler or RNG state). Returns (meta, rng_states or None)."""
+def load_training_state(checkpoint_dir, state, device):
+    """Restore a checkpoint written by this project or by the reference harness (which
+    has no RNG state, and a scheduler.pt of its own kind or none) into `state`, except
+    the learning-rate schedule: that is a function of the step, which the caller sets.
+    Returns (meta, rng_states or None)."""
     checkpoint_dir = Path(checkpoint_dir)
     meta = verify_checkpoint(checkpoint_dir)
-    load_model_weights(model, checkpoint_dir / "model.safetensors")
-    load_optimizer_state(optimizer, torch.load(checkpoint_dir / "optimizer.pt", map_location=device))
-    scaler_state = torch.load(checkpoint_dir / "scaler.pt") if (checkpoint_dir / "scaler.pt").is_file() else {}
+    load_model_weights(state.model, checkpoint_dir / "model.safetensors")
+    load_optimizer_state(state.optimizer, _load(checkpoint_dir / "optimizer.pt", device),
+                         checkpoint_dir / "optimizer.pt")
+    scaler_state = _load(checkpoint_dir / "scaler.pt") if (checkpoint_dir / "scaler.pt").is_file() else {}
     if scaler_state:  # empty when saved without fp16 (bf16 or fp32): a scaler now on starts fresh
-        scaler.load_state_dict(scaler_state)
+        state.scaler.load_state_dict(scaler_state)
     if (checkpoint_dir / "scheduler.pt").is_file():
-        scheduler.load_state_dict(torch.load(checkpoint_dir / "scheduler.pt"))
+        check_scheduler_state(_load(checkpoint_dir / "scheduler.pt"), checkpoint_dir / "scheduler.pt")
     rng_states = None
     if (checkpoint_dir / "training_state.pt").is_file():
-        rng_states = torch.load(checkpoint_dir / "training_state.pt")["rng_states"]
+        rng_states = _load(checkpoint_dir / "training_state.pt")["rng_states"]
     return meta, rng_states
 
 
-def load_optimizer_state(optimizer, state_dict):
+def _load(path, device="cpu"):
+    try:
+        return torch.load(path, map_location=device)
+    except Exception as e:  # noqa: BLE001 - unpickling fails in many ways; each is a damaged file
+        raise UserError(f"{path}: not a readable checkpoint file ({type(e).__name__}: {e})")
+
+
+def check_scheduler_state(scheduler_state, path):
+    """Accept what either harness writes: nothing, this project's LambdaLR state, or the
+    reference harness's SequentialLR state. Their step counts are not needed (the
+    schedule resumes from the checkpoint's global step), but anything else is a file
+    this code does not understand, and resuming from it would be a guess."""
+    if scheduler_state is None or scheduler_state == {}:
+        return
+    if not (isinstance(scheduler_state, dict) and isinstance(scheduler_state.get("last_epoch"), int)):
+        kind = type(scheduler_state).__name__
+        raise UserError(f"{path}: not a learning-rate scheduler state this trainer understands (a {kind} "
+                        "without an integer 'last_epoch'); expected the state of a LambdaLR, a "
+                        "SequentialLR or nothing")
+
+
+def load_optimizer_state(optimizer, state_dict, source):
     """Load optimizer state but keep this optimizer's `fused` setting: a checkpoint's param
     groups carry their own (the reference harness's is off), and fused kernels want their
     step counters as float32 tensors on the parameters' device."""
     fused_settings = [group.get("fused") for group in optimizer.param_groups]
-    optimizer.load_state_dict(state_dict)
+    try:
+        optimizer.load_state_dict(state_dict)
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{source}: does not fit this model's parameters ({e})")
     for group, fused in zip(optimizer.param_groups, fused_settings):
         group["fused"] = fused
         for param in group["params"] if fused else []:
-            state = optimizer.state.get(param, {})
-            if "step" in state:
-                state["step"] = state["step"].to(device=param.device, dtype=torch.float32)
+            param_state = optimizer.state.get(param, {})
+            if "step" in param_state:
+                param_state["step"] = param_state["step"].to(device=param.device, dtype=torch.float32)

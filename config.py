@@ -8,6 +8,7 @@ so its run directories work unchanged; the few keys added here are marked.
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -18,6 +19,9 @@ from errors import UserError
 PROJECT_DIR = Path(__file__).resolve().parent
 RUNS_DIR = PROJECT_DIR / "runs"
 
+# torch seeds take 64 bits; each rank adds its rank to random_seed.
+MAX_RANDOM_SEED = 2**62
+MAX_DIST_TIMEOUT_MINUTES = 7 * 24 * 60
 # Old reference configs spelled microbatch_size this way.
 LEGACY_ALIASES = {"minibatch_size": "microbatch_size"}
 
@@ -49,6 +53,9 @@ def _check_type(source, key, value, annotation):
         if kind is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            # JSON's 1e309 parses as inf, and Python's json also reads NaN and Infinity.
+            if not math.isfinite(float(value)):
+                raise UserError(f"{source}: key '{key}' must be a finite number, got {value}")
             return float(value)
         if kind is str and isinstance(value, str):
             return value
@@ -164,6 +171,12 @@ class TrainConfig:
         _require(self.min_lr is None or 0 <= self.min_lr <= self.learning_rate, source, "min_lr",
                  f"must be between 0 and learning_rate ({self.learning_rate}), got {self.min_lr}")
         _require(self.weight_decay >= 0, source, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        # AdamW multiplies every weight by 1 - learning_rate x weight_decay each step.
+        _require(self.learning_rate * self.weight_decay < 1, source, "weight_decay",
+                 f"times learning_rate must be below 1 (AdamW scales the weights by 1 - lr x weight_decay "
+                 f"each step), got {self.weight_decay} x {self.learning_rate}")
+        _require(0 <= self.random_seed < MAX_RANDOM_SEED, source, "random_seed",
+                 f"must be between 0 and 2**62 - 1 (each rank seeds with random_seed + rank), got {self.random_seed}")
         _require(0 <= self.warmup_period_percent <= 100, source, "warmup_period_percent",
                  f"must be between 0 and 100, got {self.warmup_period_percent}")
         _require(self.amp_dtype in (None, "bfloat16", "float16"), source, "amp_dtype",
@@ -172,8 +185,8 @@ class TrainConfig:
                     "pad_vocab_to_multiple_of"):
             value = getattr(self, key)
             _require(value is None or value > 0, source, key, f"must be positive, got {value}")
-        _require(self.dist_timeout_minutes > 0, source, "dist_timeout_minutes",
-                 f"must be positive, got {self.dist_timeout_minutes}")
+        _require(0 < self.dist_timeout_minutes <= MAX_DIST_TIMEOUT_MINUTES, source, "dist_timeout_minutes",
+                 f"must be between 0 and {MAX_DIST_TIMEOUT_MINUTES} (one week), got {self.dist_timeout_minutes}")
 
     @property
     def effective_checkpoint_interval(self):

@@ -22,9 +22,10 @@ import click
 import torch
 from huggingface_hub import HfApi, snapshot_download
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tiktoken.load import read_file_cached
 
+from checkpointing import save_safetensors
 from config import ModelConfig, load_json
 from errors import UserError, report_user_errors
 from eval_common import load_model, load_model_config, one_line, tokenizer_name_for, tokenizer_options
@@ -200,7 +201,7 @@ def convert_from_hf(hf_dir, out_dir):
         raise UserError(f"{hf_dir}: the weights lack {e.args[0]} for this config")
     check_fits(ours, cfg, hf_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(ours, out_dir / "model.safetensors")
+    save_safetensors(ours, out_dir / "model.safetensors")
     (out_dir / "model.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     return cfg
 
@@ -282,8 +283,8 @@ def convert_to_hf(model_json, weights, out_dir, tokenizer_name, datasets_dir, re
     if tokenizer_name is None:
         tokenizer_name, _ = tokenizer_name_for(model_json, datasets_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(ours_to_hf(model.state_dict(), cfg), out_dir / "model.safetensors",
-              metadata={"format": "pt"})  # transformers requires the format tag
+    save_safetensors(ours_to_hf(model.state_dict(), cfg), out_dir / "model.safetensors",
+                     metadata={"format": "pt"})  # transformers requires the format tag
     eot_id = EOT_IDS.get(tokenizer_name)
     if eot_id is not None and eot_id >= cfg.vocab_size:
         missing, eot_id = f"vocab_size {cfg.vocab_size} is too small for tokenizer '{tokenizer_name}'", None

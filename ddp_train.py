@@ -13,7 +13,6 @@ stops every rank after the current optimizer step, with a checkpoint.
 
 import gc
 import math
-import os
 import random
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -22,7 +21,6 @@ import click
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import charts
@@ -31,36 +29,16 @@ import token_data
 from batching import Microbatches, count_optimizer_steps, prefetch_to_device, rank_microbatch_indices
 from config import load_run
 from distributed import StopSignals, check_connectivity, init_distributed, run_and_share_errors
-from errors import UserError, report_user_errors
+from errors import RankLost, UserError, report_user_errors
 from gpt import GPTModel
-from metrics import TrainingLog, read_metrics, require_tensorboard
-from microbatch_search import (TEST_LIMIT_VARIABLE, largest_passing, make_trial, suggest_batch_split,
-                               write_batch_split)
+from metrics import IntervalStats, TrainingLog, read_metrics, require_tensorboard
+from run_lock import lock_run_dir
+from training import (amp_dtype_for, check_model_fits, compute_loss, make_lr_scheduler, make_optimizer,
+                      move_lr_scheduler_to)
+from microbatch_search import largest_passing, make_trial, require_gpu, suggest_batch_split, write_batch_split
 
 
 # ---------------------------------------------------------------- set-up
-
-def amp_dtype_for(train_cfg, device):
-    """The autocast dtype, or None for full fp32."""
-    if not train_cfg.use_amp:
-        return None
-    if train_cfg.amp_dtype is not None:
-        return getattr(torch, train_cfg.amp_dtype)
-    # Without including_emulation=False a V100 or T4 counts as bf16-capable (it can hold
-    # bf16 tensors), and would then run bf16 matmuls emulated, without tensor cores.
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
-        return torch.float16
-    return torch.bfloat16
-
-
-def lr_multiplier(step, total_steps, warmup_steps, min_ratio):
-    """Linear warmup from ~0 to 1, then cosine decay to `min_ratio` at the last step."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    decay_steps = max(1, total_steps - warmup_steps - 1)
-    progress = min(1.0, (step - warmup_steps) / decay_steps)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
 
 @dataclass
 class Data:
@@ -139,31 +117,21 @@ def set_rank_rng(ctx, random_seed, saved_states=None):
 
 # ---------------------------------------------------------------- steps
 
-def nan_injection_for_tests():
-    """Test hook: DDP_TRAIN_TEST_NAN_AT="RANK:STEP,STEP" makes that rank's loss NaN at those steps."""
-    spec = os.environ.get("DDP_TRAIN_TEST_NAN_AT")
-    if not spec:
-        return set()
-    rank, steps = spec.split(":")
-    return {(int(rank), int(step)) for step in steps.split(",")}
+# Where gloo's RuntimeErrors about a connection that broke (a peer closed or reset it) come from.
+GLOO_TRANSPORT_ERROR = "gloo/transport/"
+# What train_step returns: one device tensor per step holding these, in this order,
+# read from the device once per log window.
+STEP_STATISTICS = ("loss", "grad_norm", "nonfinite_ranks", "stop_votes")
 
 
-NAN_INJECTION = nan_injection_for_tests()
-
-
-def compute_loss(model, inputs, targets, amp_dtype, device):
-    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        logits = model(inputs)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-
-
-def train_step(global_step, t, run, ctx, microbatches, stop_requested):
+def train_step(trainer, run, ctx, microbatches, stop_requested):
     """One optimizer step over `gradient_accumulation_steps` microbatches on every rank.
 
-    Returns, without waiting for the device, a tensor [loss (mean over ranks and
-    microsteps), gradient norm before clipping, ranks with a non-finite loss, ranks
-    asking to stop]. A step with a non-finite loss or gradient on any rank is skipped
-    on every rank alike, inside the fused optimizer (its `found_inf`), with no sync.
+    Returns, without waiting for the device, a tensor of STEP_STATISTICS: the loss
+    (mean over ranks and microsteps), the gradient norm before clipping, the number of
+    ranks with a non-finite loss and of ranks asking to stop. A step with a non-finite
+    loss or gradient on any rank is skipped on every rank alike, inside the fused
+    optimizer (its `found_inf`), with no sync.
     """
     accumulation_steps = run.train.gradient_accumulation_steps
     loss_sum = torch.zeros((), device=ctx.device)
@@ -171,32 +139,31 @@ def train_step(global_step, t, run, ctx, microbatches, stop_requested):
         inputs, targets = next(microbatches)
         # Gradients are all-reduced only on the last microstep.
         is_last_microstep = accumulation_step == accumulation_steps - 1
-        with nullcontext() if is_last_microstep else t.ddp_model.no_sync():
-            loss = compute_loss(t.forward_model, inputs, targets, t.amp_dtype, ctx.device)
-            if (ctx.rank, global_step) in NAN_INJECTION:
-                loss = loss * float("nan")
-            t.scaler.scale(loss / accumulation_steps).backward()
+        with nullcontext() if is_last_microstep else trainer.ddp_model.no_sync():
+            loss = compute_loss(trainer.forward_model, inputs, targets, trainer.amp_dtype, ctx.device)
+            trainer.scaler.scale(loss / accumulation_steps).backward()
         loss_sum += loss.detach()
 
-    t.scaler.unscale_(t.optimizer)
+    trainer.scaler.unscale_(trainer.optimizer)
     max_norm = run.train.clipping_max_norm or float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), max_norm)
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), max_norm)
     # One all-reduce carries the loss, the non-finite flag and the stop flag. The stop flag is
     # picked from constants already on the device: making a tensor from a Python value would
     # be a copy that waits for the device.
-    stats = torch.stack([loss_sum / accumulation_steps, (~torch.isfinite(loss_sum)).float(),
-                         t.zero_and_one[int(stop_requested)]])
-    dist.all_reduce(stats)
-    if t.scaler.is_enabled():
+    stop_flag = trainer.stop_flags[1 if stop_requested else 0]
+    reduced = torch.stack([loss_sum / accumulation_steps, (~torch.isfinite(loss_sum)).float(), stop_flag])
+    dist.all_reduce(reduced)
+    mean_loss, nonfinite_ranks, stop_votes = reduced
+    if trainer.scaler.is_enabled():
         # float16: the scaler found any inf/NaN in the (all-reduced) gradients and skips for us.
-        t.scaler.step(t.optimizer)
-        t.scaler.update()
+        trainer.scaler.step(trainer.optimizer)
+        trainer.scaler.update()
     else:
-        t.optimizer.found_inf = ((stats[1] > 0) | ~torch.isfinite(grad_norm)).float()
-        t.optimizer.step()
-        del t.optimizer.found_inf
-    t.optimizer.zero_grad(set_to_none=True)
-    return torch.stack([stats[0] / ctx.world_size, grad_norm.float(), stats[1], stats[2]])
+        trainer.optimizer.found_inf = ((nonfinite_ranks > 0) | ~torch.isfinite(grad_norm)).float()
+        trainer.optimizer.step()
+        del trainer.optimizer.found_inf
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return torch.stack([mean_loss / ctx.world_size, grad_norm.float(), nonfinite_ranks, stop_votes])
 
 
 @torch.no_grad()
@@ -205,7 +172,7 @@ def evaluate(model, validation, ctx, amp_dtype):
     model.eval()
     totals = torch.zeros(2, device=ctx.device)
     for index in range(ctx.rank, len(validation), ctx.world_size):
-        inputs, targets = (t.to(ctx.device) for t in validation[index])
+        inputs, targets = (tensor.to(ctx.device) for tensor in validation[index])
         totals[0] += compute_loss(model, inputs, targets, amp_dtype, ctx.device)
         totals[1] += 1
     dist.all_reduce(totals)
@@ -213,14 +180,25 @@ def evaluate(model, validation, ctx, amp_dtype):
     return (totals[0] / totals[1]).item()
 
 
-# ---------------------------------------------------------------- bookkeeping
+@torch.no_grad()
+def weights_are_finite(model):
+    """Whether every rank's weights are finite (one all-reduce; a sync, so only before saving)."""
+    finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all().float()
+    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
+# ---------------------------------------------------------------- resuming
 
 @dataclass
 class Progress:
+    """What the loop decides with across steps and restarts."""
     start_step: int = 0
     tokens_seen: int = 0
     elapsed_before: float = 0.0
-    best_loss: float | None = None
+    best_loss: float | None = None  # the score of the `best` checkpoint
+    last_checkpoint: str | None = None  # the newest checkpoint of this run, for messages
+    skipped_in_a_row: int = 0
 
 
 def check_resumable(run, ctx, checkpoint_dir, meta):
@@ -250,16 +228,14 @@ def check_resumable(run, ctx, checkpoint_dir, meta):
         print(f"note: resuming with {changes} (same global batch, same data order)")
 
 
-def restore(run, ctx, checkpoint_dir, model, optimizer, scaler, scheduler, data):
+def restore(run, ctx, checkpoint_dir, state, data):
     meta = checkpointing.read_checkpoint_meta(checkpoint_dir)
     check_resumable(run, ctx, checkpoint_dir, meta)
-    meta, rng_states = checkpointing.load_training_state(
-        checkpoint_dir, model, optimizer, scaler, scheduler, ctx.device)
+    meta, rng_states = checkpointing.load_training_state(checkpoint_dir, state, ctx.device)
     start_step = meta["global_step"] + 1
-    if "scheduler.pt" not in meta.get("files", {}):
-        # A reference-harness checkpoint: put the schedule where it would have been.
-        scheduler.last_epoch = start_step - 1
-        scheduler.step()
+    # The schedule is a function of the step: this also continues a reference-harness run,
+    # whose scheduler.pt holds another kind of scheduler, or none.
+    move_lr_scheduler_to(state.scheduler, start_step)
     if not set_rank_rng(ctx, run.train.random_seed, rng_states) and ctx.is_main:
         print("note: checkpoint has no RNG state for this world size; dropout masks will differ "
               "from an uninterrupted run")
@@ -270,18 +246,39 @@ def restore(run, ctx, checkpoint_dir, model, optimizer, scaler, scheduler, data)
         print(f"Resuming from {checkpoint_dir.name} at global step {start_step}")
     return Progress(start_step=start_step,
                     tokens_seen=meta.get("tokens_seen", start_step * data.global_batch_tokens),
-                    elapsed_before=meta.get("elapsed_s", 0.0), best_loss=best_loss)
+                    elapsed_before=meta.get("elapsed_s", 0.0), best_loss=best_loss,
+                    last_checkpoint=checkpoint_dir.name)
 
 
-def save(run, ctx, model, optimizer, scaler, scheduler, meta, is_best):
-    """Every rank sends its RNG state; rank 0 writes the checkpoint and charts.
-    A failure on rank 0 reaches every rank (no one waits forever)."""
+# ---------------------------------------------------------------- checkpoints
+
+def last_good_checkpoint_text(progress):
+    if progress.last_checkpoint is None:
+        return "this run has no checkpoint yet"
+    return f"the last good checkpoint is {progress.last_checkpoint} (resume with `latest` or `auto`)"
+
+
+def checkpoint_meta(run, ctx, log, interval, progress):
+    """meta.json for a checkpoint at the last recorded step (the reference harness's keys, and ours)."""
+    train_cfg = run.train
+    return {"global_step": log.last_row["step"], **interval.summary(), "learning_rate": log.last_row["lr"],
+            "val_loss": log.last_val_loss, "best_loss": progress.best_loss, "tokens_seen": log.tokens_seen,
+            "elapsed_s": log.last_row["elapsed_s"], "world_size": ctx.world_size,
+            "microbatch_size": train_cfg.microbatch_size,
+            "gradient_accumulation_steps": train_cfg.gradient_accumulation_steps,
+            "pad_vocab_to_multiple_of": train_cfg.pad_vocab_to_multiple_of,
+            "model_config": run.model.to_dict()}
+
+
+def save(run, ctx, state, meta, is_best):
+    """Every rank sends its RNG state; rank 0 writes the checkpoint and charts, and gets its
+    directory back (the others get None). A failure on rank 0 reaches every rank (no one
+    waits forever)."""
     rng_states = [None] * ctx.world_size if ctx.is_main else None
     dist.gather_object(capture_rng_state(ctx.device), rng_states, dst=0)
 
     def write():
-        checkpointing.save_checkpoint(run.checkpoints_dir, model, optimizer, scaler, scheduler,
-                                      rng_states, meta, is_best)
+        saved = checkpointing.save_checkpoint(run.checkpoints_dir, state, rng_states, meta, is_best)
         if run.train.keep_last_checkpoints:
             checkpointing.prune_checkpoints(run.checkpoints_dir, run.train.keep_last_checkpoints)
         try:
@@ -291,8 +288,28 @@ def save(run, ctx, model, optimizer, scaler, scheduler, meta, is_best):
                                 best_step=best_step, clip_norm=run.train.clipping_max_norm)
         except Exception as e:  # noqa: BLE001 - a chart is never worth a training run
             print(f"warning: could not draw charts: {type(e).__name__}: {e}")
+        return saved
 
-    run_and_share_errors(ctx.is_main, write)
+    return run_and_share_errors(ctx.is_main, write)
+
+
+def checkpoint(run, ctx, trainer, log, interval, progress):
+    """Save a checkpoint at the last recorded step, unless the weights have diverged;
+    it is `best` when its score (validation loss when the run validates, else the
+    average train loss since the last checkpoint) is finite and the lowest so far."""
+    step = log.last_row["step"]
+    if not weights_are_finite(trainer.state.model):
+        raise UserError(f"the weights are not finite after global step {step} (the run diverged); no "
+                        f"checkpoint written: {last_good_checkpoint_text(progress)}. Try a lower learning_rate "
+                        "or weight_decay, or clipping_max_norm")
+    score = log.last_val_loss if trainer.data.validation is not None else interval.summary()["avg_train_loss"]
+    is_best = score is not None and math.isfinite(score) and (progress.best_loss is None
+                                                              or score < progress.best_loss)
+    if is_best:
+        progress.best_loss = score
+    saved = save(run, ctx, trainer.state, checkpoint_meta(run, ctx, log, interval, progress), is_best)
+    # Only rank 0 knows the directory's name (it holds the time of the save).
+    progress.last_checkpoint = saved.name if saved else f"the checkpoint of global step {step}"
 
 
 # ---------------------------------------------------------------- the loop
@@ -300,27 +317,34 @@ def save(run, ctx, model, optimizer, scaler, scheduler, meta, is_best):
 @dataclass
 class Trainer:
     """Everything one rank trains with."""
-    model: GPTModel  # the bare model: checkpoints, validation, gradient clipping
+    state: checkpointing.TrainingState  # the bare model, optimizer, scaler and schedule: what checkpoints hold
     ddp_model: DDP  # for no_sync
     forward_model: torch.nn.Module  # what the training forward pass calls: ddp_model, compiled or not
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    scheduler: torch.optim.lr_scheduler.LRScheduler
     data: Data
     amp_dtype: torch.dtype | None
-    zero_and_one: torch.Tensor  # [0., 1.] on the device
+    stop_flags: torch.Tensor  # [0., 1.] on the device
 
+    @property
+    def model(self):
+        return self.state.model
 
-def make_optimizer(model, train_cfg):
-    # One parameter group, as in the reference harness, so its optimizer.pt files load.
-    # Fused: one kernel for all parameters, and it can skip a step on a device-side flag.
-    return torch.optim.AdamW(model.parameters(), lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay,
-                             fused=True)
+    @property
+    def optimizer(self):
+        return self.state.optimizer
+
+    @property
+    def scaler(self):
+        return self.state.scaler
+
+    @property
+    def scheduler(self):
+        return self.state.scheduler
 
 
 def build_model(run, ctx):
     """The model on this rank's device, its autocast dtype, optimizer and gradient scaler,
     as training and the -f search use them."""
+    check_model_fits(run.model, ctx.device, run.run_dir / "model.json")
     torch.manual_seed(run.train.random_seed)  # identical initial weights on every rank
     model = GPTModel(run.model, pad_vocab_to_multiple_of=run.train.pad_vocab_to_multiple_of).to(ctx.device)
     amp_dtype = amp_dtype_for(run.train, ctx.device)
@@ -332,73 +356,109 @@ def build_model(run, ctx):
 
 
 def build_trainer(run, ctx, datasets_dir, checkpoint_dir):
-    train_cfg = run.train
     model, amp_dtype, optimizer, scaler = build_model(run, ctx)
     data = load_data(run, ctx, datasets_dir)
-    warmup_steps = int(data.total_steps * train_cfg.warmup_period_percent // 100)
-    min_ratio = train_cfg.effective_min_lr / train_cfg.learning_rate
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: lr_multiplier(step, data.total_steps, warmup_steps, min_ratio)
-        if train_cfg.schedule_learning_rate else 1.0)
-
+    state = checkpointing.TrainingState(model, optimizer, scaler,
+                                        make_lr_scheduler(optimizer, run.train, data.total_steps))
     if checkpoint_dir:
-        progress = restore(run, ctx, checkpoint_dir, model, optimizer, scaler, scheduler, data)
+        progress = restore(run, ctx, checkpoint_dir, state, data)
     else:
         progress = Progress()
-        set_rank_rng(ctx, train_cfg.random_seed)
+        set_rank_rng(ctx, run.train.random_seed)
     ddp_model = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
                     gradient_as_bucket_view=True)
     # Compiling the DDP module lets the compiler split graphs at DDP's bucket boundaries,
     # so gradient all-reduces still overlap the backward pass.
-    forward_model = torch.compile(ddp_model) if train_cfg.compile else ddp_model
-    zero_and_one = torch.tensor([0.0, 1.0], device=ctx.device)
-    return Trainer(model, ddp_model, forward_model, optimizer, scaler, scheduler, data, amp_dtype,
-                   zero_and_one), progress
+    forward_model = torch.compile(ddp_model) if run.train.compile else ddp_model
+    stop_flags = torch.tensor([0.0, 1.0], device=ctx.device)
+    return Trainer(state, ddp_model, forward_model, data, amp_dtype, stop_flags), progress
+
+
+def read_window(pending):
+    """(step, lr, {statistic: value}) for each pending step: one device-to-host copy."""
+    values = torch.stack([statistics for _, _, statistics in pending]).tolist()
+    return [(step, lr, dict(zip(STEP_STATISTICS, step_values)))
+            for (step, lr, _), step_values in zip(pending, values)]
+
+
+def count_skipped_steps(rows, run, progress):
+    """Stop after max_skipped_steps non-finite steps in a row, counted step by step.
+    Every rank reaches the same verdict at the same step: the flags were all-reduced."""
+    for row in rows:
+        progress.skipped_in_a_row = progress.skipped_in_a_row + 1 if row["skipped"] else 0
+        if progress.skipped_in_a_row >= run.train.max_skipped_steps:
+            raise UserError(
+                f"{progress.skipped_in_a_row} optimizer steps in a row had a non-finite loss or gradient (the "
+                f"last at global step {row['step']}), train.json max_skipped_steps is "
+                f"{run.train.max_skipped_steps}; stopping: {last_good_checkpoint_text(progress)}. Try a lower "
+                "learning_rate, clipping_max_norm, or amp_dtype \"bfloat16\"")
 
 
 def train(run, ctx, datasets_dir, checkpoint_dir):
     train_cfg = run.train
-    t, progress = build_trainer(run, ctx, datasets_dir, checkpoint_dir)
+    trainer, progress = build_trainer(run, ctx, datasets_dir, checkpoint_dir)
     stop_signals = StopSignals()
-    log = TrainingLog(run, ctx, t.data.total_steps, t.data.global_batch_tokens, t.amp_dtype, progress)
+    log = TrainingLog(run, ctx, trainer.data.total_steps, trainer.data.global_batch_tokens, trainer.amp_dtype,
+                      progress.start_step, progress.tokens_seen, progress.elapsed_before)
+    interval = IntervalStats()  # for the next checkpoint's meta.json
     if ctx.is_main:
-        print(f"{run.name}: {t.model.num_parameters():,} parameters, world size {ctx.world_size}, "
-              f"{t.data.total_steps:,} optimizer steps of {t.data.global_batch_tokens:,} tokens, "
-              f"device {ctx.device}, autocast {t.amp_dtype or 'off'}"
+        print(f"{run.name}: {trainer.model.num_parameters():,} parameters, world size {ctx.world_size}, "
+              f"{trainer.data.total_steps:,} optimizer steps of {trainer.data.global_batch_tokens:,} tokens, "
+              f"device {ctx.device}, autocast {trainer.amp_dtype or 'off'}"
               + (", compiled" if train_cfg.compile else ""))
-    microbatches = prefetch_to_device(t.data.train, rank_microbatch_indices(
-        progress.start_step, t.data.total_steps, train_cfg.gradient_accumulation_steps, ctx.world_size,
+    microbatches = prefetch_to_device(trainer.data.train, rank_microbatch_indices(
+        progress.start_step, trainer.data.total_steps, train_cfg.gradient_accumulation_steps, ctx.world_size,
         ctx.rank), ctx.device)
     log_interval = train_cfg.log_interval or (10 if ctx.device.type == "cuda" else 1)
-    pending = []
+    checkpoint_interval = train_cfg.effective_checkpoint_interval
+    pending = []  # (global_step, lr, statistics on the device) not yet recorded
     try:
-        for global_step in range(progress.start_step, t.data.total_steps):
-            lr = t.scheduler.get_last_lr()[0]
-            pending.append((global_step, lr, train_step(global_step, t, run, ctx, microbatches,
-                                                        stop_signals.received is not None)))
-            t.scheduler.step()
+        for global_step in range(progress.start_step, trainer.data.total_steps):
+            lr = trainer.scheduler.get_last_lr()[0]
+            statistics = train_step(trainer, run, ctx, microbatches, stop_signals.received is not None)
+            trainer.scheduler.step()
+            # The previous step's all-reduced stop votes: reading them waits only for that
+            # step, while this one is already queued, so the device never idles for it.
+            stop_requested = bool(pending) and pending[-1][2][STEP_STATISTICS.index("stop_votes")].item() > 0
+            pending.append((global_step, lr, statistics))
 
             # Every rank reaches the same decisions: they depend on step numbers and all-reduced values.
-            is_checkpoint_step = ((global_step + 1) % train_cfg.effective_checkpoint_interval == 0
-                                  or global_step == t.data.total_steps - 1)
+            # The reference harness's rule: after step 0, every checkpoint_interval steps, and the last.
+            is_checkpoint_step = (global_step % checkpoint_interval == 0
+                                  or global_step == trainer.data.total_steps - 1)
             # Checkpoint steps are validated too, so every checkpoint's "best" is judged on a fresh number.
-            is_validation_step = t.data.validation is not None and (
-                (global_step + 1) % train_cfg.validation_interval == 0 or is_checkpoint_step)
-            if not (is_checkpoint_step or is_validation_step or (global_step + 1) % log_interval == 0):
+            is_validation_step = trainer.data.validation is not None and (
+                global_step % train_cfg.validation_interval == 0 or is_checkpoint_step)
+            if not (is_checkpoint_step or is_validation_step or stop_requested
+                    or (global_step + 1) % log_interval == 0):
                 continue
-            val_loss = evaluate(t.model, t.data.validation, ctx, t.amp_dtype) if is_validation_step else None
-            stop_requested = log.flush(pending, val_loss)
+            val_loss = (evaluate(trainer.model, trainer.data.validation, ctx, trainer.amp_dtype)
+                        if is_validation_step else None)
+            window = read_window(pending)
             pending = []
+            rows = log.record(window, val_loss)
+            for row in rows:
+                interval.add(row)
+            count_skipped_steps(rows, run, progress)
+            stop_requested = any(statistics["stop_votes"] > 0 for _, _, statistics in window)
             if is_checkpoint_step or stop_requested:
-                meta, is_best = log.checkpoint_meta(validates=t.data.validation is not None)
-                save(run, ctx, t.model, t.optimizer, t.scaler, t.scheduler, meta, is_best)
+                checkpoint(run, ctx, trainer, log, interval, progress)
+                interval = IntervalStats()
             if stop_requested:
                 if ctx.is_main:
                     print(f"\nStopped by {stop_signals.received or 'a signal to another rank'} after global step "
-                          f"{global_step}, checkpoint saved. Resume with the same command plus `latest` "
-                          "(or `auto`).")
+                          f"{global_step}, checkpoint {progress.last_checkpoint} saved. Resume with the same "
+                          "command plus `latest` (or `auto`).")
                 return
+    except RuntimeError as e:
+        # A peer that died fails the next collective: NCCL raises a DistError, gloo a plain
+        # RuntimeError from its transport (often before torchrun's SIGTERM arrives).
+        if not (isinstance(e, dist.DistError) or GLOO_TRANSPORT_ERROR in str(e) or stop_signals.received):
+            raise
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RankLost(f"rank {ctx.rank}: another rank was lost ({reason}); no checkpoint can be written now. "
+                       f"A restart with `auto` resumes from "
+                       f"{progress.last_checkpoint or 'the start (this run has no checkpoint yet)'}") from e
     finally:
         log.close()
     if ctx.is_main:
@@ -407,8 +467,7 @@ def train(run, ctx, datasets_dir, checkpoint_dir):
 
 def find_max_microbatch(run, ctx, target_global_batch, write):
     """The -f search: no validation, no checkpoints, random tokens (memory depends only on shapes)."""
-    if ctx.device.type != "cuda" and TEST_LIMIT_VARIABLE not in os.environ:
-        raise UserError("-f searches GPU memory for the largest microbatch, and this machine has no CUDA device")
+    require_gpu(ctx.device)
     model, amp_dtype, optimizer, scaler = build_model(run, ctx)
     try_microbatch = make_trial(model, optimizer, scaler,
                                 lambda m, inputs, targets: compute_loss(m, inputs, targets, amp_dtype, ctx.device),
@@ -446,12 +505,10 @@ def find_max_microbatch(run, ctx, target_global_batch, write):
             print(f"Updated {train_json}.")
 
 
-def choose_checkpoint(run, checkpoint, force):
+def choose_checkpoint(run, ctx, checkpoint, force):
     """The checkpoint directory to resume from, or None for a fresh start."""
     if checkpoint == "auto":
-        # For schedulers and `torchrun --max-restarts`: resume if there is anything to resume.
-        has_latest = (run.checkpoints_dir / "latest").exists()
-        return checkpointing.resolve_checkpoint(run.checkpoints_dir, "latest") if has_latest else None
+        return auto_checkpoint(run.checkpoints_dir, ctx)
     if checkpoint:
         return checkpointing.resolve_checkpoint(run.checkpoints_dir, checkpoint)
     existing = checkpointing.list_checkpoints(run.checkpoints_dir)
@@ -460,6 +517,27 @@ def choose_checkpoint(run, checkpoint, force):
                         f"{existing[-1].name}); name one, or `latest` or `auto`, to resume, or pass --force "
                         "to start a fresh run beside them")
     return None
+
+
+def auto_checkpoint(checkpoints_dir, ctx):
+    """For schedulers and `torchrun --max-restarts`: `latest`, or when that link is broken or
+    its checkpoint damaged, the newest complete checkpoint (saying so). A fresh start only
+    when the run has no checkpoints at all: a requeued job must never restart from step 0
+    over a run's work."""
+    if not checkpointing.has_checkpoint_entries(checkpoints_dir):
+        return None
+    try:
+        latest = checkpointing.resolve_checkpoint(checkpoints_dir, "latest")
+        checkpointing.verify_checkpoint(latest)
+        return latest
+    except UserError as problem:
+        fallback = checkpointing.newest_complete_checkpoint(checkpoints_dir)
+        if fallback is None:
+            raise UserError(f"{problem}; {checkpoints_dir} holds no complete checkpoint to resume instead. "
+                            "Start over with --force (without `auto`), or restore a checkpoint")
+        if ctx.is_main:
+            print(f"note: {problem}; resuming from the newest complete checkpoint, {fallback.name}")
+        return fallback
 
 
 def check_same_checkpoint(ctx, checkpoint_dir):
@@ -490,12 +568,14 @@ def main(run, datasets_dir, checkpoint, force, find_max, target_global_batch, wr
     """Train RUN (a name under runs/ or a run directory) on datasets under DATASETS_DIR,
     resuming from CHECKPOINT (a checkpoint name, `latest`, `best`, or `auto`) if given."""
     run = load_run(run)
-    checkpoint_dir = None if find_max else choose_checkpoint(run, checkpoint, force)
     if run.train.tensorboard:
         require_tensorboard()  # fail before any rank starts, not on rank 0 alone
     ctx = init_distributed(run.train.dist_timeout_minutes)
     try:
         check_connectivity(ctx)
+        # Held until this process ends: the kernel releases it however the process ends.
+        run_lock = run_and_share_errors(ctx.is_main, lambda: lock_run_dir(run.run_dir))  # noqa: F841
+        checkpoint_dir = None if find_max else choose_checkpoint(run, ctx, checkpoint, force)
         check_same_checkpoint(ctx, checkpoint_dir)
         if find_max:
             find_max_microbatch(run, ctx, target_global_batch, write)

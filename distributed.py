@@ -111,9 +111,10 @@ def _describe(error):
 class StopSignals:
     """SIGTERM and SIGINT ask for a clean stop instead of killing the process.
 
-    The training loop finishes its optimizer step, the ranks agree on stopping
-    (the flag rides on the step's all-reduce), rank 0 writes a checkpoint, and
-    every process exits. Later signals are absorbed: under torchrun, Ctrl-C or a
+    The flag rides on the next optimizer step's all-reduce, which the training
+    loop reads one step later (reading it at once would make the host wait for the
+    device every step): so every rank stops after the step under way and at most
+    two more, rank 0 writes a checkpoint, and every process exits. Later signals are absorbed: under torchrun, Ctrl-C or a
     scheduler's SIGTERM reaches the workers both directly and forwarded by the
     agent, and the second must not cut the checkpoint short.
     """
@@ -126,5 +127,7 @@ class StopSignals:
     def _handle(self, signum, frame):
         if self.received is None:
             self.received = signal.Signals(signum).name
-            print(f"\n{self.received} received: stopping after this optimizer step, with a checkpoint",
-                  flush=True)
+            # Under torchrun a SIGTERM can also mean that another rank died: then no
+            # checkpoint can follow, and the loop says so when the ranks cannot meet.
+            print(f"\n{self.received} received: stopping after at most two more optimizer steps, with a "
+                  "checkpoint if every rank is still running", flush=True)

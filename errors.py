@@ -1,14 +1,24 @@
-"""One error type for bad input, and the CLI wrapper that turns it into one line.
+"""Errors that end a run with one line instead of a traceback, and the CLI wrapper
+that prints them.
 
-Every script wraps its entry point in `report_user_errors`: a `UserError` (bad
-config, missing or corrupt dataset, unknown checkpoint, ...) prints a single
-`error: ...` line and exits with status 2, no traceback. Set DEBUG=1 in the
-environment to get the traceback as well.
+Every script wraps its entry point in `report_user_errors`:
+
+- a `UserError` (bad config, missing or corrupt dataset, unknown checkpoint, a full
+  disk, ...) prints a single `error: ...` line (from rank 0: every rank hits the same
+  bad input) and exits with status 2;
+- a `RankLost` (a peer process died mid-run) prints its line on every surviving
+  rank and exits with status 1.
+
+Under torchrun the line also goes into the worker's error file, so torchrun's own
+failure summary ("Root Cause") shows it. Set DEBUG=1 in the environment to get
+the traceback as well.
 """
 
 import functools
+import json
 import os
 import sys
+import time
 import traceback
 
 
@@ -16,8 +26,37 @@ class UserError(Exception):
     """Bad input that the user can fix: the message names the file, key and valid values."""
 
 
+class RankLost(Exception):
+    """Another rank of the job died: this one cannot go on, and says from where a restart resumes."""
+
+
 def debug_enabled():
     return os.environ.get("DEBUG", "") not in ("", "0")
+
+
+def write_torchrun_error_file(line):
+    """torchrun's agent reads TORCHELASTIC_ERROR_FILE from a failed worker and prints it in
+    its failure summary; this is the format of torch's own ErrorHandler, with our line in
+    place of the traceback."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    message = {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}
+    try:
+        with open(path, "w") as f:
+            json.dump({"message": message}, f)
+    except OSError:
+        pass  # the summary then says <N/A>; the line itself is already on stderr
+
+
+def _report(error, print_it, exit_code):
+    if debug_enabled():
+        traceback.print_exc()
+    line = f"error: {error}"
+    if print_it:
+        print(line, file=sys.stderr, flush=True)
+    write_torchrun_error_file(line)
+    sys.exit(exit_code)
 
 
 def report_user_errors(main):
@@ -26,11 +65,8 @@ def report_user_errors(main):
         try:
             return main(*args, **kwargs)
         except UserError as e:
-            if debug_enabled():
-                traceback.print_exc()
-            # Under torchrun every rank hits the same bad input: one line is enough.
-            if os.environ.get("RANK", "0") == "0":
-                print(f"error: {e}", file=sys.stderr, flush=True)
-            sys.exit(2)
+            _report(e, print_it=os.environ.get("RANK", "0") == "0", exit_code=2)
+        except RankLost as e:
+            _report(e, print_it=True, exit_code=1)
 
     return wrapper

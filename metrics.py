@@ -10,6 +10,7 @@ Throughput, ETA and elapsed time are measured over each log window (log_interval
 steps, read from the device in one transfer) and interpolated within it.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -22,6 +23,7 @@ from tqdm import tqdm
 
 import perf
 from errors import UserError
+from jsonfiles import finite_or_none, strict_json
 
 # metrics.jsonl keys written to TensorBoard, under these tags.
 TENSORBOARD_TAGS = {"loss": "train/loss", "val_loss": "validation/loss", "lr": "train/learning_rate",
@@ -56,12 +58,21 @@ class MetricsLog:
         from: those steps are about to be trained again."""
         rows = [row for row in read_metrics(self.path) if row["step"] <= step]
         partial = self.path.with_name(self.path.name + ".partial")
-        partial.write_text("".join(json.dumps(row) + "\n" for row in rows))
-        os.replace(partial, self.path)
+        with self._reported_errors():
+            partial.write_text("".join(strict_json(row) + "\n" for row in rows))
+            os.replace(partial, self.path)
 
     def append(self, row):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        with self._reported_errors(), open(self.path, "a") as f:
+            f.write(strict_json(row) + "\n")
+
+    @contextlib.contextmanager
+    def _reported_errors(self):
+        try:
+            yield
+        except OSError as e:
+            raise UserError(f"{self.path}: could not write the metrics ({e.strerror or e}); the checkpoints "
+                            "are untouched")
 
 
 def require_tensorboard():
@@ -114,28 +125,20 @@ class IntervalStats:
                 "frac_clipped": sum(self.clipped) / max(1, len(self.clipped))}
 
 
-def finite_or_none(value):
-    """metrics.jsonl stays strict JSON: a NaN or inf is logged as null."""
-    return value if math.isfinite(value) else None
-
-
 class TrainingLog:
-    """Turns the device-side statistics of each step into rows, on every rank alike
-    (all ranks need the skip count and the stop decision); rank 0 also writes them.
-
-    `flush` reads a whole log window from the device in one transfer, so the
-    training loop never waits for the device between log points.
+    """Turns the step statistics of each log window into metrics.jsonl rows on every rank
+    (the training loop decides from them); rank 0 also writes them to metrics.jsonl,
+    TensorBoard and the progress bar. It records only: stopping, skipping and what
+    counts as best are the training loop's decisions.
     """
 
-    def __init__(self, run, ctx, total_steps, global_batch_tokens, amp_dtype, progress):
+    def __init__(self, run, ctx, total_steps, global_batch_tokens, amp_dtype, start_step, tokens_seen,
+                 elapsed_before):
         self.run, self.ctx = run, ctx
         self.total_steps, self.global_batch_tokens = total_steps, global_batch_tokens
-        self.tokens_seen, self.best_loss = progress.tokens_seen, progress.best_loss
-        self.elapsed_before = progress.elapsed_before
-        self.session_start = self.last_flush = time.time()
+        self.tokens_seen, self.elapsed_before = tokens_seen, elapsed_before
+        self.session_start = self.last_record = time.time()
         self.session_tokens = 0
-        self.interval = IntervalStats()
-        self.skipped_in_a_row = 0
         self.last_row = None
         self.last_val_loss = None
         self.flops_per_token = perf.training_flops_per_token(run.model)
@@ -146,48 +149,40 @@ class TrainingLog:
         self.metrics_file = MetricsLog(run.run_dir / "metrics.jsonl") if ctx.is_main else None
         self.tensorboard = TensorBoardLog(run.run_dir / "tb") if ctx.is_main and run.train.tensorboard else None
         if self.metrics_file:
-            self.metrics_file.truncate_after(progress.start_step - 1)
-        self.bar = tqdm(total=total_steps, initial=progress.start_step, disable=not ctx.is_main,
+            self.metrics_file.truncate_after(start_step - 1)
+        self.bar = tqdm(total=total_steps, initial=start_step, disable=not ctx.is_main,
                         unit="step", dynamic_ncols=True)
 
-    def flush(self, pending, val_loss):
-        """`pending`: (step, lr, stats) since the last flush, stats being the device tensor
-        [loss, grad_norm, non-finite ranks, stop votes]. Returns whether any rank asked to stop."""
-        values = torch.stack([stats for _, _, stats in pending]).tolist()  # the one device-to-host sync
+    def record(self, window, val_loss):
+        """`window`: (step, lr, statistics) for each step since the last call, statistics
+        being a dict with the step's loss, grad_norm and nonfinite_ranks. `val_loss`
+        belongs to the window's last step. Returns the rows."""
         now = time.time()
-        window_seconds = max(now - self.last_flush, 1e-9)
-        tokens_per_sec = len(pending) * self.global_batch_tokens / window_seconds
+        window_seconds = max(now - self.last_record, 1e-9)
+        tokens_per_sec = len(window) * self.global_batch_tokens / window_seconds
         per_device = tokens_per_sec / self.ctx.world_size
-        stop_requested = False
-        for position, ((step, lr, _), (loss, grad_norm, nonfinite_ranks, stop_votes)) in enumerate(
-                zip(pending, values)):
+        clip = self.run.train.clipping_max_norm
+        rows = []
+        for position, (step, lr, statistics) in enumerate(window):
+            loss, grad_norm = statistics["loss"], statistics["grad_norm"]
             self.tokens_seen += self.global_batch_tokens
             self.session_tokens += self.global_batch_tokens
-            clip = self.run.train.clipping_max_norm
             row = {"step": step, "loss": finite_or_none(loss), "lr": lr, "grad_norm": finite_or_none(grad_norm),
                    "clipped": clip is not None and grad_norm > clip,
-                   "skipped": nonfinite_ranks > 0 or not math.isfinite(grad_norm),
+                   "skipped": statistics["nonfinite_ranks"] > 0 or not math.isfinite(grad_norm),
                    "tokens": self.tokens_seen, "tokens_per_sec": tokens_per_sec,
                    "tokens_per_sec_per_device": per_device,
                    "mfu": perf.mfu(per_device, self.flops_per_token, self.peak_flops),
-                   "eta_s": (self.total_steps - step - 1) * window_seconds / len(pending),
-                   "elapsed_s": self.elapsed_before + (self.last_flush - self.session_start)
-                   + window_seconds * (position + 1) / len(pending)}
-            if position == len(pending) - 1 and val_loss is not None:
-                row["val_loss"] = self.last_val_loss = val_loss
-            self.skipped_in_a_row = self.skipped_in_a_row + 1 if row["skipped"] else 0
-            stop_requested |= stop_votes > 0
-            self.interval.add(row)
+                   "eta_s": (self.total_steps - step - 1) * window_seconds / len(window),
+                   "elapsed_s": self.elapsed_before + (self.last_record - self.session_start)
+                   + window_seconds * (position + 1) / len(window)}
+            if position == len(window) - 1 and val_loss is not None:
+                row["val_loss"] = self.last_val_loss = finite_or_none(val_loss)
             self._write(row)
-            self.last_row = row
-        self.last_flush = now
-        if self.skipped_in_a_row >= self.run.train.max_skipped_steps:
-            # Every rank reaches this at the same step: the flags were all-reduced.
-            raise UserError(
-                f"{self.skipped_in_a_row} optimizer steps in a row had a non-finite loss or gradient (last at "
-                f"step {self.last_row['step']}); stopping with the last good checkpoint kept. Try a lower "
-                "learning_rate, clipping_max_norm, or amp_dtype \"bfloat16\"")
-        return stop_requested
+            rows.append(row)
+        self.last_row = rows[-1]
+        self.last_record = now
+        return rows
 
     def _write(self, row):
         if not self.ctx.is_main:
@@ -200,24 +195,6 @@ class TrainingLog:
         loss = "nan" if row["loss"] is None else f"{row['loss']:.3f}"
         self.bar.set_postfix(loss=loss, tok_per_s=f"{row['tokens_per_sec']:,.0f}",
                              per_dev=f"{row['tokens_per_sec_per_device']:,.0f}", mfu=mfu)
-
-    def checkpoint_meta(self, validates):
-        """meta.json for a checkpoint at the last flushed step, and whether it is the best so far:
-        by validation loss when the run validates, else by average train loss."""
-        summary = self.interval.summary()
-        score = self.last_val_loss if validates else summary["avg_train_loss"]
-        is_best = score is not None and (self.best_loss is None or score < self.best_loss)
-        self.best_loss = score if is_best else self.best_loss
-        self.interval = IntervalStats()
-        train_cfg = self.run.train
-        meta = {"global_step": self.last_row["step"], **summary, "learning_rate": self.last_row["lr"],
-                "val_loss": self.last_val_loss, "best_loss": self.best_loss, "tokens_seen": self.tokens_seen,
-                "elapsed_s": self.last_row["elapsed_s"], "world_size": self.ctx.world_size,
-                "microbatch_size": train_cfg.microbatch_size,
-                "gradient_accumulation_steps": train_cfg.gradient_accumulation_steps,
-                "pad_vocab_to_multiple_of": train_cfg.pad_vocab_to_multiple_of,
-                "model_config": self.run.model.to_dict()}
-        return meta, is_best
 
     def close(self):
         self.bar.close()

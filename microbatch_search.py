@@ -8,8 +8,9 @@ import os
 
 import torch
 
+from errors import UserError
+
 STEPS_PER_TRY = 3
-TEST_LIMIT_VARIABLE = "DDP_TRAIN_TEST_MAX_MICROBATCH"
 
 
 def largest_passing(passes):
@@ -35,12 +36,9 @@ def suggest_batch_split(max_microbatch, world_size, target_global_batch):
     return microbatch, accumulation
 
 
-def memory_limit_for_tests(rank):
-    """Test hook: DDP_TRAIN_TEST_MAX_MICROBATCH="RANK:N,..." makes microbatches above N
-    on that rank fail as if out of memory, so the search can be tested on CPU."""
-    spec = os.environ.get(TEST_LIMIT_VARIABLE, "")
-    limits = dict(item.split(":") for item in spec.split(",") if item)
-    return int(limits[str(rank)]) if str(rank) in limits else None
+def require_gpu(device):
+    if device.type != "cuda":
+        raise UserError("-f searches GPU memory for the largest microbatch, and this machine has no CUDA device")
 
 
 def make_trial(model, optimizer, scaler, compute_loss, ctx, context_length, vocab_size):
@@ -49,13 +47,10 @@ def make_trial(model, optimizer, scaler, compute_loss, ctx, context_length, voca
     microbatch size ran, or None if they ran out of memory. The model is not wrapped in
     DDP here: an out-of-memory error in one rank's backward would leave the others
     waiting in a gradient all-reduce."""
-    test_limit = memory_limit_for_tests(ctx.rank)
     on_gpu = ctx.device.type == "cuda"
 
     def train_steps(size):
         for _ in range(STEPS_PER_TRY):
-            if test_limit is not None and size > test_limit:
-                raise torch.OutOfMemoryError(f"test limit: microbatch {size} > {test_limit}")
             tokens = torch.randint(0, vocab_size, (size, context_length + 1), device=ctx.device)
             loss = compute_loss(model, tokens[:, :-1], tokens[:, 1:])
             scaler.scale(loss).backward()

@@ -39,6 +39,18 @@ def matmul_weights(model_cfg):
     return model_cfg.n_layers * (attention + feed_forward) + model_cfg.vocab_size * emb
 
 
+def parameter_count(model_cfg):
+    """GPTModel's unique parameters from the config alone, without building it: the
+    token and position embeddings, per layer the four attention projections (biases on
+    the query/key/value ones only with qkv_bias; always on the output projection), the
+    feed-forward's two layers with biases and two LayerNorms, the final LayerNorm, and
+    the output head unless it is tied to the token embedding."""
+    emb, vocab = model_cfg.emb_dim, model_cfg.vocab_size
+    per_layer = 12 * emb * emb + 10 * emb + (3 * emb if model_cfg.qkv_bias else 0)
+    head = 0 if model_cfg.tie_weights else vocab * emb
+    return (vocab + model_cfg.context_length) * emb + model_cfg.n_layers * per_layer + 2 * emb + head
+
+
 def training_flops_per_token(model_cfg):
     weights = 2 * matmul_weights(model_cfg)
     attention = model_cfg.n_layers * (2 + 2) * model_cfg.context_length * model_cfg.emb_dim

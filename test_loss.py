@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from batching import Microbatches
-from ddp_train import compute_loss
+from training import compute_loss
 from errors import UserError, report_user_errors
 from eval_common import load_model, pick_device
 from token_data import SPLITS, fetch_dataset, open_split, read_meta

@@ -62,11 +62,17 @@ def train_env():
     return env
 
 
-def run_training(args, nproc=None, check=True, timeout=240, env=None):
-    """ddp_train.py under torchrun with `nproc` CPU processes, or as a plain process when None."""
+TRAINER = PROJECT_DIR / "ddp_train.py"
+# ddp_train.py with the faults its environment names (see that file).
+TRAINER_WITH_FAULTS = PROJECT_DIR / "tests" / "train_with_faults.py"
+
+
+def run_training(args, nproc=None, check=True, timeout=240, env=None, script=TRAINER):
+    """ddp_train.py (or `script`) under torchrun with `nproc` CPU processes, or as a plain
+    process when None."""
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                 if nproc else [sys.executable])
-    result = subprocess.run(launcher + [str(PROJECT_DIR / "ddp_train.py"), *map(str, args)],
+    result = subprocess.run(launcher + [str(script), *map(str, args)],
                             cwd=PROJECT_DIR, env=env or train_env(), capture_output=True, text=True,
                             timeout=timeout)
     if check and result.returncode != 0:

@@ -8,7 +8,6 @@ import pytest
 from batching import Microbatches, count_optimizer_steps, microbatch_index
 from config import TrainConfig, load_run
 from errors import UserError
-from ddp_train import lr_multiplier
 
 
 def test_worked_example_from_the_reference_harness():
@@ -54,17 +53,6 @@ def test_microbatches_are_consecutive_windows_with_shifted_targets():
     assert targets.tolist() == [[18, 19, 20, 21, 22], [23, 24, 25, 26, 27]]
     with pytest.raises(IndexError):
         batches[4]
-
-
-def test_lr_schedule_warms_up_linearly_then_decays_by_cosine_to_min():
-    total, warmup, min_ratio = 100, 10, 0.1
-    values = [lr_multiplier(s, total, warmup, min_ratio) for s in range(total)]
-    assert values[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
-    assert values[10] == pytest.approx(1.0)
-    assert values[-1] == pytest.approx(min_ratio)
-    midpoint = 10 + (total - warmup - 1) / 2
-    assert lr_multiplier(midpoint, total, warmup, min_ratio) == pytest.approx(0.55)
-    assert all(a >= b for a, b in zip(values[10:], values[11:]))
 
 
 REFERENCE_TRAIN_JSON = {

@@ -15,7 +15,7 @@ def rows(count):
 def test_charts_are_written_for_short_and_long_runs(tmp_path):
     for count in (3, 1000):
         charts.write_charts(tmp_path, rows(count), best_step=count - 1, clip_norm=1.0)
-        for name in ("loss.png", "grad_norm.png", "learning_rate.png"):
+        for name in ("loss-chart.png", "grad-norm-chart.png", "learning-rate-chart.png"):
             with Image.open(tmp_path / name) as image:
                 assert image.format == "PNG" and image.size == (800, 500)
 

@@ -1,6 +1,7 @@
 """ddp_train.py run for real: torchrun with 2 CPU processes over gloo, and a plain process."""
 
 import json
+import math
 import shutil
 from types import SimpleNamespace
 
@@ -33,11 +34,12 @@ def test_two_ranks_train_and_log_every_step(two_rank_run):
     assert [r["tokens"] for r in rows] == [tokens_for(s + 1, 2) for s in range(STEPS)]
     assert all(r["tokens_per_sec"] > 0 and r["elapsed_s"] > 0 and r["grad_norm"] > 0 for r in rows)
     assert rows[-1]["loss"] < rows[0]["loss"]
-    # Every validation_interval (4) steps, and at every checkpoint (every 3 steps and the last).
-    assert [r["step"] for r in rows if "val_loss" in r] == [2, 3, 5, 7]
-    # Warmup is 25% of 8 steps = 2 steps, then cosine to learning_rate / 10.
-    assert [r["lr"] for r in rows[:3]] == pytest.approx([0.0015, 0.003, 0.003])
-    assert rows[-1]["lr"] == pytest.approx(0.0003)
+    # Every validation_interval (4) steps from step 0, and at every checkpoint (0, 3, 6 and the last).
+    assert [r["step"] for r in rows if "val_loss" in r] == [0, 3, 4, 6, 7]
+    # Warmup is 25% of 8 steps = 2 steps from 1e-5 x learning_rate, then a cosine towards
+    # learning_rate / 10 with a period of the 6 remaining steps (the reference harness's schedule).
+    assert [r["lr"] for r in rows[:3]] == pytest.approx([0.003e-5, 0.003 * (1e-5 + (1 - 1e-5) / 2), 0.003])
+    assert rows[-1]["lr"] == pytest.approx(0.0003 + 0.0027 * (1 + math.cos(math.pi * 5 / 6)) / 2)
     assert any(r["clipped"] for r in rows) and all(r["clipped"] == (r["grad_norm"] > 0.8) for r in rows)
     assert "Training complete" in result.stdout and "final validation loss" in result.stdout
 
@@ -58,24 +60,27 @@ def test_checkpoints_links_meta_and_charts(two_rank_run):
     run_dir, _ = two_rank_run
     checkpoints = run_dir / "checkpoints"
     names = sorted(p.name for p in checkpoints.iterdir() if not p.is_symlink())
-    assert [n.split("-iteration-")[1] for n in names] == ["2", "5", "7"]
+    assert [n.split("-iteration-")[1] for n in names] == ["0", "3", "6", "7"]
     assert all(len(n.split("-")[0]) == len("20261121Z143202") for n in names)
     latest = checkpoints / "latest"
     assert latest.is_symlink() and not latest.readlink().is_absolute() and latest.resolve().name == names[-1]
     assert (checkpoints / "best").is_symlink()
     meta = json.loads((latest / "meta.json").read_text())
     rows = read_rows(run_dir)
-    window = [r["loss"] for r in rows[6:8]]
-    assert meta["global_step"] == 7 and meta["tokens_seen"] == tokens_for(8, 2)
-    assert meta["min_train_loss"] == min(window) and meta["max_train_loss"] == max(window)
-    assert meta["avg_train_loss"] == pytest.approx(sum(window) / 2)
+    previous = json.loads((checkpoints / names[-2] / "meta.json").read_text())
+    window = [r["loss"] for r in rows[4:7]]  # steps 4-6: the ones since the step-3 checkpoint
+    assert previous["global_step"] == 6 and previous["tokens_seen"] == tokens_for(7, 2)
+    assert previous["min_train_loss"] == min(window) and previous["max_train_loss"] == max(window)
+    assert previous["avg_train_loss"] == pytest.approx(sum(window) / 3)
+    assert meta["global_step"] == 7 and meta["avg_train_loss"] == rows[7]["loss"]
     assert meta["val_loss"] == rows[7]["val_loss"]
     assert set(meta["files"]) == {"model.safetensors", "optimizer.pt", "scaler.pt", "scheduler.pt",
                                   "training_state.pt"}
     state = load_file(latest / "model.safetensors")
     assert "tok_emb.weight" in state and not any(k.startswith(("module.", "_orig_mod.")) for k in state)
-    for chart in ("loss.png", "grad_norm.png", "learning_rate.png"):
+    for chart in ("loss-chart.png", "grad-norm-chart.png", "learning-rate-chart.png"):
         assert (run_dir / chart).read_bytes().startswith(b"\x89PNG")
+        assert f'src="{chart}"' in (run_dir / "charts.html").read_text()
 
 
 def test_two_ranks_equal_one_process_with_accumulation_two(tmp_path, verdict_dataset):
@@ -93,29 +98,29 @@ def test_two_ranks_equal_one_process_with_accumulation_two(tmp_path, verdict_dat
 
 
 def test_resume_from_latest_continues_bit_for_bit_with_dropout_and_schedule(tmp_path, verdict_dataset):
-    """A 12-step run, and the same run stopped after step 4 and resumed from `latest`:
-    identical losses for steps 5-11 and identical final weights."""
+    """A 12-step run, and the same run stopped after step 5 and resumed from `latest`:
+    identical losses for steps 6-11 and identical final weights."""
     steps = 12
     full = make_run(tmp_path / "full", verdict_dataset, model={"drop_rate": 0.2},
                     min_train_tokens=tokens_for(steps, 2), checkpoint_interval=5,
                     schedule_learning_rate=True, warmup_period_percent=25, clipping_max_norm=1.0)
     run_training([full, "datasets"], nproc=2)
-    # The run as it was right after its step-4 checkpoint: later checkpoints gone, latest on step 4.
+    # The run as it was right after its step-5 checkpoint: later checkpoints gone, latest on step 5.
     resumed = tmp_path / "resumed"
     shutil.copytree(full, resumed, symlinks=True)
     checkpoints = resumed / "checkpoints"
-    for later in [p for p in checkpoints.iterdir() if not p.is_symlink() and "iteration-4" not in p.name]:
+    for later in [p for p in checkpoints.iterdir() if not p.is_symlink() and "iteration-5" not in p.name]:
         shutil.rmtree(later)
-    step_4 = next(p.name for p in checkpoints.iterdir() if "iteration-4" in p.name)
+    step_5 = next(p.name for p in checkpoints.iterdir() if "iteration-5" in p.name)
     for link in ("latest", "best"):
         (checkpoints / link).unlink()
-        (checkpoints / link).symlink_to(step_4)
+        (checkpoints / link).symlink_to(step_5)
 
     result = run_training([resumed, "datasets", "latest"], nproc=2)
-    assert "Resuming from" in result.stdout and "global step 5" in result.stdout
+    assert "Resuming from" in result.stdout and "global step 6" in result.stdout
     full_rows, resumed_rows = read_rows(full), read_rows(resumed)
-    assert [r["step"] for r in resumed_rows] == list(range(steps))  # appended after step 4, no duplicates
-    assert [r["loss"] for r in resumed_rows[5:]] == [r["loss"] for r in full_rows[5:]]
+    assert [r["step"] for r in resumed_rows] == list(range(steps))  # appended after step 5, no duplicates
+    assert [r["loss"] for r in resumed_rows[6:]] == [r["loss"] for r in full_rows[6:]]
     assert [r["lr"] for r in resumed_rows] == [r["lr"] for r in full_rows]
     final_full = load_file(full / "checkpoints" / "latest" / "model.safetensors")
     final_resumed = load_file(checkpoints / "latest" / "model.safetensors")
@@ -130,7 +135,7 @@ def test_resume_with_another_split_of_the_same_global_batch(tmp_path, verdict_da
     run_training([two_ranks, "datasets"], nproc=2)
     one_rank = tmp_path / "one-rank"
     shutil.copytree(two_ranks, one_rank, symlinks=True)
-    first = next(p.name for p in (one_rank / "checkpoints").iterdir() if "iteration-2" in p.name)
+    first = next(p.name for p in (one_rank / "checkpoints").iterdir() if "iteration-3" in p.name)
     train = json.loads((one_rank / "train.json").read_text())
     (one_rank / "train.json").write_text(json.dumps({**train, "gradient_accumulation_steps": 2}))
     result = run_training([one_rank, "datasets", first])
@@ -150,7 +155,7 @@ def test_resume_after_switching_autocast_between_bf16_and_fp16(tmp_path, verdict
                        checkpoint_interval=2, use_amp=True, amp_dtype="bfloat16")
     run_training([run_dir, "datasets"])
     train = json.loads((run_dir / "train.json").read_text())
-    for amp_dtype, checkpoint_step in (("float16", 1), ("bfloat16", 3)):
+    for amp_dtype, checkpoint_step in (("float16", 2), ("bfloat16", 4)):
         checkpoint = next(p.name for p in (run_dir / "checkpoints").iterdir()
                           if f"iteration-{checkpoint_step}" in p.name)
         (run_dir / "train.json").write_text(json.dumps({**train, "amp_dtype": amp_dtype}))

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import gpt
-from bench import PlainGPT
+from plain_gpt import PlainGPT
 from checkpointing import load_model_weights
 from gpt import GPTModel
 

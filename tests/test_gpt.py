@@ -1,12 +1,12 @@
 """gpt.py against an independent, deliberately naive implementation of the same
-architecture: bench.PlainGPT, the book's code (explicit mask, hand-written softmax
+architecture: plain_gpt.PlainGPT, the book's code (explicit mask, hand-written softmax
 attention, LayerNorm and GELU)."""
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from bench import PlainGPT
+from plain_gpt import PlainGPT
 from checkpointing import load_model_weights
 from config import ModelConfig
 from errors import UserError
@@ -17,7 +17,7 @@ SMALL = dict(vocab_size=61, context_length=16, emb_dim=24, n_heads=3, n_layers=2
 
 
 def plain_gpt_like(model):
-    """The book's implementation (bench.PlainGPT) holding `model`'s weights."""
+    """The book's implementation (plain_gpt.PlainGPT) holding `model`'s weights."""
     plain = PlainGPT(model.cfg).eval()
     plain.load_state_dict(model.state_dict())
     return plain

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import microbatch_search
-from conftest import make_run, run_training, train_env
-from ddp_train import compute_loss
+from conftest import TRAINER_WITH_FAULTS, make_run, run_training, train_env
+from training import compute_loss
 from gpt import GPTModel
 from microbatch_search import largest_passing, make_trial, suggest_batch_split
 
@@ -43,8 +43,9 @@ def test_suggested_split_is_the_fewest_accumulation_steps_that_reach_the_target(
 
 def test_two_ranks_agree_on_the_smaller_limit_and_write_train_json(tmp_path, verdict_dataset):
     run_dir = make_run(tmp_path / "run", verdict_dataset, microbatch_size=2, checkpoint_interval=7)
-    env = {**train_env(), "DDP_TRAIN_TEST_MAX_MICROBATCH": "0:11,1:6"}
-    result = run_training([run_dir, "datasets", "-f", "--target-global-batch", "24", "--write"], nproc=2, env=env)
+    env = {**train_env(), "FAULT_MAX_MICROBATCH": "0:11,1:6"}
+    result = run_training([run_dir, "datasets", "-f", "--target-global-batch", "24", "--write"], nproc=2, env=env,
+                          script=TRAINER_WITH_FAULTS)
     assert "Largest microbatch that fits on every rank: 6" in result.stdout
     assert "microbatch_size 6, gradient_accumulation_steps 2 (global batch 24)" in result.stdout
     train = json.loads((run_dir / "train.json").read_text())
@@ -52,7 +53,7 @@ def test_two_ranks_agree_on_the_smaller_limit_and_write_train_json(tmp_path, ver
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").exists()
 
 
-def test_refused_on_cpu_without_the_test_limit(tmp_path, verdict_dataset):
+def test_refused_on_cpu(tmp_path, verdict_dataset):
     run_dir = make_run(tmp_path / "run", verdict_dataset)
     result = run_training([run_dir, "datasets", "-f"], check=False)
     assert result.returncode == 2 and "no CUDA device" in result.stderr

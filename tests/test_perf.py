@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import bench
+from plain_gpt import PlainGPT
 import perf
 from config import ModelConfig
 from gpt import GPTModel
@@ -96,7 +97,7 @@ def test_plain_gpt_is_like_for_like_under_bench_precision():
     cfg = {**TINY, "tie_weights": True, "qkv_bias": True}
     torch.manual_seed(0)
     model = GPTModel(cfg).eval()
-    plain = bench.PlainGPT(model.cfg).eval()
+    plain = PlainGPT(model.cfg).eval()
     plain.load_state_dict(model.state_dict())  # strict: the same names, no mask buffer
     assert plain.out_head.weight is plain.tok_emb.weight
     assert sum(p.numel() for p in plain.parameters()) == model.num_parameters()

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import (PROJECT_DIR, SHARED_DATA, make_run, read_rows, run_training, tokens_for, train_env,
-                      write_byte_dataset)
+from conftest import (PROJECT_DIR, SHARED_DATA, TRAINER_WITH_FAULTS, make_run, read_rows, run_training,
+                      tokens_for, train_env, write_byte_dataset)
 
 STEPS = 8
 
@@ -100,7 +100,7 @@ def test_sigterm_to_torchrun_checkpoints_and_exits_then_resume_finishes(tmp_path
     output, _ = job.communicate(timeout=120)
     assert "Stopped by SIGTERM" in output and "Resume with" in output
     stopped_at = latest_step(run_dir)
-    assert 2 <= stopped_at < steps - 1 and checkpoint_steps(run_dir) == [stopped_at]
+    assert 2 <= stopped_at < steps - 1 and checkpoint_steps(run_dir) == [0, stopped_at]
     assert read_rows(run_dir)[-1]["step"] == stopped_at
     assert not list((run_dir / "checkpoints").glob(".partial-*"))
 
@@ -117,21 +117,21 @@ def test_sigterm_to_torchrun_checkpoints_and_exits_then_resume_finishes(tmp_path
 def test_sigkill_during_a_save_leaves_latest_on_a_complete_checkpoint(tmp_path, verdict_dataset):
     run_dir = make_run(tmp_path / "run", verdict_dataset, min_train_tokens=tokens_for(STEPS, 1),
                        checkpoint_interval=2)
-    env = {**train_env(), "DDP_TRAIN_TEST_SAVE_DELAY_S": "3"}
-    job = subprocess.Popen([sys.executable, str(PROJECT_DIR / "ddp_train.py"), str(run_dir), "datasets"],
+    env = {**train_env(), "FAULT_SAVE_DELAY_S": "3"}
+    job = subprocess.Popen([sys.executable, str(TRAINER_WITH_FAULTS), str(run_dir), "datasets"],
                            cwd=PROJECT_DIR, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoints = run_dir / "checkpoints"
-    # The second save (step 3) is under way once its partial directory exists.
+    # The second save (step 2) is under way once its partial directory exists.
     wait_for(lambda: (checkpoints / "latest").exists() and any(
-        "iteration-3" in p.name for p in checkpoints.glob(".partial-*")), job)
+        "iteration-2" in p.name for p in checkpoints.glob(".partial-*")), job)
     job.kill()
     job.wait()
-    assert latest_step(run_dir) == 1 and checkpoint_steps(run_dir) == [1]
+    assert latest_step(run_dir) == 0 and checkpoint_steps(run_dir) == [0]
     latest = checkpoints / "latest"
     assert set(json.loads((latest / "meta.json").read_text())["files"]) <= {p.name for p in latest.iterdir()}
 
     result = run_training([run_dir, "datasets", "auto"])
-    assert "global step 2" in result.stdout and latest_step(run_dir) == STEPS - 1
+    assert "global step 1" in result.stdout and latest_step(run_dir) == STEPS - 1
     assert not list(checkpoints.glob(".partial-*"))
 
 
@@ -146,10 +146,18 @@ def test_a_damaged_checkpoint_is_named_on_load(tmp_path, verdict_dataset):
 
 # ---------------------------------------------------------------- non-finite values
 
+def reject_constant(name):
+    raise ValueError(f"not strict JSON: {name}")
+
+
 def test_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path, verdict_dataset):
     run_dir = make_run(tmp_path / "run", verdict_dataset, min_train_tokens=tokens_for(6, 2), checkpoint_interval=1)
-    run_training([run_dir, "datasets"], nproc=2, env={**train_env(), "DDP_TRAIN_TEST_NAN_AT": "1:3"})
+    run_training([run_dir, "datasets"], nproc=2, env={**train_env(), "FAULT_NAN_LOSS": "1:3"},
+                 script=TRAINER_WITH_FAULTS)
     rows = read_rows(run_dir)
+    # Strict JSON: the skipped step's loss and gradient norm are null, never a bare NaN.
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=reject_constant)
     assert [r["skipped"] for r in rows] == [s == 3 for s in range(6)]
     assert rows[3]["loss"] is None and all(r["loss"] > 0 for r in rows if r["step"] != 3)
     weights = {int(p.name.split("-iteration-")[1]): load_file(p / "model.safetensors")
@@ -162,11 +170,14 @@ def test_too_many_non_finite_steps_in_a_row_stop_the_run(tmp_path, verdict_datas
     run_dir = make_run(tmp_path / "run", verdict_dataset, min_train_tokens=tokens_for(STEPS, 2),
                        checkpoint_interval=2, max_skipped_steps=3)
     result = run_training([run_dir, "datasets"], nproc=2, check=False,
-                          env={**train_env(), "DDP_TRAIN_TEST_NAN_AT": "0:3,4,5"})
+                          env={**train_env(), "FAULT_NAN_LOSS": "0:3,4,5"}, script=TRAINER_WITH_FAULTS)
     assert result.returncode != 0
-    assert "error: 3 optimizer steps in a row had a non-finite loss or gradient (last at step 5)" in result.stderr
-    # The step-3 checkpoint holds step 2's weights (a skipped step changes nothing); none after it.
-    assert latest_step(run_dir) == 3 and checkpoint_steps(run_dir) == [1, 3]
+    assert ("error: 3 optimizer steps in a row had a non-finite loss or gradient (the last at global step 5)"
+            in result.stderr)
+    # The step-4 checkpoint holds step 2's weights (a skipped step changes nothing); none after it.
+    checkpoint = sorted((run_dir / "checkpoints").glob("*-iteration-4"))[0].name
+    assert f"the last good checkpoint is {checkpoint}" in result.stderr
+    assert latest_step(run_dir) == 4 and checkpoint_steps(run_dir) == [0, 2, 4]
     weights = load_file(run_dir / "checkpoints" / "latest" / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in weights.values())
 
@@ -198,7 +209,7 @@ def test_a_failed_checkpoint_save_on_rank_0_ends_every_rank(tmp_path, verdict_da
     started = time.time()
     result = run_training([run_dir, "datasets"], nproc=2, check=False)
     assert result.returncode != 0 and time.time() - started < 100
-    assert "FileExistsError" in result.stdout + result.stderr
+    assert "could not write checkpoint" in result.stderr and "File exists" in result.stderr
     assert (run_dir / "checkpoints").read_text() == "in the way"
 
 

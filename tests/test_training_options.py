@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from config import TrainConfig
 from conftest import make_run, read_rows, run_training, tokens_for
-from ddp_train import amp_dtype_for
+from training import amp_dtype_for
 
 
 def test_compiled_and_eager_losses_agree(tmp_path, verdict_dataset):

@@ -1,0 +1,74 @@
+"""ddp_train.py with faults injected, for the end-to-end tests that need real processes
+(torchrun, signals, a second rank). The one place where tests reach into the trainer:
+production code has no test hooks. Run it exactly like ddp_train.py:
+
+    torchrun --nproc_per_node=2 tests/train_with_faults.py RUN DATASETS_DIR ...
+
+Faults, from the environment:
+- FAULT_NAN_LOSS="RANK:STEP,STEP": that rank's training loss is NaN at those optimizer
+  steps, counted from the first step this process trains (0 on a fresh run);
+- FAULT_SAVE_DELAY_S=SECONDS: a checkpoint save pauses that long after writing
+  model.safetensors, so that a kill can land in the middle of it;
+- FAULT_MAX_MICROBATCH="RANK:N,...": for -f on CPU, microbatches above N fail on that
+  rank as if out of memory (and -f runs without CUDA).
+"""
+
+import itertools
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import checkpointing  # noqa: E402
+import ddp_train  # noqa: E402
+
+
+def inject_nan_losses(spec):
+    rank_text, steps_text = spec.split(":")
+    nan_steps = {int(step) for step in steps_text.split(",")}
+    steps = itertools.count()
+    real_train_step, real_compute_loss = ddp_train.train_step, ddp_train.compute_loss
+
+    def train_step(trainer, run, ctx, microbatches, stop_requested):
+        poisoned = ctx.rank == int(rank_text) and next(steps) in nan_steps
+        ddp_train.compute_loss = ((lambda *args: real_compute_loss(*args) * float("nan"))
+                                  if poisoned else real_compute_loss)
+        return real_train_step(trainer, run, ctx, microbatches, stop_requested)
+
+    ddp_train.train_step = train_step
+
+
+def delay_saves(seconds):
+    real_save = checkpointing.save_safetensors
+
+    def save_safetensors(*args, **kwargs):
+        real_save(*args, **kwargs)
+        time.sleep(seconds)
+
+    checkpointing.save_safetensors = save_safetensors
+
+
+def limit_microbatches(spec):
+    limits = {int(rank): int(limit) for rank, limit in
+              (item.split(":") for item in spec.split(","))}
+    real_make_trial = ddp_train.make_trial
+
+    def make_trial(model, optimizer, scaler, compute_loss, ctx, *args):
+        try_microbatch = real_make_trial(model, optimizer, scaler, compute_loss, ctx, *args)
+        limit = limits.get(ctx.rank)
+        return lambda size: None if limit is not None and size > limit else try_microbatch(size)
+
+    ddp_train.require_gpu = lambda device: None
+    ddp_train.make_trial = make_trial
+
+
+if __name__ == "__main__":
+    if os.environ.get("FAULT_NAN_LOSS"):
+        inject_nan_losses(os.environ["FAULT_NAN_LOSS"])
+    if os.environ.get("FAULT_SAVE_DELAY_S"):
+        delay_saves(float(os.environ["FAULT_SAVE_DELAY_S"]))
+    if os.environ.get("FAULT_MAX_MICROBATCH"):
+        limit_microbatches(os.environ["FAULT_MAX_MICROBATCH"])
+    ddp_train.main(prog_name="ddp_train.py")

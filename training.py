@@ -1,0 +1,106 @@
+"""The pieces of training that more than one script uses: precision, the loss, the
+optimizer, the learning-rate schedule and the memory a model needs.
+
+ddp_train.py assembles them into the training step and loop; bench.py,
+test_loss.py and the -f search use them so that they measure and evaluate
+exactly what training runs.
+"""
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+import perf
+from errors import UserError
+
+# The reference harness's LinearLR warmup starts at learning_rate x this.
+WARMUP_START_FACTOR = 1e-5
+# fp32 weights, fp32 gradients and AdamW's two fp32 moments.
+TRAINING_BYTES_PER_PARAMETER = 16
+
+
+def amp_dtype_for(train_cfg, device):
+    """The autocast dtype, or None for full fp32."""
+    if not train_cfg.use_amp:
+        return None
+    if train_cfg.amp_dtype is not None:
+        return getattr(torch, train_cfg.amp_dtype)
+    # Without including_emulation=False a V100 or T4 counts as bf16-capable (it can hold
+    # bf16 tensors), and would then run bf16 matmuls emulated, without tensor cores.
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        return torch.float16
+    return torch.bfloat16
+
+
+def compute_loss(model, inputs, targets, amp_dtype, device):
+    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        logits = model(inputs)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def make_optimizer(model, train_cfg):
+    # One parameter group, as in the reference harness, so its optimizer.pt files load.
+    # Fused: one kernel for all parameters, and it can skip a step on a device-side flag.
+    return torch.optim.AdamW(model.parameters(), lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay,
+                             fused=True)
+
+
+# ---------------------------------------------------------------- learning-rate schedule
+
+def warmup_steps_for(total_steps, warmup_period_percent):
+    """The reference harness's `total_steps * warmup_period_percent // 100`."""
+    return int(total_steps * warmup_period_percent // 100)
+
+
+def lr_factor(step, total_steps, warmup_steps, min_ratio):
+    """The reference harness's schedule, as a multiple of learning_rate at optimizer step
+    `step` (0-based): its LinearLR warmup from WARMUP_START_FACTOR to 1 over
+    `warmup_steps` steps, then its CosineAnnealingLR from 1 to `min_ratio` with a
+    period of `total_steps - warmup_steps` steps, so the last step stops just short of
+    the floor. Written in closed form, which equals torch's step-by-step recurrences
+    to float rounding (tests/test_lr_schedule.py), so that a resumed run only needs
+    its step number to be back on the schedule."""
+    if step < warmup_steps:
+        return WARMUP_START_FACTOR + (1 - WARMUP_START_FACTOR) * step / warmup_steps
+    progress = (step - warmup_steps) / (total_steps - warmup_steps)
+    return min_ratio + (1 - min_ratio) * (1 + math.cos(math.pi * progress)) / 2
+
+
+def make_lr_scheduler(optimizer, train_cfg, total_steps):
+    """A LambdaLR on the reference schedule (constant without schedule_learning_rate).
+    Stepped once after every optimizer step, skipped ones included, as in the reference."""
+    if not train_cfg.schedule_learning_rate:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    warmup_steps = warmup_steps_for(total_steps, train_cfg.warmup_period_percent)
+    min_ratio = train_cfg.effective_min_lr / train_cfg.learning_rate
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, min_ratio))
+
+
+def move_lr_scheduler_to(scheduler, step):
+    """Put the schedule where it is after `step` optimizer steps (on resume)."""
+    scheduler.last_epoch = step - 1
+    scheduler.step()
+
+
+# ---------------------------------------------------------------- memory
+
+def device_memory_bytes(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_model_fits(model_cfg, device, source):
+    """Refuse, before allocating anything, a model whose weights, gradients and AdamW
+    state alone exceed the device's memory (a typo like n_layers 10,000,000)."""
+    parameters = perf.parameter_count(model_cfg)
+    needed = parameters * TRAINING_BYTES_PER_PARAMETER
+    available = device_memory_bytes(device)
+    if needed > available:
+        raise UserError(
+            f"{source}: this model has {parameters:,} parameters, whose weights, gradients and AdamW state "
+            f"need {needed / 2**30:,.1f} GiB ({TRAINING_BYTES_PER_PARAMETER} bytes each), more than the "
+            f"{available / 2**30:,.1f} GiB of {device}; check n_layers, emb_dim and vocab_size")
