@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from config import load_json
 from errors import UserError, report_user_errors
-from eval_common import load_model, load_tokenizer, one_line, pick_device, tokenizer_options
+from eval_common import load_model, load_model_config, load_tokenizer, one_line, pick_device, tokenizer_options
 from gpt import generate
 
 BOOK_DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
@@ -44,6 +44,10 @@ MAX_NEW_TOKENS = 256
 IGNORE_INDEX = -100  # F.cross_entropy skips targets with this value
 # Without --epochs, a backstop for a validation loss that never rises.
 MAX_EPOCHS = 100
+# --dropout: "model" trains with model.json's drop_rate, "on" with GPT-2's rate
+# (the one the reference harness's runs with dropout use), "off" without dropout.
+DROPOUT_CHOICES = ("model", "on", "off")
+GPT2_DROP_RATE = 0.1
 
 
 # ---------------------------------------------------------------- the data
@@ -197,6 +201,13 @@ def fine_tune(model, optimizer, train_encoded, val_batches, pad_id, epochs, gene
             previous_weights = {key: value.detach().to("cpu", copy=True)
                                 for key, value in model.state_dict().items()}
     return history, len(history)
+
+
+def fine_tuning_drop_rate(dropout, model_json):
+    """The dropout rate fine-tuning trains with for a --dropout choice."""
+    if dropout == "model":
+        return load_model_config(model_json).drop_rate
+    return GPT2_DROP_RATE if dropout == "on" else 0.0
 
 
 def respond(model, tokenizer, entry):
@@ -422,13 +433,18 @@ def cli():
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="Train exactly this many epochs. Default: until the validation loss rises, "
                    "then keep the previous epoch's weights.")
-@click.option("--seed", default=42, show_default=True, help="Seed for the order of the training batches.")
+@click.option("--dropout", type=click.Choice(DROPOUT_CHOICES), default="model", show_default=True,
+              help=f"Dropout while fine-tuning: 'model' is model.json's drop_rate (as the base model "
+                   f"was trained, which is what the reference harness does), 'on' is GPT-2's "
+                   f"{GPT2_DROP_RATE}, 'off' is none. Responses are always generated without dropout.")
+@click.option("--seed", default=42, show_default=True,
+              help="Seed for the order of the training batches and the dropout masks.")
 @click.option("--out-dir", default=".", show_default=True,
               help=f"Where NAME{RESULTS_SUFFIX} is written.")
 @tokenizer_options
 @report_user_errors
-def generate_command(name, model_json, model_safetensors, data_source, cache_dir, epochs, seed,
-                     out_dir, tokenizer_name, datasets_dir):
+def generate_command(name, model_json, model_safetensors, data_source, cache_dir, epochs, dropout,
+                     seed, out_dir, tokenizer_name, datasets_dir):
     """Fine-tune on instruction data; answer every test item; write NAME-ift-test-results.json."""
     if not name or Path(name).name != name or name in (".", ".."):
         raise UserError(f"NAME '{name}' must be a plain file-name prefix")
@@ -438,9 +454,11 @@ def generate_command(name, model_json, model_safetensors, data_source, cache_dir
         raise UserError(f"{data_source}: {len(data)} items give {len(train)} train, {len(test)} "
                         f"test and {len(validation)} validation items; it needs at least "
                         f"{BATCH_SIZE} train items and one of each other (20 items will do)")
-    model = load_model(model_json, model_safetensors, pick_device())
+    drop_rate = fine_tuning_drop_rate(dropout, model_json)
+    model = load_model(model_json, model_safetensors, pick_device(), drop_rate)
     tokenizer = load_tokenizer(model_json, tokenizer_name, datasets_dir, model.cfg.vocab_size)
     pad_id, context_length = tokenizer.eot_id, model.cfg.context_length
+    torch.manual_seed(seed)  # the dropout masks come from the global generator
 
     def encode(entries):
         return [tokenizer.encode(format_example(entry)) for entry in entries]
@@ -451,6 +469,8 @@ def generate_command(name, model_json, model_safetensors, data_source, cache_dir
         pad_id, epochs, torch.Generator().manual_seed(seed))
     test_loss = mean_loss(model, make_batches(encode(test), pad_id, context_length))
     print(f"test loss {test_loss:.6f}")
+
+    model.eval()  # greedy answers: no dropout, whatever fine-tuning used
 
     items = [{"instruction": entry["instruction"], "input": entry.get("input", ""),
               "output": entry["output"], "model_response": respond(model, tokenizer, entry)}
@@ -463,6 +483,8 @@ def generate_command(name, model_json, model_safetensors, data_source, cache_dir
         "tokenizer": tokenizer.name,
         "split_sizes": {"train": len(train), "test": len(test), "validation": len(validation)},
         "seed": seed,
+        "dropout": dropout,
+        "drop_rate": drop_rate,
         "epochs": history,
         "kept_epoch": kept_epoch,
         "test_loss": test_loss,

@@ -163,6 +163,40 @@ def test_fixed_epochs_train_exactly_that_many_even_when_validation_rises(instruc
     assert not torch.equal(final["tok_emb.weight"], start["tok_emb.weight"])
 
 
+def test_dropout_option_sets_the_rate_fine_tuning_trains_with(tmp_path, instruction_data):
+    cfg = tiny_config(drop_rate=0.2)  # a 64-byte context: a quick two-batch epoch on 20 items
+    model_json, weights = tmp_path / "model.json", tmp_path / "model.safetensors"
+    model_json.write_text(json.dumps(cfg))
+    save_state(random_model(cfg).state_dict(), weights)
+    tokenizer = ByteTokenizer()
+    train, _, validation = test_ift.split_data(instruction_data[:20])
+    encoded_train = [tokenizer.encode(test_ift.format_example(e)) for e in train]
+    val_batches = test_ift.make_batches([tokenizer.encode(test_ift.format_example(e)) for e in validation],
+                                        tokenizer.eot_id, cfg["context_length"])
+
+    def fine_tuned(dropout, global_seed):
+        """One epoch from the same weights and batch order; only the global RNG
+        (which draws the dropout masks) varies with `global_seed`."""
+        drop_rate = test_ift.fine_tuning_drop_rate(dropout, model_json)
+        model = test_ift.load_model(model_json, weights, "cpu", drop_rate)
+        rates = ({m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+                 | {block.att.drop_rate for block in model.trf_blocks})
+        torch.manual_seed(global_seed)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+        history, _ = test_ift.fine_tune(model, optimizer, encoded_train, val_batches, tokenizer.eot_id,
+                                        epochs=1, generator=torch.Generator().manual_seed(42))
+        return rates, history[0]["train_loss"]
+
+    model_0, off_0 = fine_tuned("model", 0), fine_tuned("off", 0)
+    # "model" is model.json's rate, "on" GPT-2's, "off" none, in every dropout layer.
+    assert model_0[0] == {0.2} and fine_tuned("on", 0)[0] == {0.1} and off_0[0] == {0.0}
+    # With dropout the masks (from the global RNG) change the training; without it
+    # the global RNG plays no part.
+    assert fine_tuned("model", 0) == model_0
+    assert fine_tuned("model", 1)[1] != model_0[1] != off_0[1]
+    assert fine_tuned("off", 1) == off_0
+
+
 def write_run(tmp_path, instruction_data):
     """A tiny run directory whose train.json names a byte-level dataset, so the
     script picks the bytes tokenizer by itself."""
@@ -198,6 +232,8 @@ def test_generate_downloads_data_once_trains_fixed_epochs_and_writes_results(tmp
     # 30 items: 25 train, 3 test, 2 validation, in file order.
     assert results["split_sizes"] == {"train": 25, "test": 3, "validation": 2}
     assert [h["epoch"] for h in results["epochs"]] == [1, 2] and results["kept_epoch"] == 2
+    # By default fine-tuning keeps model.json's dropout, as the reference harness does.
+    assert results["dropout"] == "model" and results["drop_rate"] == BYTES_CFG["drop_rate"]
     assert results["test_loss"] > 0
     assert [{k: i[k] for k in ("instruction", "input", "output")} for i in results["items"]] == items[25:28]
     assert all(isinstance(i["model_response"], str) for i in results["items"])
