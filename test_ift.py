@@ -237,7 +237,8 @@ A correct output would be:
 ```
 
 Score each model's response from 0 (useless) to 100 (as good as the correct output),
-with a short comment. Reply with only a JSON object with exactly these keys:
+with a short comment. Reply with only a JSON object with exactly these keys, each
+score a number (the 50s below only show the format):
 
 {example}
 
@@ -251,13 +252,26 @@ class MalformedJudgement(Exception):
 
 
 def judge_prompt(entry, responses):
-    example = json.dumps({f"Model {j + 1}": {"score": "<0-100>", "comment": "<one sentence>"}
+    example = json.dumps({f"Model {j + 1}": {"score": 50, "comment": "<one sentence>"}
                           for j in range(len(responses))}, indent=2)
     prompt = JUDGE_PROMPT.format(prompt=format_input(entry), reference=entry["output"],
                                  example=example)
     for j, response in enumerate(responses):
         prompt += f"# Model {j + 1}\n\n```\n{response}\n```\n\n"
     return prompt
+
+
+def as_score(value):
+    """A judge's score as a float from 0 to 100, from a number or a numeric string
+    such as "72" (judges often quote numbers); None for anything else."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
+        return None
+    return float(value)
 
 
 def parse_judgement(text, count):
@@ -278,10 +292,11 @@ def parse_judgement(text, count):
     scores = []
     for label in labels:
         entry = verdict[label]
-        score = entry.get("score") if isinstance(entry, dict) else None
-        if isinstance(score, bool) or not isinstance(score, (int, float)) or not 0 <= score <= 100:
-            raise ValueError(f"{label}: score must be a number from 0 to 100, got {json.dumps(score)}")
-        scores.append((float(score), str(entry.get("comment", entry.get("comments", "")))))
+        raw_score = entry.get("score") if isinstance(entry, dict) else None
+        score = as_score(raw_score)
+        if score is None:
+            raise ValueError(f"{label}: score must be a number from 0 to 100, got {json.dumps(raw_score)}")
+        scores.append((score, str(entry.get("comment", entry.get("comments", "")))))
     return scores
 
 

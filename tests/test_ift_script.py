@@ -332,3 +332,13 @@ def test_malformed_results_file_is_one_error_line(tmp_path):
     broken = tmp_path / "broken.json"
     broken.write_text('{"items": [')
     assert_one_error_line(run_script("test_ift.py", "judge", broken), "broken.json: malformed JSON")
+
+
+def test_string_scores_are_accepted_and_the_prompt_shows_numbers():
+    assert test_ift.parse_judgement('{"Model 1": {"score": "72", "comment": "fine"}, '
+                                    '"Model 2": {"score": " 40.5 "}}', 2) == [(72.0, "fine"), (40.5, "")]
+    with pytest.raises(ValueError, match='Model 1: score must be a number from 0 to 100, got "high"'):
+        test_ift.parse_judgement('{"Model 1": {"score": "high"}}', 1)
+    prompt = test_ift.judge_prompt({"instruction": "Say hi.", "input": "", "output": "Hi."}, ["a", "b"])
+    example = json.loads(prompt[prompt.index("{"):prompt.index("}\n}") + 3])
+    assert [type(answer["score"]) for answer in example.values()] == [int, int]
