@@ -11,10 +11,14 @@ item by item and in shuffled order, to an LLM judge over an OpenAI-compatible
 chat-completions endpoint and ranks the models by their mean score.
 """
 
+import datetime
+import email.utils
 import hashlib
+import http.client
 import json
 import os
 import random
+import re
 import statistics
 import sys
 import time
@@ -245,10 +249,28 @@ score a number (the 50s below only show the format):
 Here are the models' responses:
 
 """
+# Seconds before the first retry of a failed request; the wait doubles with each
+# retry, up to --max-backoff.
+FIRST_BACKOFF = 1.0
 
 
 class MalformedJudgement(Exception):
     """The judge kept replying with something that is not the JSON asked for."""
+
+
+class EndpointUnavailable(Exception):
+    """The endpoint kept failing transiently (no connection, a reset or truncated
+    response, a time-out, HTTP 408, 429 or 5xx) through every retry."""
+
+
+class RequestRejected(Exception):
+    """The endpoint refused the request itself (any other HTTP error): retrying the
+    same request cannot help."""
+
+    def __init__(self, code, detail):
+        super().__init__(f"HTTP {code}: {detail}")
+        self.code = code
+        self.detail = detail
 
 
 def judge_prompt(entry, responses):
@@ -300,43 +322,111 @@ def parse_judgement(text, count):
     return scores
 
 
+def is_transient(status):
+    """HTTP statuses a server may get over: time-outs, rate limits, server errors."""
+    return status in (408, 429) or status >= 500
+
+
+def retry_after_seconds(header):
+    """The wait a Retry-After header asks for (delta-seconds or an HTTP date), or
+    None without a usable one."""
+    if header is None:
+        return None
+    try:
+        return max(0.0, float(header))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(header)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # HTTP dates are GMT
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
+
+
+def backoff_delay(retry, max_backoff, retry_after=None):
+    """Seconds to wait before retry number `retry` (from 0): FIRST_BACKOFF doubling
+    each time, capped at `max_backoff`, and jittered (between half and all of it)
+    so that clients that failed together do not retry together; never less than
+    the server's Retry-After."""
+    ceiling = min(max_backoff, FIRST_BACKOFF * 2 ** retry)
+    return max(random.uniform(ceiling / 2, ceiling), retry_after or 0.0)
+
+
+def error_body(error):
+    """An HTTP error's body as one line, for the error message (the body may itself
+    fail to arrive)."""
+    try:
+        return one_line(error.read().decode("utf-8", errors="replace"))[:300]
+    except (OSError, http.client.HTTPException) as e:
+        return f"(body unreadable: {one_line(e) or type(e).__name__})"
+
+
 class JudgeClient:
     """A chat-completions endpoint (OpenAI, vLLM, llama.cpp, Ollama, ...) over urllib."""
 
-    def __init__(self, base_url, api_key, model, attempts, timeout=300):
+    def __init__(self, base_url, api_key, model, attempts, retries, timeout, max_backoff, seed):
         self.url = base_url.rstrip("/") + "/chat/completions"
-        self.api_key = api_key
+        self.headers = {"Content-Type": "application/json"}
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
         self.model = model
         self.attempts = attempts
+        self.retries = retries
         self.timeout = timeout
+        self.max_backoff = max_backoff
+        # JSON output and the least random judgements, where the server takes
+        # them: one a server rejects is left out from then on.
+        self.optional_fields = {"response_format": {"type": "json_object"}, "temperature": 0,
+                                "seed": seed}
 
     def _post(self, payload):
-        """The response body; retries (with back-off) what a server may get over:
-        no connection, time-outs, rate limits and 5xx errors."""
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
+        """The response body; retries transient failures with back-off and raises
+        EndpointUnavailable when they last, RequestRejected for other HTTP errors."""
         request = urllib.request.Request(self.url, data=json.dumps(payload).encode(),
-                                         headers=headers, method="POST")
-        for attempt in range(1, self.attempts + 1):
+                                         headers=self.headers, method="POST")
+        for retry in range(self.retries + 1):
+            retry_after = None
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
                     return response.read()
             except urllib.error.HTTPError as e:
-                if e.code != 429 and e.code < 500:
-                    body = one_line(e.read().decode("utf-8", errors="replace"))[:300]
-                    raise UserError(f"judge endpoint {self.url} answered HTTP {e.code}: {body}")
-                problem = f"HTTP {e.code}"
-            except (urllib.error.URLError, OSError) as e:
-                problem = one_line(getattr(e, "reason", e))
-            if attempt == self.attempts:
-                raise UserError(f"judge endpoint {self.url} failed {self.attempts} times; "
-                                f"last: {problem}")
-            time.sleep(2 ** (attempt - 1))
+                if not is_transient(e.code):
+                    raise RequestRejected(e.code, error_body(e))
+                problem, retry_after = f"HTTP {e.code}", retry_after_seconds(e.headers.get("Retry-After"))
+            # OSError: no connection, a reset, a time-out (URLError is one too);
+            # HTTPException: a truncated (IncompleteRead) or garbled response.
+            except (OSError, http.client.HTTPException) as e:
+                problem = one_line(getattr(e, "reason", e)) or type(e).__name__
+            if retry == self.retries:
+                raise EndpointUnavailable(f"{self.url} failed {retry + 1} times; last: {problem}")
+            delay = backoff_delay(retry, self.max_backoff, retry_after)
+            tqdm.write(f"judge endpoint: {problem}; retrying in {delay:.1f} s", file=sys.stderr)
+            time.sleep(delay)
+
+    def _chat(self, prompt):
+        """The response body for `prompt`, asking again without an optional field
+        that the server rejects."""
+        while True:
+            payload = {"model": self.model, "messages": [{"role": "user", "content": prompt}],
+                       **self.optional_fields}
+            try:
+                return self._post(payload)
+            except RequestRejected as e:
+                # Servers answer an unsupported field with 400 (422 from FastAPI-based
+                # ones) naming it: ask again without it.
+                rejected = [field for field in self.optional_fields
+                            if e.code in (400, 422) and re.search(rf"\b{field}\b", e.detail)]
+                if not rejected:
+                    raise UserError(f"judge endpoint {self.url} answered {e}")
+                tqdm.write(f"warning: the judge endpoint rejects '{rejected[0]}' ({e.detail}); "
+                           "asking without it from now on", file=sys.stderr)
+                del self.optional_fields[rejected[0]]
 
     def complete(self, prompt):
         """The judge's reply text; ValueError when the response is not a chat completion."""
-        body = self._post({"model": self.model, "messages": [{"role": "user", "content": prompt}]})
+        body = self._chat(prompt)
         try:
             content = json.loads(body)["choices"][0]["message"]["content"]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, IndexError, TypeError) as e:
@@ -401,7 +491,7 @@ def judge_all(client, responses, items, repeats, rng):
                 prompt = judge_prompt(entry, [responses[path][index] for path in order])
                 try:
                     verdict = client.judge(prompt, len(order))
-                except MalformedJudgement as e:
+                except (MalformedJudgement, EndpointUnavailable) as e:
                     failures.append({"repeat": repeat + 1, "item": index, "error": str(e)})
                     tqdm.write(f"warning: item {index} (repeat {repeat + 1}) not judged: {e}",
                                file=sys.stderr)
@@ -523,10 +613,19 @@ def generate_command(name, model_json, model_safetensors, data_source, cache_dir
 @click.option("--repeats", default=1, show_default=True, type=click.IntRange(min=1),
               help="Judge everything this many times; report each model's mean and standard deviation.")
 @click.option("--attempts", default=3, show_default=True, type=click.IntRange(min=1),
-              help="Tries per judgement, for malformed replies and for transient HTTP errors.")
-@click.option("--seed", default=0, show_default=True, help="Seed for the order the models are shown in.")
+              help="Tries per judgement while the judge's reply is not the JSON asked for.")
+@click.option("--retries", default=5, show_default=True, type=click.IntRange(min=0),
+              help="Retries of a request that failed transiently (no connection, a reset or truncated "
+                   "response, a time-out, HTTP 408, 429 or 5xx), with exponential back-off and jitter.")
+@click.option("--timeout", default=300.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds one request may take.")
+@click.option("--max-backoff", default=60.0, show_default=True, type=click.FloatRange(min=0),
+              help="Longest wait between retries, in seconds, unless the server's Retry-After asks for more.")
+@click.option("--seed", default=0, show_default=True,
+              help="Seed for the order the models are shown in, also sent to the judge.")
 @report_user_errors
-def judge_command(results_files, base_url, api_key, judge_model, repeats, attempts, seed):
+def judge_command(results_files, base_url, api_key, judge_model, repeats, attempts, retries, timeout,
+                  max_backoff, seed):
     """Score the responses in RESULTS_FILES with an LLM judge and rank the models."""
     if len(set(results_files)) != len(results_files):
         raise UserError("a results file is given more than once")
@@ -535,7 +634,7 @@ def judge_command(results_files, base_url, api_key, judge_model, repeats, attemp
     paths = list(results_files)
     items = results[paths[0]][1]
     responses = {path: [item["model_response"] for item in results[path][1]] for path in paths}
-    client = JudgeClient(base_url, api_key, judge_model, attempts)
+    client = JudgeClient(base_url, api_key, judge_model, attempts, retries, timeout, max_backoff, seed)
     scores, comments, failures = judge_all(client, responses, items, repeats, random.Random(seed))
     if len(failures) == repeats * len(items):
         raise UserError(f"every judgement failed; the last: {failures[-1]['error']}")
@@ -562,8 +661,8 @@ def judge_command(results_files, base_url, api_key, judge_model, repeats, attemp
     for rank, (mean, std, judged, path) in enumerate(rows, 1):
         print(f"{rank:>4}  {mean:6.2f}  {std:6.2f}  {judged:>4}/{repeats * len(items):<4}  {path}")
     if failures:
-        print(f"\n{len(failures)} judgement(s) failed after {attempts} attempts and are not counted "
-              "(details in the -judged.json files' 'judge.failures')")
+        print(f"\n{len(failures)} judgement(s) failed and are not counted (details in the -judged.json "
+              "files' 'judge.failures')")
     print(f"annotated copies: {', '.join(str(judged_path(p)) for p in paths)}")
 
 

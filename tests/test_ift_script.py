@@ -2,10 +2,14 @@
 real instruction data, and the judge against a local chat-completions server."""
 
 import copy
+import email.utils
 import http.server
 import json
 import re
+import socket
+import struct
 import threading
+import time
 
 import pytest
 import torch
@@ -29,8 +33,10 @@ def instruction_data():
 
 
 class Server:
-    """A real HTTP server on 127.0.0.1, in a thread, answering with `reply(path, body, headers)`
-    (a (status, bytes) pair); it records every request."""
+    """A real HTTP server on 127.0.0.1, in a thread, answering with `reply(path, body, headers)`:
+    a (status, bytes) pair, a (status, bytes, {header: value}) triple, or a function of the
+    request handler that misbehaves (see `truncated` and `reset_connection`). It records
+    every request and when it arrived."""
 
     def __init__(self, reply):
         self.requests = []
@@ -38,10 +44,16 @@ class Server:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def _answer(self, body):
-                server.requests.append({"path": self.path, "body": body, "headers": dict(self.headers)})
-                status, payload = reply(self.path, body, self.headers)
+                server.requests.append({"path": self.path, "body": body, "headers": dict(self.headers),
+                                        "time": time.monotonic()})
+                answer = reply(self.path, body, self.headers)
+                if callable(answer):
+                    answer(self)
+                    return
+                status, payload, *headers = answer
                 self.send_response(status)
-                self.send_header("Content-Length", str(len(payload)))
+                for name, value in {"Content-Length": str(len(payload)), **(headers[0] if headers else {})}.items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(payload)
 
@@ -55,6 +67,8 @@ class Server:
                 pass
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        # Answers to clients that gave up (timed out, killed) fail on purpose: no tracebacks.
+        self.httpd.handle_error = lambda request, client_address: None
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
@@ -66,6 +80,30 @@ class Server:
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join()
+
+
+def truncated(payload):
+    """An answer whose Content-Length promises more than `payload`, then a closed connection."""
+    def answer(handler):
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(payload) + 100))
+        handler.end_headers()
+        handler.wfile.write(payload)
+        handler.close_connection = True
+    return answer
+
+
+def reset_connection(handler):
+    """No answer: the connection is closed with a TCP reset (SO_LINGER 0)."""
+    handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    handler.connection.close()
+    handler.close_connection = True
+
+
+def late(seconds, answer):
+    """`answer`, after `seconds`."""
+    time.sleep(seconds)
+    return answer
 
 
 # ---------------------------------------------------------------- prompt, collate, losses
@@ -334,6 +372,22 @@ def test_malformed_results_file_is_one_error_line(tmp_path):
     assert_one_error_line(run_script("test_ift.py", "judge", broken), "broken.json: malformed JSON")
 
 
+def item_of(prompt, items):
+    return next(i for i, entry in enumerate(items) if entry["instruction"] in prompt)
+
+
+def judgement(prompt, score):
+    """A judge's reply giving every model shown in `prompt` the same `score`."""
+    shown = re.findall(r"^# Model (\d+)$", prompt, re.M)
+    return chat_reply(json.dumps({f"Model {j}": {"score": score, "comment": "ok"} for j in shown}))
+
+
+def judge_args(server, *paths, retries=3):
+    """A judge command line with test-sized waits: a 0.01 s back-off cap, a 1 s time-out."""
+    return ["judge", *map(str, paths), "--base-url", server.url, "--retries", str(retries),
+            "--max-backoff", "0.01", "--timeout", "1", "--seed", "5"]
+
+
 def test_string_scores_are_accepted_and_the_prompt_shows_numbers():
     assert test_ift.parse_judgement('{"Model 1": {"score": "72", "comment": "fine"}, '
                                     '"Model 2": {"score": " 40.5 "}}', 2) == [(72.0, "fine"), (40.5, "")]
@@ -342,3 +396,71 @@ def test_string_scores_are_accepted_and_the_prompt_shows_numbers():
     prompt = test_ift.judge_prompt({"instruction": "Say hi.", "input": "", "output": "Hi."}, ["a", "b"])
     example = json.loads(prompt[prompt.index("{"):prompt.index("}\n}") + 3])
     assert [type(answer["score"]) for answer in example.values()] == [int, int]
+
+
+def test_retry_after_and_backoff():
+    assert test_ift.retry_after_seconds("1") == 1.0 and test_ift.retry_after_seconds(None) is None
+    assert test_ift.retry_after_seconds("soon") is None
+    in_30_s = email.utils.formatdate(time.time() + 30, usegmt=True)
+    assert 25 < test_ift.retry_after_seconds(in_30_s) <= 30
+    delays = [test_ift.backoff_delay(retry, max_backoff=4) for retry in range(6) for _ in range(20)]
+    assert all(0.5 <= d <= 4 for d in delays) and max(delays[:20]) <= 1 and min(delays[-20:]) >= 2
+    assert len(set(delays[:20])) > 1  # jittered
+    assert test_ift.backoff_delay(0, max_backoff=0.01, retry_after=1.0) == 1.0
+
+
+def test_judge_retries_every_kind_of_transient_failure(tmp_path, instruction_data):
+    items = instruction_data[:3]
+    alpha = results_file(tmp_path / "alpha-ift-test-results.json", items, "alpha")
+    # Per item, the answers to its successive requests; the last one is the judgement,
+    # its score a string as judges often give it.
+    misbehaviour = {0: [lambda prompt: truncated(judgement(prompt, "72")[1])],
+                    1: [lambda prompt: reset_connection,
+                        lambda prompt: (429, b'{"error": "slow down"}', {"Retry-After": "1"})],
+                    2: [lambda prompt: (500, b"oops"), lambda prompt: (502, b"bad gateway"),
+                        lambda prompt: late(1.5, judgement(prompt, 72))]}  # past the 1 s time-out
+
+    def reply(path, body, headers):
+        prompt = body["messages"][0]["content"]
+        item = item_of(prompt, items)
+        calls = sum(item_of(r["body"]["messages"][0]["content"], items) == item for r in server.requests)
+        answers = misbehaviour[item]
+        return answers[calls - 1](prompt) if calls <= len(answers) else judgement(prompt, "72")
+
+    with Server(reply) as server:
+        result = CliRunner().invoke(test_ift.cli, judge_args(server, alpha))
+        requests = server.requests
+
+    assert result.exit_code == 0, result.output + result.stderr
+    per_item = [[r for r in requests if item_of(r["body"]["messages"][0]["content"], items) == item]
+                for item in range(3)]
+    assert [len(r) for r in per_item] == [2, 3, 4]
+    # The 429's Retry-After: 1 outweighs the 0.01 s back-off cap.
+    assert per_item[1][2]["time"] - per_item[1][1]["time"] >= 1.0
+    for problem in ("IncompleteRead", "HTTP 429", "HTTP 500", "HTTP 502", "timed out"):
+        assert problem in result.stderr
+    assert "Traceback" not in result.stderr and "not judged" not in result.stderr
+    judged = json.loads((tmp_path / "alpha-ift-test-results-judged.json").read_text())
+    assert [i["judge_scores"] for i in judged["items"]] == [[72.0]] * 3
+    assert judged["judge"]["failures"] == []
+    # JSON output, greedy decoding and a fixed seed are asked for.
+    assert all(r["body"]["response_format"] == {"type": "json_object"} and r["body"]["temperature"] == 0
+               and r["body"]["seed"] == 5 for r in requests)
+
+
+def test_a_server_rejecting_response_format_is_asked_without_it(tmp_path, instruction_data):
+    alpha = results_file(tmp_path / "alpha.json", instruction_data[:2], "alpha")
+
+    def reply(path, body, headers):
+        if "response_format" in body:
+            return 400, b'{"error": {"message": "response_format is not supported by this server"}}'
+        return judgement(body["messages"][0]["content"], 60)
+
+    with Server(reply) as server:
+        result = CliRunner().invoke(test_ift.cli, judge_args(server, alpha))
+        requests = server.requests
+    assert result.exit_code == 0, result.output + result.stderr
+    # Asked once with it, then without it for the rest of the run.
+    assert ["response_format" in r["body"] for r in requests] == [True, False, False]
+    assert result.stderr.count("rejects 'response_format'") == 1
+    assert json.loads((tmp_path / "alpha-judged.json").read_text())["judge"]["mean"] == 60.0
