@@ -8,7 +8,9 @@
 book's 1,100 items), has it answer every test item greedily and writes
 NAME-ift-test-results.json. `judge` shows the responses of several such files,
 item by item and in shuffled order, to an LLM judge over an OpenAI-compatible
-chat-completions endpoint and ranks the models by their mean score.
+chat-completions endpoint and ranks the models by their mean score. It saves
+each judgement as it arrives in the files' -judged.json copies, so a rerun of a
+stopped `judge` command continues where it stopped.
 """
 
 import datetime
@@ -252,6 +254,13 @@ Here are the models' responses:
 # Seconds before the first retry of a failed request; the wait doubles with each
 # retry, up to --max-backoff.
 FIRST_BACKOFF = 1.0
+# An endpoint still failing after every retry for this many items in a row is
+# down, not flaky: stop instead of spending the retries on every remaining item.
+MAX_UNAVAILABLE_IN_A_ROW = 3
+# What a -judged.json adds to each item of its results file.
+JUDGE_ITEM_FIELDS = ("judge_scores", "judge_comments")
+# The judging an earlier run's -judged.json must come from for a rerun to keep its scores.
+RESUME_SETTINGS = ("judge_model", "seed", "results_files")
 
 
 class MalformedJudgement(Exception):
@@ -475,32 +484,46 @@ def check_same_items(results):
                                     "the files must hold the same items in the same order")
 
 
-def judge_all(client, responses, items, repeats, rng):
-    """Judge every item `repeats` times; `responses[path]` holds that file's
-    responses in item order. Returns scores and comments as {path: [repeat][item]},
-    None where the judgement failed, and the list of failures."""
+def judge_all(client, responses, items, scores, comments, rng, save):
+    """Judge every item, in every repeat, that `scores` has no score for yet.
+
+    `responses[path]` holds that file's responses in item order; `scores` and
+    `comments` are {path: [repeat][item]} with None where not judged, and get
+    filled in. `save(failures)` runs after every judgement, so that a run that
+    stops early loses nothing. Returns the judgements that failed.
+    """
     paths = list(responses)
-    scores = {path: [[None] * len(items) for _ in range(repeats)] for path in paths}
-    comments = {path: [[None] * len(items) for _ in range(repeats)] for path in paths}
-    failures = []
-    with tqdm(total=repeats * len(items), desc="judging") as progress:
-        for repeat in range(repeats):
+    table = scores[paths[0]]  # a judgement scores every model at once
+    failures, unavailable_in_a_row = [], 0
+    with tqdm(total=sum(score is None for repeat in table for score in repeat), desc="judging") as progress:
+        for repeat in range(len(table)):
             for index, entry in enumerate(items):
-                # A fresh order every time, so no model benefits from a position bias.
+                # A fresh order every time, so no model benefits from a position bias;
+                # drawn for judged items too, so a rerun shows the orders a run that
+                # never stopped would have.
                 order = rng.sample(paths, len(paths))
+                if table[repeat][index] is not None:
+                    continue
                 prompt = judge_prompt(entry, [responses[path][index] for path in order])
                 try:
                     verdict = client.judge(prompt, len(order))
                 except (MalformedJudgement, EndpointUnavailable) as e:
                     failures.append({"repeat": repeat + 1, "item": index, "error": str(e)})
+                    unavailable_in_a_row = unavailable_in_a_row + 1 if isinstance(e, EndpointUnavailable) else 0
                     tqdm.write(f"warning: item {index} (repeat {repeat + 1}) not judged: {e}",
                                file=sys.stderr)
                 else:
+                    unavailable_in_a_row = 0
                     for path, (score, comment) in zip(order, verdict):
                         scores[path][repeat][index] = score
                         comments[path][repeat][index] = comment
+                save(failures)
                 progress.update()
-    return scores, comments, failures
+                if unavailable_in_a_row == MAX_UNAVAILABLE_IN_A_ROW:
+                    raise UserError(f"the judge endpoint failed on {unavailable_in_a_row} items in a row "
+                                    f"(last: {failures[-1]['error']}); the judgements so far are saved: "
+                                    "rerun the same command to continue")
+    return failures
 
 
 def summarize(repeat_scores):
@@ -518,6 +541,65 @@ def summarize(repeat_scores):
 def judged_path(path):
     path = Path(path)
     return path.with_name(path.name.removesuffix(".json") + "-judged.json")
+
+
+def saved_judgements(path, items, settings):
+    """{(repeat, item index): (score, comment)} from the -judged.json of `path` that an
+    earlier run of the same judging (RESUME_SETTINGS) left, for the items whose
+    instruction, reference and response are still those of `path`."""
+    judged_file = judged_path(path)
+    if not judged_file.is_file():
+        return {}
+    saved = load_json(judged_file)
+    judge = saved.get("judge") if isinstance(saved, dict) else None
+    if not isinstance(judge, dict) or any(judge.get(key) != settings[key] for key in RESUME_SETTINGS):
+        print(f"{judged_file}: judged with other settings; judging afresh", file=sys.stderr)
+        return {}
+    judgements = {}
+    for index, (item, saved_item) in enumerate(zip(items, saved.get("items") or [])):
+        if not isinstance(saved_item, dict) or item != {
+                key: value for key, value in saved_item.items() if key not in JUDGE_ITEM_FIELDS}:
+            continue  # a response (or the item) changed since: judge it again
+        for repeat, (score, comment) in enumerate(zip(saved_item.get("judge_scores") or [],
+                                                      saved_item.get("judge_comments") or [])):
+            if score is not None:
+                judgements[repeat, index] = (score, comment)
+    return judgements
+
+
+def restore_judgements(results, settings, scores, comments):
+    """Fill `scores` and `comments` with what an earlier, stopped run of the same
+    judging saved, where every file has it (one judgement scores all models); returns
+    how many judgements that is."""
+    paths = list(results)
+    saved = {path: saved_judgements(path, items, settings) for path, (_, items) in results.items()}
+    repeats = len(scores[paths[0]])
+    restored = [key for key in set.intersection(*(set(judgements) for judgements in saved.values()))
+                if key[0] < repeats]
+    for path in paths:
+        for repeat, index in restored:
+            scores[path][repeat][index], comments[path][repeat][index] = saved[path][repeat, index]
+    return len(restored)
+
+
+def annotated_results(raw, items, repeat_scores, repeat_comments, judge):
+    """A results file's JSON plus, in each item, its score and comment from every
+    repeat (None where not judged, or where the judgement failed) and, under
+    "judge", the judging's settings and summary."""
+    annotated = dict(raw) if isinstance(raw, dict) else {}
+    annotated["items"] = [{**item, "judge_scores": [repeat[i] for repeat in repeat_scores],
+                           "judge_comments": [repeat[i] for repeat in repeat_comments]}
+                          for i, item in enumerate(items)]
+    annotated["judge"] = judge
+    return annotated
+
+
+def write_json_atomically(path, data):
+    """Write via a temporary file and os.replace: a run killed at any moment leaves
+    the previous file or the new one, never half of one."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(partial, path)
 
 
 # ---------------------------------------------------------------- the CLI
@@ -623,9 +705,12 @@ def generate_command(name, model_json, model_safetensors, data_source, cache_dir
               help="Longest wait between retries, in seconds, unless the server's Retry-After asks for more.")
 @click.option("--seed", default=0, show_default=True,
               help="Seed for the order the models are shown in, also sent to the judge.")
+@click.option("--restart", is_flag=True,
+              help="Judge everything again instead of keeping what an earlier run of the same "
+                   "command saved in the -judged.json files.")
 @report_user_errors
 def judge_command(results_files, base_url, api_key, judge_model, repeats, attempts, retries, timeout,
-                  max_backoff, seed):
+                  max_backoff, seed, restart):
     """Score the responses in RESULTS_FILES with an LLM judge and rank the models."""
     if len(set(results_files)) != len(results_files):
         raise UserError("a results file is given more than once")
@@ -634,35 +719,37 @@ def judge_command(results_files, base_url, api_key, judge_model, repeats, attemp
     paths = list(results_files)
     items = results[paths[0]][1]
     responses = {path: [item["model_response"] for item in results[path][1]] for path in paths}
+    scores = {path: [[None] * len(items) for _ in range(repeats)] for path in paths}
+    comments = {path: [[None] * len(items) for _ in range(repeats)] for path in paths}
+    settings = {"judge_model": judge_model, "base_url": base_url, "repeats": repeats, "seed": seed,
+                "results_files": paths}
+    if not restart:
+        restored = restore_judgements(results, settings, scores, comments)
+        if restored:
+            print(f"continuing: {restored} of {repeats * len(items)} judgements saved by an earlier run "
+                  "(--restart judges everything again)", file=sys.stderr)
+
+    def save(failures):
+        for path in paths:
+            mean, std, repeat_means = summarize(scores[path])
+            judge = {**settings, "mean": mean, "std": std, "repeat_means": repeat_means,
+                     "compared_with": [p for p in paths if p != path], "failures": failures}
+            write_json_atomically(judged_path(path), annotated_results(*results[path], scores[path],
+                                                                       comments[path], judge))
+
     client = JudgeClient(base_url, api_key, judge_model, attempts, retries, timeout, max_backoff, seed)
-    scores, comments, failures = judge_all(client, responses, items, repeats, random.Random(seed))
-    if len(failures) == repeats * len(items):
+    failures = judge_all(client, responses, items, scores, comments, random.Random(seed), save)
+    judged = sum(score is not None for repeat in scores[paths[0]] for score in repeat)
+    if not judged:
         raise UserError(f"every judgement failed; the last: {failures[-1]['error']}")
 
-    rows = []
-    for path in paths:
-        raw, file_items = results[path]
-        mean, std, repeat_means = summarize(scores[path])
-        annotated = dict(raw) if isinstance(raw, dict) else {}
-        annotated["items"] = [
-            {**item, "judge_scores": [scores[path][r][i] for r in range(repeats)],
-             "judge_comments": [comments[path][r][i] for r in range(repeats)]}
-            for i, item in enumerate(file_items)]
-        annotated["judge"] = {"judge_model": judge_model, "base_url": base_url, "repeats": repeats,
-                              "seed": seed, "mean": mean, "std": std, "repeat_means": repeat_means,
-                              "compared_with": [p for p in paths if p != path],
-                              "failures": failures}
-        judged_path(path).write_text(json.dumps(annotated, indent=2) + "\n")
-        judged = sum(s is not None for r in scores[path] for s in r)
-        rows.append((mean, std, judged, path))
-
-    rows.sort(key=lambda row: -row[0])
+    rows = sorted(((*summarize(scores[path])[:2], path) for path in paths), key=lambda row: -row[0])
     print(f"\n{'rank':>4}  {'mean':>6}  {'std':>6}  {'judged':>9}  results file")
-    for rank, (mean, std, judged, path) in enumerate(rows, 1):
+    for rank, (mean, std, path) in enumerate(rows, 1):
         print(f"{rank:>4}  {mean:6.2f}  {std:6.2f}  {judged:>4}/{repeats * len(items):<4}  {path}")
     if failures:
         print(f"\n{len(failures)} judgement(s) failed and are not counted (details in the -judged.json "
-              "files' 'judge.failures')")
+              "files' 'judge.failures'); rerun the same command to try them again")
     print(f"annotated copies: {', '.join(str(judged_path(p)) for p in paths)}")
 
 

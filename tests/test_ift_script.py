@@ -5,9 +5,12 @@ import copy
 import email.utils
 import http.server
 import json
+import os
 import re
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 
@@ -16,7 +19,8 @@ import torch
 from click.testing import CliRunner
 
 from evalkit import one_torch_thread  # noqa: F401  (autouse fixture)
-from evalkit import INSTRUCTION_DATA, assert_one_error_line, random_model, run_script, save_state, tiny_config
+from evalkit import (INSTRUCTION_DATA, PROJECT_DIR, assert_one_error_line, random_model, run_script, save_state,
+                     tiny_config)
 
 import test_ift
 from token_data import ByteTokenizer
@@ -464,3 +468,97 @@ def test_a_server_rejecting_response_format_is_asked_without_it(tmp_path, instru
     assert ["response_format" in r["body"] for r in requests] == [True, False, False]
     assert result.stderr.count("rejects 'response_format'") == 1
     assert json.loads((tmp_path / "alpha-judged.json").read_text())["judge"]["mean"] == 60.0
+
+
+def test_an_item_failing_every_retry_is_recorded_and_a_rerun_judges_only_it(tmp_path, instruction_data):
+    items = instruction_data[:3]
+    alpha = results_file(tmp_path / "alpha-ift-test-results.json", items, "alpha")
+    beta = results_file(tmp_path / "beta-ift-test-results.json", items, "beta")
+    judged_alpha = tmp_path / "alpha-ift-test-results-judged.json"
+
+    def flaky(path, body, headers):
+        prompt = body["messages"][0]["content"]
+        return (503, b"overloaded") if item_of(prompt, items) == 1 else judgement(prompt, 40)
+
+    with Server(flaky) as server:
+        first = CliRunner().invoke(test_ift.cli, judge_args(server, alpha, beta, retries=2))
+        first_requests = len(server.requests)
+    assert first.exit_code == 0, first.output + first.stderr
+    assert first_requests == 1 + 3 + 1  # item 1: the first try and 2 retries
+    assert "1 judgement(s) failed" in first.stdout and "rerun the same command" in first.stdout
+    saved = json.loads(judged_alpha.read_text())
+    assert [i["judge_scores"] for i in saved["items"]] == [[40.0], [None], [40.0]]
+    [failure] = saved["judge"]["failures"]
+    assert failure["item"] == 1 and "failed 3 times; last: HTTP 503" in failure["error"]
+
+    with Server(lambda path, body, headers: judgement(body["messages"][0]["content"], 90)) as server:
+        rerun = CliRunner().invoke(test_ift.cli, judge_args(server, alpha, beta, retries=2))
+        rerun_requests = server.requests
+    assert rerun.exit_code == 0, rerun.output + rerun.stderr
+    assert [item_of(r["body"]["messages"][0]["content"], items) for r in rerun_requests] == [1]
+    assert "continuing: 2 of 3 judgements" in rerun.stderr and "failed" not in rerun.stdout
+    for judged_file in (judged_alpha, tmp_path / "beta-ift-test-results-judged.json"):
+        done = json.loads(judged_file.read_text())
+        assert [i["judge_scores"] for i in done["items"]] == [[40.0], [90.0], [40.0]]
+        assert done["judge"]["failures"] == []
+
+
+def test_a_killed_run_keeps_its_judgements_and_a_rerun_judges_only_the_rest(tmp_path, instruction_data):
+    items = instruction_data[:4]
+    alpha = results_file(tmp_path / "alpha-ift-test-results.json", items, "alpha")
+    beta = results_file(tmp_path / "beta-ift-test-results.json", items, "beta")
+    held = threading.Event()
+
+    def reply(path, body, headers):
+        if len(server.requests) == 3:
+            held.wait(120)  # the third judgement never comes: the client is killed meanwhile
+        return judgement(body["messages"][0]["content"], 55)
+
+    with Server(reply) as server:
+        process = subprocess.Popen([sys.executable, "test_ift.py", *judge_args(server, alpha, beta)],
+                                   cwd=PROJECT_DIR, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+        deadline = time.monotonic() + 120
+        while len(server.requests) < 3 and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.kill()
+        process.wait()
+        held.set()
+        assert len(server.requests) == 3
+        saved = json.loads((tmp_path / "alpha-ift-test-results-judged.json").read_text())
+        assert [i["judge_scores"] for i in saved["items"]] == [[55.0], [55.0], [None], [None]]
+
+        server.requests.clear()
+        rerun = CliRunner().invoke(test_ift.cli, judge_args(server, alpha, beta))
+        rerun_prompts = [r["body"]["messages"][0]["content"] for r in server.requests]
+        server.requests.clear()
+        restart = CliRunner().invoke(test_ift.cli, [*judge_args(server, alpha, beta), "--restart"])
+        restart_prompts = [r["body"]["messages"][0]["content"] for r in server.requests]
+
+    assert rerun.exit_code == 0, rerun.output + rerun.stderr
+    assert [item_of(prompt, items) for prompt in rerun_prompts] == [2, 3]
+    # The rerun shows the models in the order an uninterrupted run does.
+    assert restart.exit_code == 0 and rerun_prompts == restart_prompts[2:]
+    done = json.loads((tmp_path / "beta-ift-test-results-judged.json").read_text())
+    assert [i["judge_scores"] for i in done["items"]] == [[55.0]] * 4
+
+
+def test_an_endpoint_down_for_several_items_stops_the_run_keeping_what_was_judged(tmp_path, instruction_data):
+    items = instruction_data[:6]
+    alpha = results_file(tmp_path / "alpha.json", items, "alpha")
+
+    def reply(path, body, headers):
+        prompt = body["messages"][0]["content"]
+        return judgement(prompt, 30) if item_of(prompt, items) == 0 else (503, b"down")
+
+    with Server(reply) as server:
+        result = CliRunner().invoke(test_ift.cli, judge_args(server, alpha, retries=1))
+        requests = len(server.requests)
+    # Item 0 judged; items 1-3 fail every retry; items 4 and 5 are not tried.
+    assert result.exit_code == 2 and requests == 1 + 3 * 2
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: the judge endpoint failed on 3 items in a row (last: ")
+    assert "rerun the same command to continue" in result.stderr
+    saved = json.loads((tmp_path / "alpha-judged.json").read_text())
+    assert [i["judge_scores"] for i in saved["items"]] == [[30.0]] + [[None]] * 5
+    assert [f["item"] for f in saved["judge"]["failures"]] == [1, 2, 3]
