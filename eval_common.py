@@ -31,14 +31,16 @@ def load_model_config(model_json):
     return ModelConfig.from_dict(load_json(model_json), source=str(model_json))
 
 
-def load_model(model_json, weights, device):
+def load_model(model_json, weights, device, drop_rate=0.0):
     """A GPTModel from model.json and a model.safetensors (ours, the reference
     harness's, or converted), on `device`, in eval mode.
 
-    drop_rate is forced to 0 so dropout stays off even when a caller switches
-    to train mode (test_ift.py fine-tunes without dropout, as the book does).
+    `drop_rate` replaces model.json's: it is the dropout the model applies
+    whenever a caller switches it to train mode. The default 0 keeps dropout
+    off for evaluation; test_ift.py passes the rate its --dropout chooses for
+    fine-tuning.
     """
-    config = dataclasses.replace(load_model_config(model_json), drop_rate=0.0)
+    config = dataclasses.replace(load_model_config(model_json), drop_rate=drop_rate)
     model = GPTModel(config)
     load_model_weights(model, weights)
     return model.to(device).eval()

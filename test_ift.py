@@ -8,13 +8,19 @@
 book's 1,100 items), has it answer every test item greedily and writes
 NAME-ift-test-results.json. `judge` shows the responses of several such files,
 item by item and in shuffled order, to an LLM judge over an OpenAI-compatible
-chat-completions endpoint and ranks the models by their mean score.
+chat-completions endpoint and ranks the models by their mean score. It saves
+each judgement as it arrives in the files' -judged.json copies, so a rerun of a
+stopped `judge` command continues where it stopped.
 """
 
+import datetime
+import email.utils
 import hashlib
+import http.client
 import json
 import os
 import random
+import re
 import statistics
 import sys
 import time
@@ -30,7 +36,7 @@ from tqdm import tqdm
 
 from config import load_json
 from errors import UserError, report_user_errors
-from eval_common import load_model, load_tokenizer, one_line, pick_device, tokenizer_options
+from eval_common import load_model, load_model_config, load_tokenizer, one_line, pick_device, tokenizer_options
 from gpt import generate
 
 BOOK_DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
@@ -44,6 +50,10 @@ MAX_NEW_TOKENS = 256
 IGNORE_INDEX = -100  # F.cross_entropy skips targets with this value
 # Without --epochs, a backstop for a validation loss that never rises.
 MAX_EPOCHS = 100
+# --dropout: "model" trains with model.json's drop_rate, "on" with GPT-2's rate
+# (the one the reference harness's runs with dropout use), "off" without dropout.
+DROPOUT_CHOICES = ("model", "on", "off")
+GPT2_DROP_RATE = 0.1
 
 
 # ---------------------------------------------------------------- the data
@@ -199,6 +209,13 @@ def fine_tune(model, optimizer, train_encoded, val_batches, pad_id, epochs, gene
     return history, len(history)
 
 
+def fine_tuning_drop_rate(dropout, model_json):
+    """The dropout rate fine-tuning trains with for a --dropout choice."""
+    if dropout == "model":
+        return load_model_config(model_json).drop_rate
+    return GPT2_DROP_RATE if dropout == "on" else 0.0
+
+
 def respond(model, tokenizer, entry):
     """The model's greedy response to an item's prompt, up to end-of-text, as the book
     extracts it."""
@@ -226,27 +243,66 @@ A correct output would be:
 ```
 
 Score each model's response from 0 (useless) to 100 (as good as the correct output),
-with a short comment. Reply with only a JSON object with exactly these keys:
+with a short comment. Reply with only a JSON object with exactly these keys, each
+score a number (the 50s below only show the format):
 
 {example}
 
 Here are the models' responses:
 
 """
+# Seconds before the first retry of a failed request; the wait doubles with each
+# retry, up to --max-backoff.
+FIRST_BACKOFF = 1.0
+# An endpoint still failing after every retry for this many items in a row is
+# down, not flaky: stop instead of spending the retries on every remaining item.
+MAX_UNAVAILABLE_IN_A_ROW = 3
+# What a -judged.json adds to each item of its results file.
+JUDGE_ITEM_FIELDS = ("judge_scores", "judge_comments")
+# The judging an earlier run's -judged.json must come from for a rerun to keep its scores.
+RESUME_SETTINGS = ("judge_model", "seed", "results_files")
 
 
 class MalformedJudgement(Exception):
     """The judge kept replying with something that is not the JSON asked for."""
 
 
+class EndpointUnavailable(Exception):
+    """The endpoint kept failing transiently (no connection, a reset or truncated
+    response, a time-out, HTTP 408, 429 or 5xx) through every retry."""
+
+
+class RequestRejected(Exception):
+    """The endpoint refused the request itself (any other HTTP error): retrying the
+    same request cannot help."""
+
+    def __init__(self, code, detail):
+        super().__init__(f"HTTP {code}: {detail}")
+        self.code = code
+        self.detail = detail
+
+
 def judge_prompt(entry, responses):
-    example = json.dumps({f"Model {j + 1}": {"score": "<0-100>", "comment": "<one sentence>"}
+    example = json.dumps({f"Model {j + 1}": {"score": 50, "comment": "<one sentence>"}
                           for j in range(len(responses))}, indent=2)
     prompt = JUDGE_PROMPT.format(prompt=format_input(entry), reference=entry["output"],
                                  example=example)
     for j, response in enumerate(responses):
         prompt += f"# Model {j + 1}\n\n```\n{response}\n```\n\n"
     return prompt
+
+
+def as_score(value):
+    """A judge's score as a float from 0 to 100, from a number or a numeric string
+    such as "72" (judges often quote numbers); None for anything else."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
+        return None
+    return float(value)
 
 
 def parse_judgement(text, count):
@@ -267,50 +323,119 @@ def parse_judgement(text, count):
     scores = []
     for label in labels:
         entry = verdict[label]
-        score = entry.get("score") if isinstance(entry, dict) else None
-        if isinstance(score, bool) or not isinstance(score, (int, float)) or not 0 <= score <= 100:
-            raise ValueError(f"{label}: score must be a number from 0 to 100, got {json.dumps(score)}")
-        scores.append((float(score), str(entry.get("comment", entry.get("comments", "")))))
+        raw_score = entry.get("score") if isinstance(entry, dict) else None
+        score = as_score(raw_score)
+        if score is None:
+            raise ValueError(f"{label}: score must be a number from 0 to 100, got {json.dumps(raw_score)}")
+        scores.append((score, str(entry.get("comment", entry.get("comments", "")))))
     return scores
+
+
+def is_transient(status):
+    """HTTP statuses a server may get over: time-outs, rate limits, server errors."""
+    return status in (408, 429) or status >= 500
+
+
+def retry_after_seconds(header):
+    """The wait a Retry-After header asks for (delta-seconds or an HTTP date), or
+    None without a usable one."""
+    if header is None:
+        return None
+    try:
+        return max(0.0, float(header))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(header)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # HTTP dates are GMT
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
+
+
+def backoff_delay(retry, max_backoff, retry_after=None):
+    """Seconds to wait before retry number `retry` (from 0): FIRST_BACKOFF doubling
+    each time, capped at `max_backoff`, and jittered (between half and all of it)
+    so that clients that failed together do not retry together; never less than
+    the server's Retry-After."""
+    ceiling = min(max_backoff, FIRST_BACKOFF * 2 ** retry)
+    return max(random.uniform(ceiling / 2, ceiling), retry_after or 0.0)
+
+
+def error_body(error):
+    """An HTTP error's body as one line, for the error message (the body may itself
+    fail to arrive)."""
+    try:
+        return one_line(error.read().decode("utf-8", errors="replace"))[:300]
+    except (OSError, http.client.HTTPException) as e:
+        return f"(body unreadable: {one_line(e) or type(e).__name__})"
 
 
 class JudgeClient:
     """A chat-completions endpoint (OpenAI, vLLM, llama.cpp, Ollama, ...) over urllib."""
 
-    def __init__(self, base_url, api_key, model, attempts, timeout=300):
+    def __init__(self, base_url, api_key, model, attempts, retries, timeout, max_backoff, seed):
         self.url = base_url.rstrip("/") + "/chat/completions"
-        self.api_key = api_key
+        self.headers = {"Content-Type": "application/json"}
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
         self.model = model
         self.attempts = attempts
+        self.retries = retries
         self.timeout = timeout
+        self.max_backoff = max_backoff
+        # JSON output and the least random judgements, where the server takes
+        # them: one a server rejects is left out from then on.
+        self.optional_fields = {"response_format": {"type": "json_object"}, "temperature": 0,
+                                "seed": seed}
 
     def _post(self, payload):
-        """The response body; retries (with back-off) what a server may get over:
-        no connection, time-outs, rate limits and 5xx errors."""
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
+        """The response body; retries transient failures with back-off and raises
+        EndpointUnavailable when they last, RequestRejected for other HTTP errors."""
         request = urllib.request.Request(self.url, data=json.dumps(payload).encode(),
-                                         headers=headers, method="POST")
-        for attempt in range(1, self.attempts + 1):
+                                         headers=self.headers, method="POST")
+        for retry in range(self.retries + 1):
+            retry_after = None
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
                     return response.read()
             except urllib.error.HTTPError as e:
-                if e.code != 429 and e.code < 500:
-                    body = one_line(e.read().decode("utf-8", errors="replace"))[:300]
-                    raise UserError(f"judge endpoint {self.url} answered HTTP {e.code}: {body}")
-                problem = f"HTTP {e.code}"
-            except (urllib.error.URLError, OSError) as e:
-                problem = one_line(getattr(e, "reason", e))
-            if attempt == self.attempts:
-                raise UserError(f"judge endpoint {self.url} failed {self.attempts} times; "
-                                f"last: {problem}")
-            time.sleep(2 ** (attempt - 1))
+                if not is_transient(e.code):
+                    raise RequestRejected(e.code, error_body(e))
+                problem, retry_after = f"HTTP {e.code}", retry_after_seconds(e.headers.get("Retry-After"))
+            # OSError: no connection, a reset, a time-out (URLError is one too);
+            # HTTPException: a truncated (IncompleteRead) or garbled response.
+            except (OSError, http.client.HTTPException) as e:
+                problem = one_line(getattr(e, "reason", e)) or type(e).__name__
+            if retry == self.retries:
+                raise EndpointUnavailable(f"{self.url} failed {retry + 1} times; last: {problem}")
+            delay = backoff_delay(retry, self.max_backoff, retry_after)
+            tqdm.write(f"judge endpoint: {problem}; retrying in {delay:.1f} s", file=sys.stderr)
+            time.sleep(delay)
+
+    def _chat(self, prompt):
+        """The response body for `prompt`, asking again without an optional field
+        that the server rejects."""
+        while True:
+            payload = {"model": self.model, "messages": [{"role": "user", "content": prompt}],
+                       **self.optional_fields}
+            try:
+                return self._post(payload)
+            except RequestRejected as e:
+                # Servers answer an unsupported field with 400 (422 from FastAPI-based
+                # ones) naming it: ask again without it.
+                rejected = [field for field in self.optional_fields
+                            if e.code in (400, 422) and re.search(rf"\b{field}\b", e.detail)]
+                if not rejected:
+                    raise UserError(f"judge endpoint {self.url} answered {e}")
+                tqdm.write(f"warning: the judge endpoint rejects '{rejected[0]}' ({e.detail}); "
+                           "asking without it from now on", file=sys.stderr)
+                del self.optional_fields[rejected[0]]
 
     def complete(self, prompt):
         """The judge's reply text; ValueError when the response is not a chat completion."""
-        body = self._post({"model": self.model, "messages": [{"role": "user", "content": prompt}]})
+        body = self._chat(prompt)
         try:
             content = json.loads(body)["choices"][0]["message"]["content"]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, IndexError, TypeError) as e:
@@ -359,32 +484,46 @@ def check_same_items(results):
                                     "the files must hold the same items in the same order")
 
 
-def judge_all(client, responses, items, repeats, rng):
-    """Judge every item `repeats` times; `responses[path]` holds that file's
-    responses in item order. Returns scores and comments as {path: [repeat][item]},
-    None where the judgement failed, and the list of failures."""
+def judge_all(client, responses, items, scores, comments, rng, save):
+    """Judge every item, in every repeat, that `scores` has no score for yet.
+
+    `responses[path]` holds that file's responses in item order; `scores` and
+    `comments` are {path: [repeat][item]} with None where not judged, and get
+    filled in. `save(failures)` runs after every judgement, so that a run that
+    stops early loses nothing. Returns the judgements that failed.
+    """
     paths = list(responses)
-    scores = {path: [[None] * len(items) for _ in range(repeats)] for path in paths}
-    comments = {path: [[None] * len(items) for _ in range(repeats)] for path in paths}
-    failures = []
-    with tqdm(total=repeats * len(items), desc="judging") as progress:
-        for repeat in range(repeats):
+    table = scores[paths[0]]  # a judgement scores every model at once
+    failures, unavailable_in_a_row = [], 0
+    with tqdm(total=sum(score is None for repeat in table for score in repeat), desc="judging") as progress:
+        for repeat in range(len(table)):
             for index, entry in enumerate(items):
-                # A fresh order every time, so no model benefits from a position bias.
+                # A fresh order every time, so no model benefits from a position bias;
+                # drawn for judged items too, so a rerun shows the orders a run that
+                # never stopped would have.
                 order = rng.sample(paths, len(paths))
+                if table[repeat][index] is not None:
+                    continue
                 prompt = judge_prompt(entry, [responses[path][index] for path in order])
                 try:
                     verdict = client.judge(prompt, len(order))
-                except MalformedJudgement as e:
+                except (MalformedJudgement, EndpointUnavailable) as e:
                     failures.append({"repeat": repeat + 1, "item": index, "error": str(e)})
+                    unavailable_in_a_row = unavailable_in_a_row + 1 if isinstance(e, EndpointUnavailable) else 0
                     tqdm.write(f"warning: item {index} (repeat {repeat + 1}) not judged: {e}",
                                file=sys.stderr)
                 else:
+                    unavailable_in_a_row = 0
                     for path, (score, comment) in zip(order, verdict):
                         scores[path][repeat][index] = score
                         comments[path][repeat][index] = comment
+                save(failures)
                 progress.update()
-    return scores, comments, failures
+                if unavailable_in_a_row == MAX_UNAVAILABLE_IN_A_ROW:
+                    raise UserError(f"the judge endpoint failed on {unavailable_in_a_row} items in a row "
+                                    f"(last: {failures[-1]['error']}); the judgements so far are saved: "
+                                    "rerun the same command to continue")
+    return failures
 
 
 def summarize(repeat_scores):
@@ -402,6 +541,65 @@ def summarize(repeat_scores):
 def judged_path(path):
     path = Path(path)
     return path.with_name(path.name.removesuffix(".json") + "-judged.json")
+
+
+def saved_judgements(path, items, settings):
+    """{(repeat, item index): (score, comment)} from the -judged.json of `path` that an
+    earlier run of the same judging (RESUME_SETTINGS) left, for the items whose
+    instruction, reference and response are still those of `path`."""
+    judged_file = judged_path(path)
+    if not judged_file.is_file():
+        return {}
+    saved = load_json(judged_file)
+    judge = saved.get("judge") if isinstance(saved, dict) else None
+    if not isinstance(judge, dict) or any(judge.get(key) != settings[key] for key in RESUME_SETTINGS):
+        print(f"{judged_file}: judged with other settings; judging afresh", file=sys.stderr)
+        return {}
+    judgements = {}
+    for index, (item, saved_item) in enumerate(zip(items, saved.get("items") or [])):
+        if not isinstance(saved_item, dict) or item != {
+                key: value for key, value in saved_item.items() if key not in JUDGE_ITEM_FIELDS}:
+            continue  # a response (or the item) changed since: judge it again
+        for repeat, (score, comment) in enumerate(zip(saved_item.get("judge_scores") or [],
+                                                      saved_item.get("judge_comments") or [])):
+            if score is not None:
+                judgements[repeat, index] = (score, comment)
+    return judgements
+
+
+def restore_judgements(results, settings, scores, comments):
+    """Fill `scores` and `comments` with what an earlier, stopped run of the same
+    judging saved, where every file has it (one judgement scores all models); returns
+    how many judgements that is."""
+    paths = list(results)
+    saved = {path: saved_judgements(path, items, settings) for path, (_, items) in results.items()}
+    repeats = len(scores[paths[0]])
+    restored = [key for key in set.intersection(*(set(judgements) for judgements in saved.values()))
+                if key[0] < repeats]
+    for path in paths:
+        for repeat, index in restored:
+            scores[path][repeat][index], comments[path][repeat][index] = saved[path][repeat, index]
+    return len(restored)
+
+
+def annotated_results(raw, items, repeat_scores, repeat_comments, judge):
+    """A results file's JSON plus, in each item, its score and comment from every
+    repeat (None where not judged, or where the judgement failed) and, under
+    "judge", the judging's settings and summary."""
+    annotated = dict(raw) if isinstance(raw, dict) else {}
+    annotated["items"] = [{**item, "judge_scores": [repeat[i] for repeat in repeat_scores],
+                           "judge_comments": [repeat[i] for repeat in repeat_comments]}
+                          for i, item in enumerate(items)]
+    annotated["judge"] = judge
+    return annotated
+
+
+def write_json_atomically(path, data):
+    """Write via a temporary file and os.replace: a run killed at any moment leaves
+    the previous file or the new one, never half of one."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(partial, path)
 
 
 # ---------------------------------------------------------------- the CLI
@@ -422,13 +620,18 @@ def cli():
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="Train exactly this many epochs. Default: until the validation loss rises, "
                    "then keep the previous epoch's weights.")
-@click.option("--seed", default=42, show_default=True, help="Seed for the order of the training batches.")
+@click.option("--dropout", type=click.Choice(DROPOUT_CHOICES), default="model", show_default=True,
+              help=f"Dropout while fine-tuning: 'model' is model.json's drop_rate (as the base model "
+                   f"was trained, which is what the reference harness does), 'on' is GPT-2's "
+                   f"{GPT2_DROP_RATE}, 'off' is none. Responses are always generated without dropout.")
+@click.option("--seed", default=42, show_default=True,
+              help="Seed for the order of the training batches and the dropout masks.")
 @click.option("--out-dir", default=".", show_default=True,
               help=f"Where NAME{RESULTS_SUFFIX} is written.")
 @tokenizer_options
 @report_user_errors
-def generate_command(name, model_json, model_safetensors, data_source, cache_dir, epochs, seed,
-                     out_dir, tokenizer_name, datasets_dir):
+def generate_command(name, model_json, model_safetensors, data_source, cache_dir, epochs, dropout,
+                     seed, out_dir, tokenizer_name, datasets_dir):
     """Fine-tune on instruction data; answer every test item; write NAME-ift-test-results.json."""
     if not name or Path(name).name != name or name in (".", ".."):
         raise UserError(f"NAME '{name}' must be a plain file-name prefix")
@@ -438,9 +641,11 @@ def generate_command(name, model_json, model_safetensors, data_source, cache_dir
         raise UserError(f"{data_source}: {len(data)} items give {len(train)} train, {len(test)} "
                         f"test and {len(validation)} validation items; it needs at least "
                         f"{BATCH_SIZE} train items and one of each other (20 items will do)")
-    model = load_model(model_json, model_safetensors, pick_device())
+    drop_rate = fine_tuning_drop_rate(dropout, model_json)
+    model = load_model(model_json, model_safetensors, pick_device(), drop_rate)
     tokenizer = load_tokenizer(model_json, tokenizer_name, datasets_dir, model.cfg.vocab_size)
     pad_id, context_length = tokenizer.eot_id, model.cfg.context_length
+    torch.manual_seed(seed)  # the dropout masks come from the global generator
 
     def encode(entries):
         return [tokenizer.encode(format_example(entry)) for entry in entries]
@@ -451,6 +656,8 @@ def generate_command(name, model_json, model_safetensors, data_source, cache_dir
         pad_id, epochs, torch.Generator().manual_seed(seed))
     test_loss = mean_loss(model, make_batches(encode(test), pad_id, context_length))
     print(f"test loss {test_loss:.6f}")
+
+    model.eval()  # greedy answers: no dropout, whatever fine-tuning used
 
     items = [{"instruction": entry["instruction"], "input": entry.get("input", ""),
               "output": entry["output"], "model_response": respond(model, tokenizer, entry)}
@@ -463,6 +670,8 @@ def generate_command(name, model_json, model_safetensors, data_source, cache_dir
         "tokenizer": tokenizer.name,
         "split_sizes": {"train": len(train), "test": len(test), "validation": len(validation)},
         "seed": seed,
+        "dropout": dropout,
+        "drop_rate": drop_rate,
         "epochs": history,
         "kept_epoch": kept_epoch,
         "test_loss": test_loss,
@@ -486,10 +695,22 @@ def generate_command(name, model_json, model_safetensors, data_source, cache_dir
 @click.option("--repeats", default=1, show_default=True, type=click.IntRange(min=1),
               help="Judge everything this many times; report each model's mean and standard deviation.")
 @click.option("--attempts", default=3, show_default=True, type=click.IntRange(min=1),
-              help="Tries per judgement, for malformed replies and for transient HTTP errors.")
-@click.option("--seed", default=0, show_default=True, help="Seed for the order the models are shown in.")
+              help="Tries per judgement while the judge's reply is not the JSON asked for.")
+@click.option("--retries", default=5, show_default=True, type=click.IntRange(min=0),
+              help="Retries of a request that failed transiently (no connection, a reset or truncated "
+                   "response, a time-out, HTTP 408, 429 or 5xx), with exponential back-off and jitter.")
+@click.option("--timeout", default=300.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds one request may take.")
+@click.option("--max-backoff", default=60.0, show_default=True, type=click.FloatRange(min=0),
+              help="Longest wait between retries, in seconds, unless the server's Retry-After asks for more.")
+@click.option("--seed", default=0, show_default=True,
+              help="Seed for the order the models are shown in, also sent to the judge.")
+@click.option("--restart", is_flag=True,
+              help="Judge everything again instead of keeping what an earlier run of the same "
+                   "command saved in the -judged.json files.")
 @report_user_errors
-def judge_command(results_files, base_url, api_key, judge_model, repeats, attempts, seed):
+def judge_command(results_files, base_url, api_key, judge_model, repeats, attempts, retries, timeout,
+                  max_backoff, seed, restart):
     """Score the responses in RESULTS_FILES with an LLM judge and rank the models."""
     if len(set(results_files)) != len(results_files):
         raise UserError("a results file is given more than once")
@@ -498,35 +719,37 @@ def judge_command(results_files, base_url, api_key, judge_model, repeats, attemp
     paths = list(results_files)
     items = results[paths[0]][1]
     responses = {path: [item["model_response"] for item in results[path][1]] for path in paths}
-    client = JudgeClient(base_url, api_key, judge_model, attempts)
-    scores, comments, failures = judge_all(client, responses, items, repeats, random.Random(seed))
-    if len(failures) == repeats * len(items):
+    scores = {path: [[None] * len(items) for _ in range(repeats)] for path in paths}
+    comments = {path: [[None] * len(items) for _ in range(repeats)] for path in paths}
+    settings = {"judge_model": judge_model, "base_url": base_url, "repeats": repeats, "seed": seed,
+                "results_files": paths}
+    if not restart:
+        restored = restore_judgements(results, settings, scores, comments)
+        if restored:
+            print(f"continuing: {restored} of {repeats * len(items)} judgements saved by an earlier run "
+                  "(--restart judges everything again)", file=sys.stderr)
+
+    def save(failures):
+        for path in paths:
+            mean, std, repeat_means = summarize(scores[path])
+            judge = {**settings, "mean": mean, "std": std, "repeat_means": repeat_means,
+                     "compared_with": [p for p in paths if p != path], "failures": failures}
+            write_json_atomically(judged_path(path), annotated_results(*results[path], scores[path],
+                                                                       comments[path], judge))
+
+    client = JudgeClient(base_url, api_key, judge_model, attempts, retries, timeout, max_backoff, seed)
+    failures = judge_all(client, responses, items, scores, comments, random.Random(seed), save)
+    judged = sum(score is not None for repeat in scores[paths[0]] for score in repeat)
+    if not judged:
         raise UserError(f"every judgement failed; the last: {failures[-1]['error']}")
 
-    rows = []
-    for path in paths:
-        raw, file_items = results[path]
-        mean, std, repeat_means = summarize(scores[path])
-        annotated = dict(raw) if isinstance(raw, dict) else {}
-        annotated["items"] = [
-            {**item, "judge_scores": [scores[path][r][i] for r in range(repeats)],
-             "judge_comments": [comments[path][r][i] for r in range(repeats)]}
-            for i, item in enumerate(file_items)]
-        annotated["judge"] = {"judge_model": judge_model, "base_url": base_url, "repeats": repeats,
-                              "seed": seed, "mean": mean, "std": std, "repeat_means": repeat_means,
-                              "compared_with": [p for p in paths if p != path],
-                              "failures": failures}
-        judged_path(path).write_text(json.dumps(annotated, indent=2) + "\n")
-        judged = sum(s is not None for r in scores[path] for s in r)
-        rows.append((mean, std, judged, path))
-
-    rows.sort(key=lambda row: -row[0])
+    rows = sorted(((*summarize(scores[path])[:2], path) for path in paths), key=lambda row: -row[0])
     print(f"\n{'rank':>4}  {'mean':>6}  {'std':>6}  {'judged':>9}  results file")
-    for rank, (mean, std, judged, path) in enumerate(rows, 1):
+    for rank, (mean, std, path) in enumerate(rows, 1):
         print(f"{rank:>4}  {mean:6.2f}  {std:6.2f}  {judged:>4}/{repeats * len(items):<4}  {path}")
     if failures:
-        print(f"\n{len(failures)} judgement(s) failed after {attempts} attempts and are not counted "
-              "(details in the -judged.json files' 'judge.failures')")
+        print(f"\n{len(failures)} judgement(s) failed and are not counted (details in the -judged.json "
+              "files' 'judge.failures'); rerun the same command to try them again")
     print(f"annotated copies: {', '.join(str(judged_path(p)) for p in paths)}")
 
 
