@@ -10,6 +10,7 @@ the one a rank uses, so N ranks with accumulation 1 see exactly the tokens of
 
 import math
 
+import numpy as np
 import torch
 
 from errors import UserError
@@ -40,14 +41,23 @@ def microbatch_index(global_step, accumulation_step, accumulation_steps, world_s
 
 class Microbatches:
     """Microbatch i of a memory-mapped token array: inputs and next-token targets,
-    each [microbatch_size, context_length], as int64 tensors."""
+    each [microbatch_size, context_length], as int64 tensors.
 
-    def __init__(self, tokens, start_token, num_microbatches, microbatch_size, context_length):
+    Given the model's `vocab_size`, each window is checked for ids at or above it
+    while still on the host: on the device such an id is an IndexError on CPU and a
+    device-side assert on a GPU, which kills the job without saying which file or
+    token. `path` names the token file in that error.
+    """
+
+    def __init__(self, tokens, start_token, num_microbatches, microbatch_size, context_length, *,
+                 vocab_size=None, path=None):
         self.tokens = tokens
         self.start_token = start_token
         self.num_microbatches = num_microbatches
         self.microbatch_tokens = microbatch_size * context_length
         self.shape = (microbatch_size, context_length)
+        self.vocab_size = vocab_size
+        self.path = path
 
     def __len__(self):
         return self.num_microbatches
@@ -56,9 +66,22 @@ class Microbatches:
         if not 0 <= index < self.num_microbatches:
             raise IndexError(f"microbatch {index} out of range 0..{self.num_microbatches - 1}")
         begin = self.start_token + index * self.microbatch_tokens
+        window = self.tokens[begin:begin + self.microbatch_tokens + 1]
+        if self.vocab_size is not None:
+            self.check_ids(window, begin)
         # Copies only this window out of the memory map.
-        window = torch.from_numpy(self.tokens[begin:begin + self.microbatch_tokens + 1].astype("int64"))
+        window = torch.from_numpy(window.astype("int64"))
         return window[:-1].view(self.shape), window[1:].view(self.shape)
+
+    def check_ids(self, window, begin):
+        """Refuse a window holding an id the model has no embedding for (one numpy max
+        over the window, next to the copy it is about to make anyway)."""
+        if window.max() < self.vocab_size:
+            return
+        position = int(np.argmax(window >= self.vocab_size))
+        raise UserError(f"{self.path}: token {begin + position:,} is id {int(window[position])}, but the model's "
+                        f"vocab_size is {self.vocab_size} (model.json key 'vocab_size'; ids must be below it): "
+                        "the file is damaged, or its tokenizer is not the one its meta.json names")
 
 
 def rank_microbatch_indices(start_step, total_steps, accumulation_steps, world_size, rank):

@@ -89,7 +89,8 @@ def load_data(run, ctx, datasets_dir):
                                         str(dataset_dir / "train.safetensors"))
     train = Microbatches(train_tokens, train_cfg.start_train_token,
                          total_steps * global_batch_tokens // microbatch_tokens,
-                         train_cfg.microbatch_size, context_length)
+                         train_cfg.microbatch_size, context_length, vocab_size=run.model.vocab_size,
+                         path=dataset_dir / "train.safetensors")
 
     validation = None
     if train_cfg.validation_interval:
@@ -100,7 +101,8 @@ def load_data(run, ctx, datasets_dir):
                             f"{train_cfg.validation_batches} from token {train_cfg.start_val_token:,} need "
                             f"{needed:,} tokens, the file has {len(val_tokens):,}")
         validation = Microbatches(val_tokens, train_cfg.start_val_token, train_cfg.validation_batches,
-                                  train_cfg.microbatch_size, context_length)
+                                  train_cfg.microbatch_size, context_length, vocab_size=run.model.vocab_size,
+                                  path=dataset_dir / "validation.safetensors")
     return Data(train, validation, total_steps, global_batch_tokens)
 
 

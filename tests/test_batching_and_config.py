@@ -56,6 +56,18 @@ def test_microbatches_are_consecutive_windows_with_shifted_targets():
         batches[4]
 
 
+def test_a_token_id_at_or_above_vocab_size_stops_on_the_host_naming_file_offset_and_id():
+    tokens = np.arange(1_000, dtype=np.uint16) % 257
+    tokens[23] = 257
+    batches = Microbatches(tokens, start_token=7, num_microbatches=4, microbatch_size=2, context_length=5,
+                           vocab_size=257, path="ds/train.safetensors")
+    assert batches[0][0].max() < 257  # tokens 7..17
+    with pytest.raises(UserError) as error:
+        batches[1]  # tokens 17..27 (inputs and targets)
+    assert str(error.value).startswith("ds/train.safetensors: token 23 is id 257, but the model's vocab_size "
+                                       "is 257 (model.json key 'vocab_size'; ids must be below it)")
+
+
 def test_lr_schedule_warms_up_linearly_then_decays_by_cosine_to_min():
     total, warmup, min_ratio = 100, 10, 0.1
     values = [lr_multiplier(s, total, warmup, min_ratio) for s in range(total)]
