@@ -75,8 +75,9 @@ def load_data(run, ctx, datasets_dir):
     train_cfg, context_length = run.train, run.model.context_length
     # Once per node, or once in all when every node sees the same DATASETS_DIR.
     fetches = ctx.is_main if train_cfg.shared_filesystem else ctx.is_local_main
-    dataset_dir = run_and_share_errors(fetches, lambda: token_data.fetch_dataset(train_cfg.dataset, datasets_dir))
-    dataset_dir = dataset_dir or token_data.dataset_location(train_cfg.dataset, datasets_dir)[1]
+    dataset_dir = run_and_share_errors(
+        fetches, lambda: token_data.fetch_dataset(train_cfg.dataset, datasets_dir, run.run_dir))
+    dataset_dir = dataset_dir or token_data.dataset_location(train_cfg.dataset, datasets_dir, run.run_dir)[1]
     meta = token_data.read_meta(dataset_dir)
     if run.model.vocab_size < meta.vocab_size:
         raise UserError(f"{run.run_dir / 'model.json'}: key 'vocab_size' ({run.model.vocab_size}) is smaller "

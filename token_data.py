@@ -311,34 +311,50 @@ def is_complete(dataset_dir):
     return all((Path(dataset_dir) / f"{split}.safetensors").is_file() for split in SPLITS)
 
 
-def dataset_location(spec, datasets_dir):
-    """Where `spec` (train.json `dataset`) lives: ("local" | "demo" | "hub", directory)."""
+def dataset_location(spec, datasets_dir, run_dir=None):
+    """Where `spec` (train.json `dataset`) lives: ("local" | "demo" | "hub", directory).
+
+    A relative path is looked for in `run_dir` (the run directory whose train.json
+    names it) first, then in the current directory. Only a spec that is in neither
+    and has the form of a Hub repo id is taken for one.
+    """
     if spec == DEMO_DATASET:
         return "demo", Path(datasets_dir) / DEMO_DATASET_DIRNAME
-    if Path(spec).is_dir():
-        return "local", Path(spec).resolve()
+    candidates = candidate_directories(spec, run_dir)
+    found = next((path for path in candidates if path.is_dir()), None)
+    if found is not None:
+        return "local", found.resolve()
     if HUB_REPO_ID.match(spec):
         return "hub", Path(datasets_dir) / spec
-    raise UserError(f"dataset '{spec}': not a directory, not '{DEMO_DATASET}', "
-                    "and not a Hugging Face repo id like 'gpjt/fineweb-gpt2-tokens'")
+    raise UserError(f"dataset '{spec}': not a directory (looked for {' and '.join(map(str, candidates))}), "
+                    f"not '{DEMO_DATASET}', and not a Hugging Face repo id like 'gpjt/fineweb-gpt2-tokens'")
 
 
-def fetch_dataset(spec, datasets_dir):
+def candidate_directories(spec, run_dir):
+    """Where a dataset path may be, in the order looked: an absolute one as it is."""
+    path = Path(spec)
+    if path.is_absolute():
+        return [path]
+    return ([Path(run_dir) / path] if run_dir is not None else []) + [Path.cwd() / path]
+
+
+def fetch_dataset(spec, datasets_dir, run_dir=None):
     """Make the dataset available locally (build the demo corpus or download from
     the Hub). Run by one process per node; returns the dataset directory."""
-    kind, dataset_dir = dataset_location(spec, datasets_dir)
+    kind, dataset_dir = dataset_location(spec, datasets_dir, run_dir)
     if kind == "demo" and not is_complete(dataset_dir):
         build_demo_dataset(dataset_dir)
     elif kind == "hub" and not (dataset_dir / HUB_DOWNLOAD_COMPLETE).exists():
-        download_hub_dataset(spec, datasets_dir, dataset_dir)
+        download_hub_dataset(spec, datasets_dir, dataset_dir, looked_for=candidate_directories(spec, run_dir))
     if not is_complete(dataset_dir):
         raise UserError(f"dataset '{spec}': {dataset_dir} lacks train.safetensors and validation.safetensors")
     return dataset_dir
 
 
-def download_hub_dataset(repo_id, datasets_dir, dataset_dir):
+def download_hub_dataset(repo_id, datasets_dir, dataset_dir, looked_for):
     """snapshot_download into DATASETS_DIR/<repo id>, then a marker file, so later runs
-    (and runs with no network) use the local copy without asking the Hub again."""
+    (and runs with no network) use the local copy without asking the Hub again.
+    `looked_for` are the local directories the repo id was not found as, for the error."""
     from huggingface_hub import snapshot_download
 
     Path(datasets_dir).mkdir(parents=True, exist_ok=True)
@@ -348,7 +364,8 @@ def download_hub_dataset(repo_id, datasets_dir, dataset_dir):
         if not is_complete(dataset_dir):
             reason = " ".join(f"{type(e).__name__}: {e}".split())
             raise UserError(f"dataset '{repo_id}': download from the Hugging Face Hub into {dataset_dir} "
-                            f"failed ({reason})")
+                            f"failed ({reason}); nor is it a directory (looked for "
+                            f"{' and '.join(map(str, looked_for))})")
         # Files from an earlier download (e.g. by the reference harness): use them.
         print(f"warning: could not check '{repo_id}' on the Hub ({type(e).__name__}); using the local copy "
               f"in {dataset_dir}", file=sys.stderr)

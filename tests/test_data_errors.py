@@ -2,8 +2,10 @@
 one `error:` line naming the file, the key and what would be valid, exit status 2."""
 
 import numpy as np
+from click.testing import CliRunner
 
-from conftest import SHARED_DATA, make_run, run_training
+import ddp_train
+from conftest import SHARED_DATA, make_run, run_training, write_byte_dataset
 from token_data import ByteTokenizer, TokenFileWriter, write_meta
 
 
@@ -36,3 +38,16 @@ def test_a_token_id_beyond_the_models_vocabulary_is_one_error_line_not_a_crash(t
     result = run_training([run_dir, tmp_path / "datasets"], check=False)
     assert_one_error_line(result, f"{dataset_dir / 'train.safetensors'}: token 300 is id 4000, but the model's "
                                   "vocab_size is 257 (model.json key 'vocab_size'")
+
+
+def test_a_relative_dataset_path_is_found_in_the_run_directory_and_named_in_errors(tmp_path):
+    # An in-process run that stops at the data checks: the error names the dataset found in the run
+    # directory (not the current one, not a Hub repo) and train.json's key with the value that fits.
+    run_dir = make_run(tmp_path / "run", "verdict", start_train_token=10**8)
+    write_byte_dataset(run_dir / "verdict", (SHARED_DATA / "the-verdict.txt").read_text())
+    result = CliRunner().invoke(ddp_train.main, [str(run_dir), str(tmp_path / "datasets")])
+    assert result.exit_code == 2, result.output
+    # 17,479 tokens: the story's bytes less 3,000 for validation; 17350 leaves one global batch (128) and 1.
+    assert result.stderr.strip() == (
+        f"error: {run_dir / 'verdict' / 'train.safetensors'}: start token 100,000,000 is past the end of the file "
+        f"(17,479 tokens); in {run_dir / 'train.json'} set start_train_token to at most 17350")
