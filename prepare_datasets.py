@@ -62,6 +62,9 @@ DATASET_FILES = ("train.safetensors", "validation.safetensors", "meta.json", "RE
 BATCHES_IN_FLIGHT_PER_WORKER = 2
 # pyarrow's default record batch is 65,536 rows: a few hundred MB of web pages in memory.
 PARQUET_ROWS_PER_READ = 1024
+# A validation loss over fewer documents than this mostly measures which few documents
+# the split happened to pick.
+MIN_VALIDATION_DOCUMENTS = 10
 
 
 # ---------------------------------------------------------------- reading documents
@@ -381,6 +384,23 @@ def summary(out_dir, counts, seconds):
     return "\n".join(lines)
 
 
+def validation_split_warning(counts, validation_fraction):
+    """A warning line when the validation split came out empty or too small to measure much, else None.
+    With --validation-fraction 0 an empty split is what was asked for."""
+    (train_tokens, train_documents), (validation_tokens, validation_documents) = counts["train"], counts["validation"]
+    if validation_fraction == 0 or validation_documents >= MIN_VALIDATION_DOCUMENTS:
+        return None
+    documents = train_documents + validation_documents
+    facts = (f"--validation-fraction {validation_fraction} of {documents:,} document{'s' * (documents != 1)} put "
+             f"{validation_documents:,} in validation (train: {train_tokens:,} tokens, validation: "
+             f"{validation_tokens:,} tokens)")
+    more = "give more documents (a .txt file is one document) or a larger --validation-fraction"
+    if validation_tokens == 0:
+        return (f"warning: the validation split is empty: {facts}; ddp_train.py refuses it when train.json sets "
+                f"validation_interval: {more}, or train with validation_interval null")
+    return f"warning: the validation split is small: {facts}; its loss will be noisy: {more}"
+
+
 # ---------------------------------------------------------------- command line
 
 @click.command()
@@ -420,6 +440,8 @@ def main(out_dir, sources, hub_pattern, text_field, tokenizer_name, validation_f
         write_meta_and_card(staging, out_dir.name, tokenizer, counts, validation_fraction=validation_fraction,
                             max_tokens=max_tokens, source=source, text_field=text_field)
     click.echo(summary(out_dir, counts, time.perf_counter() - start))
+    if warning := validation_split_warning(counts, validation_fraction):
+        click.echo(warning, err=True)
     if push_to_hub:
         upload_dataset(out_dir, push_to_hub)
 

@@ -51,3 +51,16 @@ def test_a_relative_dataset_path_is_found_in_the_run_directory_and_named_in_erro
     assert result.stderr.strip() == (
         f"error: {run_dir / 'verdict' / 'train.safetensors'}: start token 100,000,000 is past the end of the file "
         f"(17,479 tokens); in {run_dir / 'train.json'} set start_train_token to at most 17350")
+
+
+def test_an_empty_validation_split_says_which_dataset_to_rebuild_and_how(tmp_path):
+    dataset_dir = write_byte_dataset(tmp_path / "one-document", (SHARED_DATA / "the-verdict.txt").read_text())
+    write_tokens(dataset_dir, "validation", [])  # what prepare_datasets.py wrote for a single text file
+    run_dir = make_run(tmp_path / "run", dataset_dir, validation_interval=10)
+    result = CliRunner().invoke(ddp_train.main, [str(run_dir), str(tmp_path / "datasets")])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == (
+        f"error: {dataset_dir / 'validation.safetensors'}: too short: validation_batches 100 x microbatch_size 4 x "
+        f"context_length 32 from start_val_token 0 need 12,801 tokens but the file has 0; in {run_dir / 'train.json'} "
+        f"set validation_interval to null to train without validation; or rebuild {dataset_dir} with "
+        "prepare_datasets.py from more documents or with a larger --validation-fraction")

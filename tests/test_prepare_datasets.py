@@ -163,6 +163,32 @@ def test_output_opens_with_safetensors_and_token_data(tmp_path, paragraphs):
     assert card.startswith("---\n") and "| train |" in card
 
 
+# ---------------------------------------------------------------- a corpus too small for the split
+
+@pytest.mark.parametrize("source, fraction, split", [
+    ("one-file", 0.01, "empty"),
+    ("83-documents", 0.01, "empty"),
+    ("83-documents", 0.05, "small"),
+])
+def test_a_validation_split_that_is_empty_or_tiny_is_a_warning_with_the_numbers(tmp_path, gpt2, paragraphs,
+                                                                                 source, fraction, split):
+    documents = [VERDICT.read_text()] if source == "one-file" else paragraphs
+    path = VERDICT if source == "one-file" else write_jsonl(tmp_path / "s.jsonl", paragraphs)
+    result = prepare(tmp_path / "out", path, "--validation-fraction", fraction, "--workers", 1)
+    expected = expected_streams(documents, fraction, gpt2.encode_ordinary, GPT2_EOT)
+    in_validation = sum(token_data.is_validation_document(i, fraction) for i in range(len(documents)))
+    numbers = (f"--validation-fraction {fraction} of {len(documents)} document{'s' * (len(documents) > 1)} put "
+               f"{in_validation} in validation (train: {len(expected['train']):,} tokens, validation: "
+               f"{len(expected['validation']):,} tokens)")
+    advice = {"empty": "; ddp_train.py refuses it when train.json sets validation_interval: give more documents "
+                       "(a .txt file is one document) or a larger --validation-fraction, or train with "
+                       "validation_interval null",
+              "small": "; its loss will be noisy: give more documents (a .txt file is one document) or a larger "
+                       "--validation-fraction"}[split]
+    assert result.stderr.strip().splitlines()[-1] == f"warning: the validation split is {split}: {numbers}{advice}"
+    assert token_data.is_complete(tmp_path / "out")
+
+
 # ---------------------------------------------------------------- atomic output
 
 def test_killed_run_leaves_nothing_that_looks_finished(tmp_path, paragraphs):
