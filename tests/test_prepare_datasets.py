@@ -163,6 +163,23 @@ def test_output_opens_with_safetensors_and_token_data(tmp_path, paragraphs):
     assert card.startswith("---\n") and "| train |" in card
 
 
+def test_invalid_utf8_is_replaced_and_the_replaced_bytes_counted_in_the_summary_and_meta(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    # Invalid: a lone start byte (1 byte), two bytes that never start a character (2), a 3-byte character
+    # cut after 2 bytes (2, one U+FFFD); a U+FFFD that was in the data already is valid UTF-8.
+    latin1 = "café ok ".encode("latin-1") + b"\xff\xfe end \xe2\x82x " + "\ufffd".encode()
+    (corpus / "a.txt").write_bytes(latin1)
+    (corpus / "b.jsonl").write_bytes(b'{"text": "one \x80 byte"}\n')
+    (corpus / "c.txt").write_text("clean")
+    result = prepare(tmp_path / "out", corpus, "--tokenizer", "bytes", "--validation-fraction", 0, "--workers", 1)
+    texts = [latin1.decode("utf-8", errors="replace"), "one \ufffd byte", "clean"]
+    assert split_tokens(tmp_path / "out", "train") == [t for text in texts for t in [*text.encode(), 256]]
+    assert meta(tmp_path / "out")["replaced_invalid_utf8_bytes"] == 6
+    assert (f"  replaced 6 bytes of invalid UTF-8 with U+FFFD in 2 files ({corpus / 'a.txt'}: 5, "
+            f"{corpus / 'b.jsonl'}: 1)") in result.stdout.splitlines()
+
+
 # ---------------------------------------------------------------- a corpus too small for the split
 
 @pytest.mark.parametrize("source, fraction, split", [
