@@ -331,7 +331,9 @@ def tool_version():
 def write_meta_and_card(staging, name, tokenizer, counts, **facts):
     token_data.write_meta(staging, tokenizer, tokens={split: n for split, (n, _) in counts.items()},
                           documents={split: n for split, (_, n) in counts.items()}, tool=tool_version(), **facts)
-    dataset_card(name, json.loads((staging / "meta.json").read_text())).save(staging / "README.md")
+    card = dataset_card(name, json.loads((staging / "meta.json").read_text()))
+    with token_data.write_errors_reported(staging / "README.md"):
+        card.save(staging / "README.md")
 
 
 def dataset_card(name, meta):

@@ -189,28 +189,44 @@ def describe_dataset(dataset_dir):
 
 # ---------------------------------------------------------------- writing
 
+@contextlib.contextmanager
+def write_errors_reported(path, doing=None):
+    """An OSError in the block (read-only or full file system, ...) becomes a one-line
+    UserError naming `path`, the cause and what was being done: an error from writing
+    to an open file carries no file name of its own."""
+    try:
+        yield
+    except OSError as e:
+        raise UserError(f"{path}: {e.strerror or e}" + (f" ({doing})" if doing else "")) from e
+
+
 class TokenFileWriter:
     """Streams uint16 tokens into a safetensors file without holding them in memory.
 
     The data goes into `<path>.partial` behind a reserved, space-padded header;
     `commit()` fills in the header, fsyncs and renames, so a file at `path`
     is always complete. Leaving the `with` block without committing (an
-    exception) deletes the partial file.
+    exception) deletes the partial file. A failed write is a UserError naming
+    the file, the cause and how much was being written.
     """
 
     def __init__(self, path):
         self.path = Path(path)
         self.partial_path = self.path.with_name(self.path.name + ".partial")
         self.num_tokens = 0
-        self._file = open(self.partial_path, "wb")
-        self._file.write(b"\0" * (8 + RESERVED_HEADER_BYTES))
+        with write_errors_reported(self.partial_path, "creating the file"):
+            self._file = open(self.partial_path, "wb")
+        self._file.write(b"\0" * (8 + RESERVED_HEADER_BYTES))  # buffered: reaches the disk with the tokens
 
     def write(self, tokens):
         array = np.asarray(tokens)
         if array.dtype != np.uint16 and array.size and (array.min() < 0 or array.max() > 0xFFFF):
             bad = array.min() if array.min() < 0 else array.max()
             raise UserError(f"{self.path}: token id {int(bad)} does not fit in uint16")
-        self._file.write(array.astype("<u2", copy=False).tobytes())
+        data = array.astype("<u2", copy=False).tobytes()
+        with write_errors_reported(self.partial_path,
+                                   f"writing {len(data):,} bytes of tokens after {2 * self.num_tokens:,}"):
+            self._file.write(data)
         self.num_tokens += array.size
 
     def commit(self):
@@ -218,20 +234,22 @@ class TokenFileWriter:
                                           "data_offsets": [0, 2 * self.num_tokens]}},
                             separators=(",", ":")).encode()
         assert len(header) <= RESERVED_HEADER_BYTES
-        self._file.seek(0)
-        self._file.write(struct.pack("<Q", RESERVED_HEADER_BYTES) + header.ljust(RESERVED_HEADER_BYTES, b" "))
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self.partial_path, self.path)
+        with write_errors_reported(self.partial_path, f"finishing {2 * self.num_tokens:,} bytes of tokens"):
+            self._file.seek(0)
+            self._file.write(struct.pack("<Q", RESERVED_HEADER_BYTES) + header.ljust(RESERVED_HEADER_BYTES, b" "))
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.replace(self.partial_path, self.path)
 
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb):
         if not self._file.closed:
-            self._file.close()
-            self.partial_path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # on a full disk, closing fails to write the buffer out too
+                self._file.close()
+        self.partial_path.unlink(missing_ok=True)  # gone already once committed
 
 
 def is_validation_document(index, validation_fraction):
@@ -253,22 +271,25 @@ def staged_directory(final_dir):
     final_dir = Path(final_dir)
     staging = final_dir.with_name(final_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    with write_errors_reported(staging, "creating the directory"):
+        staging.mkdir(parents=True)
     try:
         yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if final_dir.exists():
-        shutil.rmtree(final_dir)
-    os.replace(staging, final_dir)
+    with write_errors_reported(final_dir, f"replacing it with {staging}"):
+        if final_dir.exists():
+            shutil.rmtree(final_dir)
+        os.replace(staging, final_dir)
 
 
 def write_meta(dataset_dir, tokenizer, **extra):
     meta = {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id, **extra}
     partial = Path(dataset_dir) / "meta.json.partial"
-    partial.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(partial, Path(dataset_dir) / "meta.json")
+    with write_errors_reported(partial):
+        partial.write_text(json.dumps(meta, indent=2) + "\n")
+        os.replace(partial, Path(dataset_dir) / "meta.json")
 
 
 # ---------------------------------------------------------------- the demo corpus

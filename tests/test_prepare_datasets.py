@@ -6,8 +6,10 @@ the interruption and bad-input tests run the script as a real subprocess.
 """
 
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -272,6 +274,59 @@ def test_directory_with_other_files_is_never_replaced(tmp_path):
     result = CliRunner().invoke(prepare_datasets.main, [str(out), str(VERDICT), "--overwrite"])
     assert result.exit_code == 2 and "not part of a dataset (thesis.tex)" in result.stderr
     assert [p.name for p in out.iterdir()] == ["thesis.tex"]
+
+
+class DiskWithRoomFor:
+    """`open` on a disk with `free` bytes left: writing past them fails with ENOSPC, as on a
+    full disk. Mocked because a full file system cannot be made here (no mount, no loop device)."""
+
+    def __init__(self, free):
+        self.free = free
+
+    def open(self, path, mode="r", **kwargs):
+        file = open(path, mode, **kwargs)
+        return FileOnDisk(file, self) if "w" in mode else file
+
+
+class FileOnDisk:
+    def __init__(self, file, disk):
+        self.file, self.disk = file, disk
+
+    def write(self, data):
+        if len(data) > self.disk.free:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.disk.free -= len(data)
+        return self.file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+
+def test_a_full_disk_is_one_error_line_and_leaves_the_earlier_dataset_as_it_was(tmp_path, monkeypatch, paragraphs):
+    out = tmp_path / "out"
+    source = write_jsonl(tmp_path / "s.jsonl", paragraphs * 5)
+    prepare(out, source, "--validation-fraction", 0)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setattr(token_data, "open", DiskWithRoomFor(20_000).open, raising=False)
+    result = CliRunner().invoke(prepare_datasets.main, [str(out), str(source), "--overwrite", "--validation-fraction",
+                                                        "0", "--workers", "1", "--batch-size", "8"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and re.fullmatch(
+        rf"error: {re.escape(str(out))}\.partial/train\.safetensors\.partial: No space left on device "
+        r"\(writing [\d,]+ bytes of tokens after [\d,]+\)", errors[0]), result.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "s.jsonl"]
+
+
+def test_an_output_directory_that_cannot_be_made_is_one_error_line(tmp_path):
+    # A read-only directory cannot be made here: the tests run as root, whom chmod does not stop.
+    # A parent that is a file refuses the output at the same first write, with its own cause.
+    (tmp_path / "a-file").write_text("precious")
+    result = CliRunner().invoke(prepare_datasets.main, [str(tmp_path / "a-file" / "out"), str(VERDICT)])
+    assert result.exit_code == 2
+    assert result.stderr == f"error: {tmp_path / 'a-file' / 'out.partial'}: Not a directory (creating the directory)\n"
+    assert (tmp_path / "a-file").read_text() == "precious"
 
 
 # ---------------------------------------------------------------- refusing bad input
