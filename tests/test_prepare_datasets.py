@@ -305,7 +305,7 @@ class FileOnDisk:
 def test_a_full_disk_is_one_error_line_and_leaves_the_earlier_dataset_as_it_was(tmp_path, monkeypatch, paragraphs):
     out = tmp_path / "out"
     source = write_jsonl(tmp_path / "s.jsonl", paragraphs * 5)
-    prepare(out, source, "--validation-fraction", 0)
+    prepare(out, source, "--validation-fraction", 0, "--workers", 1)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     monkeypatch.setattr(token_data, "open", DiskWithRoomFor(20_000).open, raising=False)
     result = CliRunner().invoke(prepare_datasets.main, [str(out), str(source), "--overwrite", "--validation-fraction",
