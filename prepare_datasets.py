@@ -13,7 +13,9 @@ default the Hugging Face cache). Files are read according to their extension:
     .txt       the whole file is one document
 
 Directories are searched recursively for such files (hidden ones skipped) in sorted order.
-A null text is skipped, not counted as a document.
+A null text is skipped, not counted as a document. Text is read as UTF-8: invalid bytes
+become U+FFFD, and how many were replaced (bytes, per file) is in the summary and, in
+total, in meta.json as `replaced_invalid_utf8_bytes`.
 
 OUT_DIR receives train.safetensors and validation.safetensors (one 1-D uint16 tensor
 `tokens`: every document's tokens followed by end-of-text), meta.json and a dataset card
