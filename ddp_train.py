@@ -26,7 +26,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import charts
 import checkpointing
 import token_data
-from batching import Microbatches, count_optimizer_steps, prefetch_to_device, rank_microbatch_indices
+from batching import (Microbatches, check_validation_length, count_optimizer_steps, prefetch_to_device,
+                      rank_microbatch_indices)
 from config import load_run
 from distributed import StopSignals, check_connectivity, init_distributed, run_and_share_errors
 from errors import RankLost, UserError, report_user_errors
@@ -52,33 +53,34 @@ def load_data(run, ctx, datasets_dir):
     train_cfg, context_length = run.train, run.model.context_length
     # Once per node, or once in all when every node sees the same DATASETS_DIR.
     fetches = ctx.is_main if train_cfg.shared_filesystem else ctx.is_local_main
-    dataset_dir = run_and_share_errors(fetches, lambda: token_data.fetch_dataset(train_cfg.dataset, datasets_dir))
-    dataset_dir = dataset_dir or token_data.dataset_location(train_cfg.dataset, datasets_dir)[1]
+    dataset_dir = run_and_share_errors(
+        fetches, lambda: token_data.fetch_dataset(train_cfg.dataset, datasets_dir, run.run_dir))
+    dataset_dir = dataset_dir or token_data.dataset_location(train_cfg.dataset, datasets_dir, run.run_dir)[1]
     meta = token_data.read_meta(dataset_dir)
     if run.model.vocab_size < meta.vocab_size:
         raise UserError(f"{run.run_dir / 'model.json'}: key 'vocab_size' ({run.model.vocab_size}) is smaller "
-                        f"than the dataset's tokenizer vocabulary ({meta.tokenizer}: {meta.vocab_size})")
+                        f"than the dataset's tokenizer vocabulary ({meta.tokenizer}: {meta.vocab_size}); "
+                        f"it must be at least {meta.vocab_size}")
 
     microbatch_tokens = train_cfg.microbatch_size * context_length
     global_batch_tokens = ctx.world_size * train_cfg.gradient_accumulation_steps * microbatch_tokens
+    train_json = run.run_dir / "train.json"
     train_tokens = token_data.open_split(dataset_dir, "train")
-    total_steps = count_optimizer_steps(len(train_tokens), train_cfg.start_train_token,
-                                        train_cfg.min_train_tokens, global_batch_tokens,
-                                        str(dataset_dir / "train.safetensors"))
+    total_steps = count_optimizer_steps(len(train_tokens), global_batch_tokens, train_cfg,
+                                        dataset_dir / "train.safetensors", train_json)
     train = Microbatches(train_tokens, train_cfg.start_train_token,
                          total_steps * global_batch_tokens // microbatch_tokens,
-                         train_cfg.microbatch_size, context_length)
+                         train_cfg.microbatch_size, context_length, vocab_size=run.model.vocab_size,
+                         path=dataset_dir / "train.safetensors")
 
     validation = None
     if train_cfg.validation_interval:
         val_tokens = token_data.open_split(dataset_dir, "validation")
-        needed = train_cfg.start_val_token + train_cfg.validation_batches * microbatch_tokens + 1
-        if needed > len(val_tokens):
-            raise UserError(f"{dataset_dir / 'validation.safetensors'}: too short: validation_batches "
-                            f"{train_cfg.validation_batches} from token {train_cfg.start_val_token:,} need "
-                            f"{needed:,} tokens, the file has {len(val_tokens):,}")
+        check_validation_length(len(val_tokens), context_length, train_cfg, dataset_dir / "validation.safetensors",
+                                train_json)
         validation = Microbatches(val_tokens, train_cfg.start_val_token, train_cfg.validation_batches,
-                                  train_cfg.microbatch_size, context_length)
+                                  train_cfg.microbatch_size, context_length, vocab_size=run.model.vocab_size,
+                                  path=dataset_dir / "validation.safetensors")
     return Data(train, validation, total_steps, global_batch_tokens)
 
 

@@ -13,7 +13,9 @@ default the Hugging Face cache). Files are read according to their extension:
     .txt       the whole file is one document
 
 Directories are searched recursively for such files (hidden ones skipped) in sorted order.
-A null text is skipped, not counted as a document.
+A null text is skipped, not counted as a document. Text is read as UTF-8: invalid bytes
+become U+FFFD, and how many were replaced (bytes, per file) is in the summary and, in
+total, in meta.json as `replaced_invalid_utf8_bytes`.
 
 OUT_DIR receives train.safetensors and validation.safetensors (one 1-D uint16 tensor
 `tokens`: every document's tokens followed by end-of-text), meta.json and a dataset card
@@ -62,19 +64,45 @@ DATASET_FILES = ("train.safetensors", "validation.safetensors", "meta.json", "RE
 BATCHES_IN_FLIGHT_PER_WORKER = 2
 # pyarrow's default record batch is 65,536 rows: a few hundred MB of web pages in memory.
 PARQUET_ROWS_PER_READ = 1024
+# A validation loss over fewer documents than this mostly measures which few documents
+# the split happened to pick.
+MIN_VALIDATION_DOCUMENTS = 10
 
 
 # ---------------------------------------------------------------- reading documents
+
+class Utf8Decoder:
+    """Decodes .txt files and JSONL lines as UTF-8, each invalid sequence replaced by
+    U+FFFD as `errors="replace"` does, and counts the bytes replaced in each file: a
+    corpus in another encoding shows in the summary and meta.json, not only as U+FFFDs."""
+
+    def __init__(self):
+        self.replaced_bytes = collections.Counter()  # file -> invalid bytes replaced
+
+    def decode(self, data, path):
+        text = data.decode("utf-8", errors="replace")
+        if "\ufffd" in text:
+            # Each invalid sequence became one U+FFFD, 3 bytes in UTF-8; U+FFFDs already in the data are
+            # valid UTF-8 and stay as they were.
+            replacements = text.count("\ufffd") - data.count("\ufffd".encode())
+            self.replaced_bytes[path] += len(data) - len(text.encode("utf-8")) + 3 * replacements
+        return text
+
+    @property
+    def total(self):
+        return self.replaced_bytes.total()
+
 
 def parquet_documents(path, text_field):
     for batch in pq.ParquetFile(path).iter_batches(batch_size=PARQUET_ROWS_PER_READ, columns=[text_field]):
         yield from batch.column(0).drop_null().to_pylist()
 
 
-def jsonl_texts(path, text_field):
+def jsonl_texts(path, text_field, decoder):
     """(line number, text or None) for each non-blank line of a JSONL file."""
-    with open(path, encoding="utf-8", errors="replace") as lines:
+    with open(path, "rb") as lines:
         for line_number, line in enumerate(lines, 1):
+            line = decoder.decode(line, path)
             if not line.strip():
                 continue
             try:
@@ -91,22 +119,22 @@ def jsonl_texts(path, text_field):
             yield line_number, text
 
 
-def jsonl_documents(path, text_field):
-    return (text for _, text in jsonl_texts(path, text_field) if text is not None)
+def jsonl_documents(path, text_field, decoder):
+    return (text for _, text in jsonl_texts(path, text_field, decoder) if text is not None)
 
 
-def file_documents(path, text_field):
+def file_documents(path, text_field, decoder):
     if path.suffix == ".parquet":
         yield from parquet_documents(path, text_field)
     elif path.suffix == ".jsonl":
-        yield from jsonl_documents(path, text_field)
+        yield from jsonl_documents(path, text_field, decoder)
     else:
-        yield path.read_text(encoding="utf-8", errors="replace")
+        yield decoder.decode(path.read_bytes(), path)
 
 
-def document_batches(files, text_field, batch_size):
+def document_batches(files, text_field, batch_size, decoder):
     """(index of the batch's first document in the whole input, its texts), lazily."""
-    documents = itertools.chain.from_iterable(file_documents(path, text_field) for path in files)
+    documents = itertools.chain.from_iterable(file_documents(path, text_field, decoder) for path in files)
     first_index = 0
     while batch := list(itertools.islice(documents, batch_size)):
         yield first_index, batch
@@ -124,7 +152,8 @@ def checked_file(path, text_field):
     if path.suffix == ".parquet":
         check_parquet_text_column(path, text_field)
     elif path.suffix == ".jsonl":
-        next(jsonl_texts(path, text_field), None)
+        # Replaced bytes are counted when the file is read for real.
+        next(jsonl_texts(path, text_field, Utf8Decoder()), None)
     return path
 
 
@@ -267,9 +296,10 @@ class SplitWriter:
             self.documents += int(np.searchsorted(tokenized.document_ends, room)) + 1
 
 
-def tokenize_into(dataset_dir, files, text_field, tokenizer, *, validation_fraction, workers, batch_size, max_tokens):
+def tokenize_into(dataset_dir, files, text_field, tokenizer, decoder, *, validation_fraction, workers, batch_size,
+                  max_tokens):
     """Write the two split files into `dataset_dir`; returns {split: (tokens, documents)}."""
-    batches = document_batches(files, text_field, batch_size)
+    batches = document_batches(files, text_field, batch_size, decoder)
     start = time.perf_counter()
     worker_settings = (tokenizer.name, validation_fraction)
     # forkserver, not fork: forking a process whose threads (torch's, tiktoken's) may hold locks
@@ -303,7 +333,9 @@ def tool_version():
 def write_meta_and_card(staging, name, tokenizer, counts, **facts):
     token_data.write_meta(staging, tokenizer, tokens={split: n for split, (n, _) in counts.items()},
                           documents={split: n for split, (_, n) in counts.items()}, tool=tool_version(), **facts)
-    dataset_card(name, json.loads((staging / "meta.json").read_text())).save(staging / "README.md")
+    card = dataset_card(name, json.loads((staging / "meta.json").read_text()))
+    with token_data.write_errors_reported(staging / "README.md"):
+        card.save(staging / "README.md")
 
 
 def dataset_card(name, meta):
@@ -371,14 +403,41 @@ def upload_dataset(dataset_dir, repo_id):
     click.echo(f"uploaded {dataset_dir} to https://huggingface.co/datasets/{repo_id}")
 
 
-def summary(out_dir, counts, seconds):
+def summary(out_dir, counts, seconds, decoder):
     tokens = sum(split_tokens for split_tokens, _ in counts.values())
     documents = sum(split_documents for _, split_documents in counts.values())
     lines = [f"wrote {out_dir} in {seconds:.1f} s: {documents / seconds:,.0f} documents/s, "
              f"{tokens / seconds:,.0f} tokens/s"]
     lines += [f"  {split}: {split_tokens:,} tokens, {split_documents:,} documents"
               for split, (split_tokens, split_documents) in counts.items()]
+    if decoder.total:
+        lines.append(replaced_bytes_line(decoder.replaced_bytes))
     return "\n".join(lines)
+
+
+def replaced_bytes_line(replaced_bytes, files_named=3):
+    named = ", ".join(f"{path}: {count:,}" for path, count in replaced_bytes.most_common(files_named))
+    others = len(replaced_bytes) - files_named
+    more = f", {others:,} more file{'s' * (others > 1)}" if others > 0 else ""
+    return (f"  replaced {replaced_bytes.total():,} bytes of invalid UTF-8 with U+FFFD in {len(replaced_bytes):,} "
+            f"file{'s' * (len(replaced_bytes) > 1)} ({named}{more})")
+
+
+def validation_split_warning(counts, validation_fraction):
+    """A warning line when the validation split came out empty or too small to measure much, else None.
+    With --validation-fraction 0 an empty split is what was asked for."""
+    (train_tokens, train_documents), (validation_tokens, validation_documents) = counts["train"], counts["validation"]
+    if validation_fraction == 0 or validation_documents >= MIN_VALIDATION_DOCUMENTS:
+        return None
+    documents = train_documents + validation_documents
+    facts = (f"--validation-fraction {validation_fraction} of {documents:,} document{'s' * (documents != 1)} put "
+             f"{validation_documents:,} in validation (train: {train_tokens:,} tokens, validation: "
+             f"{validation_tokens:,} tokens)")
+    more = "give more documents (a .txt file is one document) or a larger --validation-fraction"
+    if validation_tokens == 0:
+        return (f"warning: the validation split is empty: {facts}; ddp_train.py refuses it when train.json sets "
+                f"validation_interval: {more}, or train with validation_interval null")
+    return f"warning: the validation split is small: {facts}; its loss will be noisy: {more}"
 
 
 # ---------------------------------------------------------------- command line
@@ -414,12 +473,16 @@ def main(out_dir, sources, hub_pattern, text_field, tokenizer_name, validation_f
     tokenizer = token_data.get_tokenizer(tokenizer_name)
     files, source = input_files(sources, hub_pattern, download_dir, text_field)
     start = time.perf_counter()
+    decoder = Utf8Decoder()
     with token_data.staged_directory(out_dir) as staging:
-        counts = tokenize_into(staging, files, text_field, tokenizer, validation_fraction=validation_fraction,
+        counts = tokenize_into(staging, files, text_field, tokenizer, decoder, validation_fraction=validation_fraction,
                                workers=workers, batch_size=batch_size, max_tokens=max_tokens)
         write_meta_and_card(staging, out_dir.name, tokenizer, counts, validation_fraction=validation_fraction,
-                            max_tokens=max_tokens, source=source, text_field=text_field)
-    click.echo(summary(out_dir, counts, time.perf_counter() - start))
+                            max_tokens=max_tokens, source=source, text_field=text_field,
+                            replaced_invalid_utf8_bytes=decoder.total)
+    click.echo(summary(out_dir, counts, time.perf_counter() - start, decoder))
+    if warning := validation_split_warning(counts, validation_fraction):
+        click.echo(warning, err=True)
     if push_to_hub:
         upload_dataset(out_dir, push_to_hub)
 

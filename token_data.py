@@ -189,28 +189,44 @@ def describe_dataset(dataset_dir):
 
 # ---------------------------------------------------------------- writing
 
+@contextlib.contextmanager
+def write_errors_reported(path, doing=None):
+    """An OSError in the block (read-only or full file system, ...) becomes a one-line
+    UserError naming `path`, the cause and what was being done: an error from writing
+    to an open file carries no file name of its own."""
+    try:
+        yield
+    except OSError as e:
+        raise UserError(f"{path}: {e.strerror or e}" + (f" ({doing})" if doing else "")) from e
+
+
 class TokenFileWriter:
     """Streams uint16 tokens into a safetensors file without holding them in memory.
 
     The data goes into `<path>.partial` behind a reserved, space-padded header;
     `commit()` fills in the header, fsyncs and renames, so a file at `path`
     is always complete. Leaving the `with` block without committing (an
-    exception) deletes the partial file.
+    exception) deletes the partial file. A failed write is a UserError naming
+    the file, the cause and how much was being written.
     """
 
     def __init__(self, path):
         self.path = Path(path)
         self.partial_path = self.path.with_name(self.path.name + ".partial")
         self.num_tokens = 0
-        self._file = open(self.partial_path, "wb")
-        self._file.write(b"\0" * (8 + RESERVED_HEADER_BYTES))
+        with write_errors_reported(self.partial_path, "creating the file"):
+            self._file = open(self.partial_path, "wb")
+        self._file.write(b"\0" * (8 + RESERVED_HEADER_BYTES))  # buffered: reaches the disk with the tokens
 
     def write(self, tokens):
         array = np.asarray(tokens)
         if array.dtype != np.uint16 and array.size and (array.min() < 0 or array.max() > 0xFFFF):
             bad = array.min() if array.min() < 0 else array.max()
             raise UserError(f"{self.path}: token id {int(bad)} does not fit in uint16")
-        self._file.write(array.astype("<u2", copy=False).tobytes())
+        data = array.astype("<u2", copy=False).tobytes()
+        with write_errors_reported(self.partial_path,
+                                   f"writing {len(data):,} bytes of tokens after {2 * self.num_tokens:,}"):
+            self._file.write(data)
         self.num_tokens += array.size
 
     def commit(self):
@@ -218,20 +234,22 @@ class TokenFileWriter:
                                           "data_offsets": [0, 2 * self.num_tokens]}},
                             separators=(",", ":")).encode()
         assert len(header) <= RESERVED_HEADER_BYTES
-        self._file.seek(0)
-        self._file.write(struct.pack("<Q", RESERVED_HEADER_BYTES) + header.ljust(RESERVED_HEADER_BYTES, b" "))
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self.partial_path, self.path)
+        with write_errors_reported(self.partial_path, f"finishing {2 * self.num_tokens:,} bytes of tokens"):
+            self._file.seek(0)
+            self._file.write(struct.pack("<Q", RESERVED_HEADER_BYTES) + header.ljust(RESERVED_HEADER_BYTES, b" "))
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.replace(self.partial_path, self.path)
 
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb):
         if not self._file.closed:
-            self._file.close()
-            self.partial_path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # on a full disk, closing fails to write the buffer out too
+                self._file.close()
+        self.partial_path.unlink(missing_ok=True)  # gone already once committed
 
 
 def is_validation_document(index, validation_fraction):
@@ -253,22 +271,25 @@ def staged_directory(final_dir):
     final_dir = Path(final_dir)
     staging = final_dir.with_name(final_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    with write_errors_reported(staging, "creating the directory"):
+        staging.mkdir(parents=True)
     try:
         yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if final_dir.exists():
-        shutil.rmtree(final_dir)
-    os.replace(staging, final_dir)
+    with write_errors_reported(final_dir, f"replacing it with {staging}"):
+        if final_dir.exists():
+            shutil.rmtree(final_dir)
+        os.replace(staging, final_dir)
 
 
 def write_meta(dataset_dir, tokenizer, **extra):
     meta = {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id, **extra}
     partial = Path(dataset_dir) / "meta.json.partial"
-    partial.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(partial, Path(dataset_dir) / "meta.json")
+    with write_errors_reported(partial):
+        partial.write_text(json.dumps(meta, indent=2) + "\n")
+        os.replace(partial, Path(dataset_dir) / "meta.json")
 
 
 # ---------------------------------------------------------------- the demo corpus
@@ -311,34 +332,50 @@ def is_complete(dataset_dir):
     return all((Path(dataset_dir) / f"{split}.safetensors").is_file() for split in SPLITS)
 
 
-def dataset_location(spec, datasets_dir):
-    """Where `spec` (train.json `dataset`) lives: ("local" | "demo" | "hub", directory)."""
+def dataset_location(spec, datasets_dir, run_dir=None):
+    """Where `spec` (train.json `dataset`) lives: ("local" | "demo" | "hub", directory).
+
+    A relative path is looked for in `run_dir` (the run directory whose train.json
+    names it) first, then in the current directory. Only a spec that is in neither
+    and has the form of a Hub repo id is taken for one.
+    """
     if spec == DEMO_DATASET:
         return "demo", Path(datasets_dir) / DEMO_DATASET_DIRNAME
-    if Path(spec).is_dir():
-        return "local", Path(spec).resolve()
+    candidates = candidate_directories(spec, run_dir)
+    found = next((path for path in candidates if path.is_dir()), None)
+    if found is not None:
+        return "local", found.resolve()
     if HUB_REPO_ID.match(spec):
         return "hub", Path(datasets_dir) / spec
-    raise UserError(f"dataset '{spec}': not a directory, not '{DEMO_DATASET}', "
-                    "and not a Hugging Face repo id like 'gpjt/fineweb-gpt2-tokens'")
+    raise UserError(f"dataset '{spec}': not a directory (looked for {' and '.join(map(str, candidates))}), "
+                    f"not '{DEMO_DATASET}', and not a Hugging Face repo id like 'gpjt/fineweb-gpt2-tokens'")
 
 
-def fetch_dataset(spec, datasets_dir):
+def candidate_directories(spec, run_dir):
+    """Where a dataset path may be, in the order looked: an absolute one as it is."""
+    path = Path(spec)
+    if path.is_absolute():
+        return [path]
+    return ([Path(run_dir) / path] if run_dir is not None else []) + [Path.cwd() / path]
+
+
+def fetch_dataset(spec, datasets_dir, run_dir=None):
     """Make the dataset available locally (build the demo corpus or download from
     the Hub). Run by one process per node; returns the dataset directory."""
-    kind, dataset_dir = dataset_location(spec, datasets_dir)
+    kind, dataset_dir = dataset_location(spec, datasets_dir, run_dir)
     if kind == "demo" and not is_complete(dataset_dir):
         build_demo_dataset(dataset_dir)
     elif kind == "hub" and not (dataset_dir / HUB_DOWNLOAD_COMPLETE).exists():
-        download_hub_dataset(spec, datasets_dir, dataset_dir)
+        download_hub_dataset(spec, datasets_dir, dataset_dir, looked_for=candidate_directories(spec, run_dir))
     if not is_complete(dataset_dir):
         raise UserError(f"dataset '{spec}': {dataset_dir} lacks train.safetensors and validation.safetensors")
     return dataset_dir
 
 
-def download_hub_dataset(repo_id, datasets_dir, dataset_dir):
+def download_hub_dataset(repo_id, datasets_dir, dataset_dir, looked_for):
     """snapshot_download into DATASETS_DIR/<repo id>, then a marker file, so later runs
-    (and runs with no network) use the local copy without asking the Hub again."""
+    (and runs with no network) use the local copy without asking the Hub again.
+    `looked_for` are the local directories the repo id was not found as, for the error."""
     from huggingface_hub import snapshot_download
 
     Path(datasets_dir).mkdir(parents=True, exist_ok=True)
@@ -348,7 +385,8 @@ def download_hub_dataset(repo_id, datasets_dir, dataset_dir):
         if not is_complete(dataset_dir):
             reason = " ".join(f"{type(e).__name__}: {e}".split())
             raise UserError(f"dataset '{repo_id}': download from the Hugging Face Hub into {dataset_dir} "
-                            f"failed ({reason})")
+                            f"failed ({reason}); nor is it a directory (looked for "
+                            f"{' and '.join(map(str, looked_for))})")
         # Files from an earlier download (e.g. by the reference harness): use them.
         print(f"warning: could not check '{repo_id}' on the Hub ({type(e).__name__}); using the local copy "
               f"in {dataset_dir}", file=sys.stderr)

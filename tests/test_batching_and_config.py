@@ -1,38 +1,104 @@
 """Token slicing arithmetic, the microbatch index, and train.json validation."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from batching import Microbatches, count_optimizer_steps, microbatch_index
+from batching import Microbatches, check_validation_length, count_optimizer_steps, microbatch_index
 from config import TrainConfig, load_run
 from errors import UserError
+
+
+TRAIN_JSON = Path("runs/x/train.json")
+TRAIN_FILE = Path("ds/train.safetensors")
+
+
+def train_cfg(start_train_token=0, min_train_tokens=-1, microbatch_size=4, **keys):
+    return TrainConfig.from_dict({"dataset": "ds", "microbatch_size": microbatch_size,
+                                  "start_train_token": start_train_token, "min_train_tokens": min_train_tokens,
+                                  **keys})
+
+
+def steps_for(available_tokens, global_batch_tokens, **keys):
+    return count_optimizer_steps(available_tokens, global_batch_tokens, train_cfg(**keys), TRAIN_FILE, TRAIN_JSON)
 
 
 def test_worked_example_from_the_reference_harness():
     # 3,260,190,720 tokens at 8 ranks x microbatch 12 x context 1024 (accumulation 1).
     global_batch = 8 * 12 * 1 * 1024
-    steps = count_optimizer_steps(10**10, 0, 3_260_190_720, global_batch, "train")
+    steps = steps_for(10**10, global_batch, min_train_tokens=3_260_190_720, microbatch_size=12)
     assert steps == 33_165
     assert steps * global_batch == 3_260_252_160
 
 
 def test_exact_multiple_is_not_rounded_up():
-    assert count_optimizer_steps(10_000, 0, 4 * 100, 100, "train") == 4
+    assert steps_for(10_000, 100, min_train_tokens=4 * 100) == 4
 
 
 def test_minus_one_takes_every_whole_global_batch_available():
     # 1,000 tokens from token 50: 950 left, one is needed for the last target.
-    assert count_optimizer_steps(1_000, 50, -1, 100, "train") == 9
-    assert count_optimizer_steps(1_001, 0, -1, 100, "train") == 10
+    assert steps_for(1_000, 100, start_train_token=50) == 9
+    assert steps_for(1_001, 100) == 10
 
 
-def test_too_short_and_start_past_end_are_clear_errors():
-    with pytest.raises(UserError, match="too short: training needs 501 tokens from token 0"):
-        count_optimizer_steps(500, 0, 500, 100, "ds/train.safetensors")
-    with pytest.raises(UserError, match="start token 900 is past the end of the file"):
-        count_optimizer_steps(900, 900, -1, 100, "ds/train.safetensors")
+# Global batches of 100 tokens: microbatch_size 4 x context_length 25 on one rank.
+@pytest.mark.parametrize("available, keys, message", [
+    (500, {"min_train_tokens": 500},
+     "too short: training needs 501 tokens from start_train_token 0 (min_train_tokens 500 in 5 global batches of "
+     "100 tokens, plus 1) but the file has 500; in runs/x/train.json set min_train_tokens to at most 400"),
+    (900, {"start_train_token": 900},
+     "start token 900 is past the end of the file (900 tokens); in runs/x/train.json set start_train_token to at "
+     "most 799"),
+    (10_000, {"start_train_token": 100_000_000, "min_train_tokens": 1_000},
+     "start token 100,000,000 is past the end of the file (10,000 tokens); in runs/x/train.json set "
+     "start_train_token to at most 8999"),
+    (1_000, {"start_train_token": 950},
+     "too short: training needs 101 tokens from start_train_token 950 (one global batch of 100 tokens, plus 1) "
+     "but the file has 1,000; in runs/x/train.json set start_train_token to at most 899, or microbatch_size to at "
+     "most 1"),
+    (90, {"min_train_tokens": 50},
+     "too short: training needs 101 tokens from start_train_token 0 (min_train_tokens 50 in 1 global batch of "
+     "100 tokens, plus 1) but the file has 90; in runs/x/train.json set microbatch_size to at most 3 with "
+     "min_train_tokens -1"),
+    (10, {}, "too short: training needs 101 tokens from start_train_token 0 (one global batch of 100 tokens, "
+             "plus 1) but the file has 10; use a dataset with more tokens"),
+], ids=["min-train-tokens", "start-past-end", "start-past-end-with-min", "start-near-end", "shorter-than-a-batch",
+        "nothing-fits"])
+def test_a_training_slice_that_does_not_fit_names_the_keys_and_the_values_that_would(available, keys, message):
+    with pytest.raises(UserError) as error:
+        steps_for(available, 100, **keys)
+    assert str(error.value) == f"{TRAIN_FILE}: {message}"
+
+
+VALIDATION_FILE = Path("ds/validation.safetensors")
+
+
+# Validation batches of 128 tokens: microbatch_size 4 x context_length 32.
+@pytest.mark.parametrize("available, keys, message", [
+    (0, {}, "validation_batches 100 x microbatch_size 4 x context_length 32 from start_val_token 0 need 12,801 "
+            "tokens but the file has 0; in runs/x/train.json set validation_interval to null to train without "
+            "validation; or rebuild ds with prepare_datasets.py from more documents or with a larger "
+            "--validation-fraction"),
+    (3_000, {"validation_batches": 1_000},
+     "validation_batches 1000 x microbatch_size 4 x context_length 32 from start_val_token 0 need 128,001 tokens "
+     "but the file has 3,000; in runs/x/train.json set validation_batches to at most 23, or validation_interval "
+     "to null to train without validation"),
+    (3_000, {"validation_batches": 10, "start_val_token": 2_000},
+     "validation_batches 10 x microbatch_size 4 x context_length 32 from start_val_token 2000 need 3,281 tokens "
+     "but the file has 3,000; in runs/x/train.json set validation_batches to at most 7, or start_val_token to at "
+     "most 1719, or validation_interval to null to train without validation"),
+], ids=["empty", "too-many-batches", "start-near-end"])
+def test_a_validation_split_too_short_names_the_keys_the_values_that_fit_and_the_dataset(available, keys, message):
+    with pytest.raises(UserError) as error:
+        check_validation_length(available, 32, train_cfg(validation_interval=10, **keys), VALIDATION_FILE,
+                                TRAIN_JSON)
+    assert str(error.value) == f"{VALIDATION_FILE}: too short: {message}"
+
+
+def test_a_validation_split_that_fits_exactly_passes():
+    check_validation_length(2 * 128 + 1, 32, train_cfg(validation_batches=2), VALIDATION_FILE, TRAIN_JSON)
 
 
 def test_n_ranks_with_accumulation_1_use_the_microbatches_of_1_rank_with_accumulation_n():
@@ -53,6 +119,18 @@ def test_microbatches_are_consecutive_windows_with_shifted_targets():
     assert targets.tolist() == [[18, 19, 20, 21, 22], [23, 24, 25, 26, 27]]
     with pytest.raises(IndexError):
         batches[4]
+
+
+def test_a_token_id_at_or_above_vocab_size_stops_on_the_host_naming_file_offset_and_id():
+    tokens = np.arange(1_000, dtype=np.uint16) % 257
+    tokens[23] = 257
+    batches = Microbatches(tokens, start_token=7, num_microbatches=4, microbatch_size=2, context_length=5,
+                           vocab_size=257, path="ds/train.safetensors")
+    assert batches[0][0].max() < 257  # tokens 7..17
+    with pytest.raises(UserError) as error:
+        batches[1]  # tokens 17..27 (inputs and targets)
+    assert str(error.value).startswith("ds/train.safetensors: token 23 is id 257, but the model's vocab_size "
+                                       "is 257 (model.json key 'vocab_size'; ids must be below it)")
 
 
 REFERENCE_TRAIN_JSON = {

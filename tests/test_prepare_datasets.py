@@ -6,8 +6,10 @@ the interruption and bad-input tests run the script as a real subprocess.
 """
 
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -163,6 +165,49 @@ def test_output_opens_with_safetensors_and_token_data(tmp_path, paragraphs):
     assert card.startswith("---\n") and "| train |" in card
 
 
+def test_invalid_utf8_is_replaced_and_the_replaced_bytes_counted_in_the_summary_and_meta(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    # Invalid: a lone start byte (1 byte), two bytes that never start a character (2), a 3-byte character
+    # cut after 2 bytes (2, one U+FFFD); a U+FFFD that was in the data already is valid UTF-8.
+    latin1 = "café ok ".encode("latin-1") + b"\xff\xfe end \xe2\x82x " + "\ufffd".encode()
+    (corpus / "a.txt").write_bytes(latin1)
+    (corpus / "b.jsonl").write_bytes(b'{"text": "one \x80 byte"}\n')
+    (corpus / "c.txt").write_text("clean")
+    result = prepare(tmp_path / "out", corpus, "--tokenizer", "bytes", "--validation-fraction", 0, "--workers", 1)
+    texts = [latin1.decode("utf-8", errors="replace"), "one \ufffd byte", "clean"]
+    assert split_tokens(tmp_path / "out", "train") == [t for text in texts for t in [*text.encode(), 256]]
+    assert meta(tmp_path / "out")["replaced_invalid_utf8_bytes"] == 6
+    assert (f"  replaced 6 bytes of invalid UTF-8 with U+FFFD in 2 files ({corpus / 'a.txt'}: 5, "
+            f"{corpus / 'b.jsonl'}: 1)") in result.stdout.splitlines()
+
+
+# ---------------------------------------------------------------- a corpus too small for the split
+
+@pytest.mark.parametrize("source, fraction, split", [
+    ("one-file", 0.01, "empty"),
+    ("83-documents", 0.01, "empty"),
+    ("83-documents", 0.05, "small"),
+])
+def test_a_validation_split_that_is_empty_or_tiny_is_a_warning_with_the_numbers(tmp_path, gpt2, paragraphs,
+                                                                                 source, fraction, split):
+    documents = [VERDICT.read_text()] if source == "one-file" else paragraphs
+    path = VERDICT if source == "one-file" else write_jsonl(tmp_path / "s.jsonl", paragraphs)
+    result = prepare(tmp_path / "out", path, "--validation-fraction", fraction, "--workers", 1)
+    expected = expected_streams(documents, fraction, gpt2.encode_ordinary, GPT2_EOT)
+    in_validation = sum(token_data.is_validation_document(i, fraction) for i in range(len(documents)))
+    numbers = (f"--validation-fraction {fraction} of {len(documents)} document{'s' * (len(documents) > 1)} put "
+               f"{in_validation} in validation (train: {len(expected['train']):,} tokens, validation: "
+               f"{len(expected['validation']):,} tokens)")
+    advice = {"empty": "; ddp_train.py refuses it when train.json sets validation_interval: give more documents "
+                       "(a .txt file is one document) or a larger --validation-fraction, or train with "
+                       "validation_interval null",
+              "small": "; its loss will be noisy: give more documents (a .txt file is one document) or a larger "
+                       "--validation-fraction"}[split]
+    assert result.stderr.strip().splitlines()[-1] == f"warning: the validation split is {split}: {numbers}{advice}"
+    assert token_data.is_complete(tmp_path / "out")
+
+
 # ---------------------------------------------------------------- atomic output
 
 def test_killed_run_leaves_nothing_that_looks_finished(tmp_path, paragraphs):
@@ -229,6 +274,59 @@ def test_directory_with_other_files_is_never_replaced(tmp_path):
     result = CliRunner().invoke(prepare_datasets.main, [str(out), str(VERDICT), "--overwrite"])
     assert result.exit_code == 2 and "not part of a dataset (thesis.tex)" in result.stderr
     assert [p.name for p in out.iterdir()] == ["thesis.tex"]
+
+
+class DiskWithRoomFor:
+    """`open` on a disk with `free` bytes left: writing past them fails with ENOSPC, as on a
+    full disk. Mocked because a full file system cannot be made here (no mount, no loop device)."""
+
+    def __init__(self, free):
+        self.free = free
+
+    def open(self, path, mode="r", **kwargs):
+        file = open(path, mode, **kwargs)
+        return FileOnDisk(file, self) if "w" in mode else file
+
+
+class FileOnDisk:
+    def __init__(self, file, disk):
+        self.file, self.disk = file, disk
+
+    def write(self, data):
+        if len(data) > self.disk.free:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.disk.free -= len(data)
+        return self.file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+
+def test_a_full_disk_is_one_error_line_and_leaves_the_earlier_dataset_as_it_was(tmp_path, monkeypatch, paragraphs):
+    out = tmp_path / "out"
+    source = write_jsonl(tmp_path / "s.jsonl", paragraphs * 5)
+    prepare(out, source, "--validation-fraction", 0, "--workers", 1)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setattr(token_data, "open", DiskWithRoomFor(20_000).open, raising=False)
+    result = CliRunner().invoke(prepare_datasets.main, [str(out), str(source), "--overwrite", "--validation-fraction",
+                                                        "0", "--workers", "1", "--batch-size", "8"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and re.fullmatch(
+        rf"error: {re.escape(str(out))}\.partial/train\.safetensors\.partial: No space left on device "
+        r"\(writing [\d,]+ bytes of tokens after [\d,]+\)", errors[0]), result.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "s.jsonl"]
+
+
+def test_an_output_directory_that_cannot_be_made_is_one_error_line(tmp_path):
+    # A read-only directory cannot be made here: the tests run as root, whom chmod does not stop.
+    # A parent that is a file refuses the output at the same first write, with its own cause.
+    (tmp_path / "a-file").write_text("precious")
+    result = CliRunner().invoke(prepare_datasets.main, [str(tmp_path / "a-file" / "out"), str(VERDICT)])
+    assert result.exit_code == 2
+    assert result.stderr == f"error: {tmp_path / 'a-file' / 'out.partial'}: Not a directory (creating the directory)\n"
+    assert (tmp_path / "a-file").read_text() == "precious"
 
 
 # ---------------------------------------------------------------- refusing bad input

@@ -252,3 +252,47 @@ def test_a_failing_hub_falls_back_to_the_local_copy_and_is_asked_once_per_datase
     for _ in range(2):
         token_data.fetch_dataset("gpjt/fineweb-gpt2-tokens", tmp_path / "datasets")
     assert calls == [(("gpjt/fineweb-gpt2-tokens",), {"repo_type": "dataset", "local_dir": dataset_dir})]
+
+
+# ---------------------------------------------------------------- where train.json's `dataset` is looked for
+
+@pytest.fixture()
+def run_and_cwd(tmp_path, monkeypatch):
+    """A run directory and a different current directory."""
+    run_dir, cwd = tmp_path / "run", tmp_path / "cwd"
+    run_dir.mkdir()
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    return run_dir, cwd
+
+
+def test_a_relative_dataset_path_is_looked_for_in_the_run_directory_then_the_current_one(tmp_path, run_and_cwd):
+    run_dir, cwd = run_and_cwd
+    (cwd / "data" / "mine").mkdir(parents=True)
+    # "data/mine" has the form of a Hub repo id too: a directory of that name wins.
+    assert token_data.dataset_location("data/mine", tmp_path / "datasets", run_dir) == ("local", cwd / "data" / "mine")
+    (run_dir / "data" / "mine").mkdir(parents=True)
+    assert token_data.dataset_location("data/mine", tmp_path / "datasets", run_dir) == \
+        ("local", run_dir / "data" / "mine")
+    assert token_data.dataset_location("data/other", tmp_path / "datasets", run_dir) == \
+        ("hub", tmp_path / "datasets" / "data" / "other")
+
+
+def test_a_dataset_found_nowhere_says_where_it_was_looked_for(tmp_path, run_and_cwd, monkeypatch):
+    run_dir, cwd = run_and_cwd
+    with pytest.raises(UserError) as error:
+        token_data.dataset_location("./mine", tmp_path / "datasets", run_dir)
+    assert str(error.value) == (f"dataset './mine': not a directory (looked for {run_dir / 'mine'} and "
+                                f"{cwd / 'mine'}), not 'demo', and not a Hugging Face repo id like "
+                                "'gpjt/fineweb-gpt2-tokens'")
+
+    import huggingface_hub
+
+    def unknown_repo(*args, **kwargs):  # the Hub cannot be reached from tests
+        raise FileNotFoundError("no such repo")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unknown_repo)
+    with pytest.raises(UserError) as error:
+        token_data.fetch_dataset("data/mine", tmp_path / "datasets", run_dir)
+    assert str(error.value).endswith(f"failed (FileNotFoundError: no such repo); nor is it a directory (looked for "
+                                     f"{run_dir / 'data' / 'mine'} and {cwd / 'data' / 'mine'})")
