@@ -13,7 +13,7 @@ import math
 import numpy as np
 import torch
 
-from errors import UserError
+from errors import RankLocalUserError, UserError
 
 
 def count_optimizer_steps(available_tokens, global_batch_tokens, train_cfg, token_file, train_json):
@@ -130,9 +130,10 @@ class Microbatches:
         if window.max() < self.vocab_size:
             return
         position = int(np.argmax(window >= self.vocab_size))
-        raise UserError(f"{self.path}: token {begin + position:,} is id {int(window[position])}, but the model's "
-                        f"vocab_size is {self.vocab_size} (model.json key 'vocab_size'; ids must be below it): "
-                        "the file is damaged, or its tokenizer is not the one its meta.json names")
+        raise RankLocalUserError(
+            f"{self.path}: token {begin + position:,} is id {int(window[position])}, but the model's vocab_size is "
+            f"{self.vocab_size} (model.json key 'vocab_size'; ids must be below it): the file is damaged, or its "
+            "tokenizer is not the one its meta.json names")
 
 
 def rank_microbatch_indices(start_step, total_steps, accumulation_steps, world_size, rank):

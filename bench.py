@@ -36,7 +36,7 @@ import perf
 from config import ModelConfig, TrainConfig, load_json, resolve_run_dir
 from errors import UserError, report_user_errors
 from gpt import GPTModel
-from plain_gpt import PlainGPT
+from plain_gpt import PlainGPT, separate_qkv
 from training import compute_loss, make_optimizer
 
 # The train.json keys make_optimizer reads, at their defaults.
@@ -92,7 +92,8 @@ def build(implementation, cfg, device, pad_vocab, fused_qkv, compile_model):
     """A freshly initialised model; the same seed gives every implementation the same
     weights. PlainGPT is never compiled: it is the eager baseline."""
     torch.manual_seed(0)
-    model = GPTModel(cfg, pad_vocab_to_multiple_of=pad_vocab, fused_qkv=fused_qkv).to(device).train()
+    model = GPTModel(cfg, pad_vocab_to_multiple_of=pad_vocab)
+    model = (model if fused_qkv else separate_qkv(model)).to(device).train()
     if implementation == "PlainGPT":
         plain = PlainGPT(cfg).to(device).train()
         plain.load_state_dict(model.state_dict())

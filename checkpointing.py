@@ -263,9 +263,11 @@ def verify_checkpoint(checkpoint_dir):
     meta = read_checkpoint_meta(checkpoint_dir)
     for filename, size in meta.get("files", {}).items():
         path = Path(checkpoint_dir) / filename
-        if not path.is_file() or path.stat().st_size != size:
-            raise UserError(f"checkpoint {checkpoint_dir} is incomplete or damaged: {filename} "
-                            f"{'is missing' if not path.is_file() else f'has {path.stat().st_size} bytes, expected {size}'}")
+        if not path.is_file():
+            raise UserError(f"checkpoint {checkpoint_dir} is incomplete or damaged: {filename} is missing")
+        if path.stat().st_size != size:
+            raise UserError(f"checkpoint {checkpoint_dir} is incomplete or damaged: {filename} has "
+                            f"{path.stat().st_size} bytes, expected {size}")
     return meta
 
 

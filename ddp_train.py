@@ -5,10 +5,17 @@
 
 RUN is a name under runs/ or a path to a run directory holding model.json and
 train.json (config.py lists every key). CHECKPOINT resumes a run: a checkpoint
-directory name, `latest`, `best`, or `auto` (`latest` if there is one, else a
-fresh start). Without torchrun it runs as a single process. Rank 0 writes
-checkpoints, metrics.jsonl and charts into the run directory. SIGTERM or SIGINT
-stops every rank after the current optimizer step, with a checkpoint.
+directory name, `latest`, `best`, or `auto` (`latest`, or the newest complete
+checkpoint when `latest` is broken; a fresh start only when there are no
+checkpoints). Without torchrun it runs as a single process. Rank 0 holds the run
+directory's lock and writes checkpoints, metrics.jsonl and charts into it. SIGTERM
+or SIGINT stops every rank after the step under way and at most two more, with a
+checkpoint.
+
+Where things are decided: `train` is the loop (what runs at which step, when to
+stop); `checkpoint` decides whether the weights may be saved and what is `best`;
+`count_skipped_steps` stops a streak of non-finite steps; `train_step` is one
+optimizer step.
 """
 
 import gc
@@ -143,12 +150,12 @@ def train_step(trainer, run, ctx, microbatches, stop_requested):
         is_last_microstep = accumulation_step == accumulation_steps - 1
         with nullcontext() if is_last_microstep else trainer.ddp_model.no_sync():
             loss = compute_loss(trainer.forward_model, inputs, targets, trainer.amp_dtype, ctx.device)
-            trainer.scaler.scale(loss / accumulation_steps).backward()
+            trainer.state.scaler.scale(loss / accumulation_steps).backward()
         loss_sum += loss.detach()
 
-    trainer.scaler.unscale_(trainer.optimizer)
+    trainer.state.scaler.unscale_(trainer.state.optimizer)
     max_norm = run.train.clipping_max_norm or float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), max_norm)
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainer.state.model.parameters(), max_norm)
     # One all-reduce carries the loss, the non-finite flag and the stop flag. The stop flag is
     # picked from constants already on the device: making a tensor from a Python value would
     # be a copy that waits for the device.
@@ -156,15 +163,15 @@ def train_step(trainer, run, ctx, microbatches, stop_requested):
     reduced = torch.stack([loss_sum / accumulation_steps, (~torch.isfinite(loss_sum)).float(), stop_flag])
     dist.all_reduce(reduced)
     mean_loss, nonfinite_ranks, stop_votes = reduced
-    if trainer.scaler.is_enabled():
+    if trainer.state.scaler.is_enabled():
         # float16: the scaler found any inf/NaN in the (all-reduced) gradients and skips for us.
-        trainer.scaler.step(trainer.optimizer)
-        trainer.scaler.update()
+        trainer.state.scaler.step(trainer.state.optimizer)
+        trainer.state.scaler.update()
     else:
-        trainer.optimizer.found_inf = ((nonfinite_ranks > 0) | ~torch.isfinite(grad_norm)).float()
-        trainer.optimizer.step()
-        del trainer.optimizer.found_inf
-    trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.state.optimizer.found_inf = ((nonfinite_ranks > 0) | ~torch.isfinite(grad_norm)).float()
+        trainer.state.optimizer.step()
+        del trainer.state.optimizer.found_inf
+    trainer.state.optimizer.zero_grad(set_to_none=True)
     return torch.stack([mean_loss / ctx.world_size, grad_norm.float(), nonfinite_ranks, stop_votes])
 
 
@@ -326,22 +333,6 @@ class Trainer:
     amp_dtype: torch.dtype | None
     stop_flags: torch.Tensor  # [0., 1.] on the device
 
-    @property
-    def model(self):
-        return self.state.model
-
-    @property
-    def optimizer(self):
-        return self.state.optimizer
-
-    @property
-    def scaler(self):
-        return self.state.scaler
-
-    @property
-    def scheduler(self):
-        return self.state.scheduler
-
 
 def build_model(run, ctx):
     """The model on this rank's device, its autocast dtype, optimizer and gradient scaler,
@@ -399,12 +390,11 @@ def count_skipped_steps(rows, run, progress):
 def train(run, ctx, datasets_dir, checkpoint_dir):
     train_cfg = run.train
     trainer, progress = build_trainer(run, ctx, datasets_dir, checkpoint_dir)
-    stop_signals = StopSignals()
     log = TrainingLog(run, ctx, trainer.data.total_steps, trainer.data.global_batch_tokens, trainer.amp_dtype,
                       progress.start_step, progress.tokens_seen, progress.elapsed_before)
     interval = IntervalStats()  # for the next checkpoint's meta.json
     if ctx.is_main:
-        print(f"{run.name}: {trainer.model.num_parameters():,} parameters, world size {ctx.world_size}, "
+        print(f"{run.name}: {trainer.state.model.num_parameters():,} parameters, world size {ctx.world_size}, "
               f"{trainer.data.total_steps:,} optimizer steps of {trainer.data.global_batch_tokens:,} tokens, "
               f"device {ctx.device}, autocast {trainer.amp_dtype or 'off'}"
               + (", compiled" if train_cfg.compile else ""))
@@ -414,55 +404,56 @@ def train(run, ctx, datasets_dir, checkpoint_dir):
     log_interval = train_cfg.log_interval or (10 if ctx.device.type == "cuda" else 1)
     checkpoint_interval = train_cfg.effective_checkpoint_interval
     pending = []  # (global_step, lr, statistics on the device) not yet recorded
-    try:
-        for global_step in range(progress.start_step, trainer.data.total_steps):
-            lr = trainer.scheduler.get_last_lr()[0]
-            statistics = train_step(trainer, run, ctx, microbatches, stop_signals.received is not None)
-            trainer.scheduler.step()
-            # The previous step's all-reduced stop votes: reading them waits only for that
-            # step, while this one is already queued, so the device never idles for it.
-            stop_requested = bool(pending) and pending[-1][2][STEP_STATISTICS.index("stop_votes")].item() > 0
-            pending.append((global_step, lr, statistics))
+    with StopSignals() as stop_signals:
+        try:
+            for global_step in range(progress.start_step, trainer.data.total_steps):
+                lr = trainer.state.scheduler.get_last_lr()[0]
+                statistics = train_step(trainer, run, ctx, microbatches, stop_signals.received is not None)
+                trainer.state.scheduler.step()
+                # The previous step's all-reduced stop votes: reading them waits only for that
+                # step, while this one is already queued, so the device never idles for it.
+                stop_requested = bool(pending) and pending[-1][2][STEP_STATISTICS.index("stop_votes")].item() > 0
+                pending.append((global_step, lr, statistics))
 
-            # Every rank reaches the same decisions: they depend on step numbers and all-reduced values.
-            # The reference harness's rule: after step 0, every checkpoint_interval steps, and the last.
-            is_checkpoint_step = (global_step % checkpoint_interval == 0
-                                  or global_step == trainer.data.total_steps - 1)
-            # Checkpoint steps are validated too, so every checkpoint's "best" is judged on a fresh number.
-            is_validation_step = trainer.data.validation is not None and (
-                global_step % train_cfg.validation_interval == 0 or is_checkpoint_step)
-            if not (is_checkpoint_step or is_validation_step or stop_requested
-                    or (global_step + 1) % log_interval == 0):
-                continue
-            val_loss = (evaluate(trainer.model, trainer.data.validation, ctx, trainer.amp_dtype)
-                        if is_validation_step else None)
-            window = read_window(pending)
-            pending = []
-            rows = log.record(window, val_loss)
-            for row in rows:
-                interval.add(row)
-            count_skipped_steps(rows, run, progress)
-            stop_requested = any(statistics["stop_votes"] > 0 for _, _, statistics in window)
-            if is_checkpoint_step or stop_requested:
-                checkpoint(run, ctx, trainer, log, interval, progress)
-                interval = IntervalStats()
-            if stop_requested:
-                if ctx.is_main:
-                    print(f"\nStopped by {stop_signals.received or 'a signal to another rank'} after global step "
-                          f"{global_step}, checkpoint {progress.last_checkpoint} saved. Resume with the same "
-                          "command plus `latest` (or `auto`).")
-                return
-    except RuntimeError as e:
-        # A peer that died fails the next collective: NCCL raises a DistError, gloo a plain
-        # RuntimeError from its transport (often before torchrun's SIGTERM arrives).
-        if not (isinstance(e, dist.DistError) or GLOO_TRANSPORT_ERROR in str(e) or stop_signals.received):
-            raise
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RankLost(f"rank {ctx.rank}: another rank was lost ({reason}); no checkpoint can be written now. "
-                       f"A restart with `auto` resumes from "
-                       f"{progress.last_checkpoint or 'the start (this run has no checkpoint yet)'}") from e
-    finally:
-        log.close()
+                # Every rank reaches the same decisions: they depend on step numbers and all-reduced values.
+                # The reference harness's rule: after step 0, every checkpoint_interval steps, and the last.
+                is_checkpoint_step = (global_step % checkpoint_interval == 0
+                                      or global_step == trainer.data.total_steps - 1)
+                # Checkpoint steps are validated too, so every checkpoint's "best" is judged on a fresh number.
+                is_validation_step = trainer.data.validation is not None and (
+                    global_step % train_cfg.validation_interval == 0 or is_checkpoint_step)
+                if not (is_checkpoint_step or is_validation_step or stop_requested
+                        or (global_step + 1) % log_interval == 0):
+                    continue
+                val_loss = (evaluate(trainer.state.model, trainer.data.validation, ctx, trainer.amp_dtype)
+                            if is_validation_step else None)
+                window = read_window(pending)
+                pending = []
+                rows = log.record(window, val_loss)
+                for row in rows:
+                    interval.add(row)
+                count_skipped_steps(rows, run, progress)
+                stop_requested = any(statistics["stop_votes"] > 0 for _, _, statistics in window)
+                if is_checkpoint_step or stop_requested:
+                    checkpoint(run, ctx, trainer, log, interval, progress)
+                    interval = IntervalStats()
+                if stop_requested:
+                    if ctx.is_main:
+                        print(f"\nStopped by {stop_signals.received or 'a signal to another rank'} after global step "
+                              f"{global_step}, checkpoint {progress.last_checkpoint} saved. Resume with the same "
+                              "command plus `latest` (or `auto`).")
+                    return
+        except RuntimeError as e:
+            # A peer that died fails the next collective: NCCL raises a DistError, gloo a plain
+            # RuntimeError from its transport (often before torchrun's SIGTERM arrives).
+            if not (isinstance(e, dist.DistError) or GLOO_TRANSPORT_ERROR in str(e) or stop_signals.received):
+                raise
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RankLost(f"rank {ctx.rank}: another rank was lost ({reason}); no checkpoint can be written now. "
+                           f"A restart with `auto` resumes from "
+                           f"{progress.last_checkpoint or 'the start (this run has no checkpoint yet)'}") from e
+        finally:
+            log.close()
     if ctx.is_main:
         print(log.summary())
 
@@ -573,10 +564,10 @@ def main(run, datasets_dir, checkpoint, force, find_max, target_global_batch, wr
     if run.train.tensorboard:
         require_tensorboard()  # fail before any rank starts, not on rank 0 alone
     ctx = init_distributed(run.train.dist_timeout_minutes)
+    run_lock = None  # rank 0's lock on the run directory
     try:
         check_connectivity(ctx)
-        # Held until this process ends: the kernel releases it however the process ends.
-        run_lock = run_and_share_errors(ctx.is_main, lambda: lock_run_dir(run.run_dir))  # noqa: F841
+        run_lock = run_and_share_errors(ctx.is_main, lambda: lock_run_dir(run.run_dir))
         checkpoint_dir = None if find_max else choose_checkpoint(run, ctx, checkpoint, force)
         check_same_checkpoint(ctx, checkpoint_dir)
         if find_max:
@@ -584,6 +575,8 @@ def main(run, datasets_dir, checkpoint, force, find_max, target_global_batch, wr
         else:
             train(run, ctx, datasets_dir, checkpoint_dir)
     finally:
+        if run_lock is not None:
+            run_lock.close()  # the kernel would release it when the process ends, however it ends
         # DDP's hooks form reference cycles that keep the process group alive; left to the
         # interpreter's teardown, gloo's threads are then destroyed too late and abort the process.
         gc.collect()

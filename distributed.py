@@ -114,15 +114,29 @@ class StopSignals:
     The flag rides on the next optimizer step's all-reduce, which the training
     loop reads one step later (reading it at once would make the host wait for the
     device every step): so every rank stops after the step under way and at most
-    two more, rank 0 writes a checkpoint, and every process exits. Later signals are absorbed: under torchrun, Ctrl-C or a
-    scheduler's SIGTERM reaches the workers both directly and forwarded by the
-    agent, and the second must not cut the checkpoint short.
+    two more, rank 0 writes a checkpoint, and every process exits. Later signals
+    are absorbed: under torchrun, Ctrl-C or a scheduler's SIGTERM reaches the
+    workers both directly and forwarded by the agent, and the second must not cut
+    the checkpoint short. A context manager: the previous handlers come back when
+    training ends normally. When it ends in an error the process is on its way out,
+    and torchrun's SIGTERM (sent as soon as any rank fails) must not kill it before
+    it has printed why, so the handlers stay.
     """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.received = None
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self._handle)
+        self.previous_handlers = {}
+
+    def __enter__(self):
+        self.previous_handlers = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+        return self
+
+    def __exit__(self, exc_type, exc, traceback):
+        if exc_type is None:
+            for signum, handler in self.previous_handlers.items():
+                signal.signal(signum, handler)
 
     def _handle(self, signum, frame):
         if self.received is None:

@@ -5,7 +5,7 @@ Every script wraps its entry point in `report_user_errors`:
 
 - a `UserError` (bad config, missing or corrupt dataset, unknown checkpoint, a full
   disk, ...) prints a single `error: ...` line (from rank 0: every rank hits the same
-  bad input) and exits with status 2;
+  bad input; a `RankLocalUserError` from the rank that found it) and exits with status 2;
 - a `RankLost` (a peer process died mid-run) prints its line on every surviving
   rank and exits with status 1.
 
@@ -24,6 +24,11 @@ import traceback
 
 class UserError(Exception):
     """Bad input that the user can fix: the message names the file, key and valid values."""
+
+
+class RankLocalUserError(UserError):
+    """Bad input that only the rank raising it sees (a token in its own microbatch): it
+    prints the line itself, since rank 0 may never hear of it."""
 
 
 class RankLost(Exception):
@@ -65,7 +70,8 @@ def report_user_errors(main):
         try:
             return main(*args, **kwargs)
         except UserError as e:
-            _report(e, print_it=os.environ.get("RANK", "0") == "0", exit_code=2)
+            is_main = os.environ.get("RANK", "0") == "0"
+            _report(e, print_it=is_main or isinstance(e, RankLocalUserError), exit_code=2)
         except RankLost as e:
             _report(e, print_it=True, exit_code=1)
 

@@ -8,7 +8,8 @@ the same function:
 
 - no T x T causal-mask buffer: attention uses `scaled_dot_product_attention(is_causal=True)`;
 - the query, key and value projections run as one matmul over their
-  concatenated weights (`fused_qkv`, see MultiHeadAttention);
+  concatenated weights (see MultiHeadAttention; plain_gpt.separate_qkv
+  makes the three-matmul variant, for benchmarks and tests);
 - optionally the output head is padded to a multiple of some size
   (`pad_vocab_to_multiple_of`) for faster matmul shapes; checkpoints never see
   the padding.
@@ -35,14 +36,14 @@ class LayerNorm(nn.Module):
 
 
 class MultiHeadAttention(nn.Module):
-    """With `fused_qkv` the three projections run as one [emb, 3 * emb] matmul over
-    their weights concatenated at forward time, instead of three [emb, emb] ones.
+    """The three projections run as one [emb, 3 * emb] matmul over their weights
+    concatenated at forward time, instead of three [emb, emb] ones.
     The parameters stay three separate Linear layers, so state dicts and the
     optimizer's parameter list are exactly the reference harness's; the
     concatenation copies 3 * emb^2 weights per layer, which is small next to the
-    matmul over every token (README "Performance" has the measurements)."""
+    matmul over every token (docs/performance.md has the measurements)."""
 
-    def __init__(self, emb_dim, n_heads, drop_rate, qkv_bias, fused_qkv=True):
+    def __init__(self, emb_dim, n_heads, drop_rate, qkv_bias):
         super().__init__()
         self.n_heads = n_heads
         self.head_dim = emb_dim // n_heads
@@ -51,7 +52,6 @@ class MultiHeadAttention(nn.Module):
         self.W_value = nn.Linear(emb_dim, emb_dim, bias=qkv_bias)
         self.out_proj = nn.Linear(emb_dim, emb_dim)
         self.drop_rate = drop_rate
-        self.fused_qkv = fused_qkv
 
     def _split_heads(self, x):
         batch, seq_len, _ = x.shape
@@ -59,8 +59,6 @@ class MultiHeadAttention(nn.Module):
 
     def _project_qkv(self, x):
         projections = (self.W_query, self.W_key, self.W_value)
-        if not self.fused_qkv:
-            return [projection(x) for projection in projections]
         weight = torch.cat([p.weight for p in projections])
         bias = torch.cat([p.bias for p in projections]) if self.W_query.bias is not None else None
         return F.linear(x, weight, bias).chunk(3, dim=-1)
@@ -72,7 +70,7 @@ class MultiHeadAttention(nn.Module):
         if dropout_p > 0 and x.device.type == "cpu":
             # PyTorch's CPU flash-attention kernel has no dropout, and SDPA's
             # fallback then computes in fp32 even under bf16/fp16 autocast, which
-            # made GPTModel slower than the book's code (README "Performance").
+            # made GPTModel slower than the book's code (docs/performance.md).
             context = _causal_attention_with_dropout(queries, keys, values, dropout_p)
         else:
             context = F.scaled_dot_product_attention(queries, keys, values, dropout_p=dropout_p,
@@ -124,9 +122,9 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig, fused_qkv=True):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.att = MultiHeadAttention(cfg.emb_dim, cfg.n_heads, cfg.drop_rate, cfg.qkv_bias, fused_qkv)
+        self.att = MultiHeadAttention(cfg.emb_dim, cfg.n_heads, cfg.drop_rate, cfg.qkv_bias)
         self.ff = FeedForward(cfg.emb_dim)
         self.norm1 = LayerNorm(cfg.emb_dim)
         self.norm2 = LayerNorm(cfg.emb_dim)
@@ -152,11 +150,9 @@ class GPTModel(nn.Module):
     dicts hold only the real rows, so checkpoints are interchangeable between
     padded and unpadded models. With `tie_weights` the token embedding is the
     output head, so it is padded too; its pad rows are never looked up.
-
-    `fused_qkv`: see MultiHeadAttention; the result is the same either way.
     """
 
-    def __init__(self, cfg, pad_vocab_to_multiple_of=1, fused_qkv=True):
+    def __init__(self, cfg, pad_vocab_to_multiple_of=1):
         super().__init__()
         cfg = cfg if isinstance(cfg, ModelConfig) else ModelConfig.from_dict(cfg)
         if pad_vocab_to_multiple_of < 1:
@@ -167,7 +163,7 @@ class GPTModel(nn.Module):
         self.tok_emb = nn.Embedding(embedding_rows, cfg.emb_dim)
         self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
         self.drop_emb = nn.Dropout(cfg.drop_rate)
-        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg, fused_qkv) for _ in range(cfg.n_layers)])
+        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg.n_layers)])
         self.final_norm = LayerNorm(cfg.emb_dim)
         self.out_head = nn.Linear(cfg.emb_dim, self.padded_vocab_size, bias=False)
         if cfg.tie_weights:

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from config import ModelConfig
+from gpt import MultiHeadAttention
 
 
 class PlainLayerNorm(nn.Module):
@@ -100,3 +101,20 @@ class PlainGPT(nn.Module):
         positions = torch.arange(idx.shape[1], device=idx.device)
         x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(positions))
         return self.out_head(self.final_norm(self.trf_blocks(x)))
+
+
+class SeparateQKVAttention(MultiHeadAttention):
+    """GPTModel's attention with the query, key and value projections as three matmuls,
+    as the book computes them: what the fused matmul is measured and tested against."""
+
+    def _project_qkv(self, x):
+        return [projection(x) for projection in (self.W_query, self.W_key, self.W_value)]
+
+
+def separate_qkv(model):
+    """`model` (a GPTModel) with every attention layer computing three projection matmuls
+    instead of one; the parameters, their order and the state dict stay the same."""
+    for module in model.modules():
+        if type(module) is MultiHeadAttention:
+            module.__class__ = SeparateQKVAttention
+    return model

@@ -38,6 +38,7 @@ from config import load_json
 from errors import UserError, report_user_errors
 from eval_common import load_model, load_model_config, load_tokenizer, one_line, pick_device, tokenizer_options
 from gpt import generate
+from jsonfiles import strict_json
 
 BOOK_DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
                  "ch07/01_main-chapter-code/instruction-data.json")
@@ -598,7 +599,7 @@ def write_json_atomically(path, data):
     """Write via a temporary file and os.replace: a run killed at any moment leaves
     the previous file or the new one, never half of one."""
     partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(data, indent=2) + "\n")
+    partial.write_text(strict_json(data, indent=2) + "\n")
     os.replace(partial, path)
 
 
@@ -679,7 +680,7 @@ def generate_command(name, model_json, model_safetensors, data_source, cache_dir
     }
     path = Path(out_dir) / f"{name}{RESULTS_SUFFIX}"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + "\n")
+    path.write_text(strict_json(results, indent=2) + "\n")
     print(f"wrote {path}")
 
 

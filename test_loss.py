@@ -16,7 +16,6 @@ the weights are in a run's checkpoint directory
 """
 
 import datetime
-import json
 from pathlib import Path
 
 import click
@@ -24,10 +23,11 @@ import torch
 from tqdm import tqdm
 
 from batching import Microbatches
-from training import compute_loss
 from errors import UserError, report_user_errors
 from eval_common import load_model, pick_device
+from jsonfiles import strict_json
 from token_data import SPLITS, fetch_dataset, open_split, read_meta
+from training import compute_loss
 
 TEST_LOSS_JSON = "test_loss.json"
 
@@ -115,7 +115,7 @@ def main(datasets_dir, model_json, model_safetensors, dataset, split, start_toke
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
+        path.write_text(strict_json(result, indent=2) + "\n")
         print(f"wrote {path}")
 
 

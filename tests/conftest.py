@@ -1,14 +1,20 @@
 """Shared helpers: tiny byte-level datasets from a real text, run directories, and
 launching ddp_train.py for real (torchrun with gloo on CPU, or a plain process)."""
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import traceback
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
+from click.testing import CliRunner
 
 from token_data import ByteTokenizer, TokenFileWriter, write_meta
 
@@ -68,8 +74,13 @@ TRAINER_WITH_FAULTS = PROJECT_DIR / "tests" / "train_with_faults.py"
 
 
 def run_training(args, nproc=None, check=True, timeout=240, env=None, script=TRAINER):
-    """ddp_train.py (or `script`) under torchrun with `nproc` CPU processes, or as a plain
-    process when None."""
+    """ddp_train.py (or `script`) under torchrun with `nproc` CPU processes; without `nproc`
+    (a world of one) in this process unless `env` or `script` asks for a process of its own."""
+    if nproc is None and env is None and script == TRAINER:
+        result = train_in_process(args)
+        if check and result.returncode != 0:
+            raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        return result
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                 if nproc else [sys.executable])
     result = subprocess.run(launcher + [str(script), *map(str, args)],
@@ -78,6 +89,31 @@ def run_training(args, nproc=None, check=True, timeout=240, env=None, script=TRA
     if check and result.returncode != 0:
         raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def train_in_process(args):
+    """`python ddp_train.py ARGS` as a world of one, run through the same CLI in this
+    process: the same code path, without paying a new interpreter's torch start-up (about
+    10 s on this machine) for every run. One thread, as OMP_NUM_THREADS=1 gives the
+    subprocesses; the torch state a run changes is put back."""
+    import ddp_train
+
+    threads, precision, rng = torch.get_num_threads(), torch.get_float32_matmul_precision(), torch.get_rng_state()
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    torch.set_num_threads(1)
+    try:
+        with contextlib.chdir(PROJECT_DIR):
+            result = CliRunner().invoke(ddp_train.main, [str(a) for a in args])
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_float32_matmul_precision(precision)
+        torch.set_rng_state(rng)
+        for signum, handler in handlers.items():  # a run that failed leaves its stop handlers installed
+            signal.signal(signum, handler)
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(result.exception))  # as a crashed process would print it
+    return SimpleNamespace(returncode=result.exit_code, stdout=result.stdout, stderr=stderr)
 
 
 def read_rows(run_dir):

@@ -10,12 +10,15 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 import ddp_train
-from conftest import PROJECT_DIR, make_run, run_training, write_byte_dataset, SHARED_DATA
+from run_lock import LOCK_FILE
+from conftest import make_run, run_training, write_byte_dataset, SHARED_DATA
 
 
 def snapshot(directory):
+    """Every file's size and time; the run directory's lock file (run_lock.py) is left out:
+    taking the lock is not a change to the run."""
     return {p.relative_to(directory): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(directory.rglob("*"))}
+            for p in sorted(directory.rglob("*")) if p.name != LOCK_FILE}
 
 
 def invoke(args):
@@ -125,6 +128,7 @@ def test_checkpoint_errors(tmp_path, dataset):
     assert snapshot(run_dir) == before
 
 
+@pytest.mark.e2e
 def test_the_real_cli_prints_one_line_and_debug_shows_the_traceback(tmp_path, dataset):
     run_dir = make_run(tmp_path / "run", dataset, model={"emb_dim": 33})
     result = run_training([run_dir, "datasets"], check=False)

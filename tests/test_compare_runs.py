@@ -151,6 +151,7 @@ def test_markdown_is_printed_and_written(comparison):
     assert f"| {statistics.fmean(BASE_LOSSES[-FINAL_STEPS:]):.4f} |" in table_rows[1]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("problem", ["missing run directory", "no metrics.jsonl"])
 def test_bad_run_is_one_error_line(tmp_path, problem):
     if problem == "missing run directory":

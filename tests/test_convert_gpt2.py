@@ -187,6 +187,7 @@ def test_reference_harness_checkpoint_loads_and_converts(tmp_path):
     torch.testing.assert_close(hf_logits(hf), ours_logits(model), atol=1e-5, rtol=0)
 
 
+@pytest.mark.e2e
 def test_bad_input(tmp_path):
     (tmp_path / "empty").mkdir()
     assert_one_error_line(run_script("convert_gpt2.py", "from-hf", tmp_path / "empty", tmp_path / "out"),

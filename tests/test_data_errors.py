@@ -2,6 +2,7 @@
 one `error:` line naming the file, the key and what would be valid, exit status 2."""
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 import ddp_train
@@ -25,6 +26,7 @@ def assert_one_error_line(result, *fragments):
         assert fragment in lines[-1], lines[-1]
 
 
+@pytest.mark.e2e
 def test_a_token_id_beyond_the_models_vocabulary_is_one_error_line_not_a_crash(tmp_path):
     # Without the check this is a raw IndexError from the embedding on CPU (a device-side assert on a GPU).
     dataset_dir = tmp_path / "bytes"

@@ -27,6 +27,7 @@ def two_rank_run(tmp_path_factory, verdict_dataset):
     return run_dir, result
 
 
+@pytest.mark.e2e
 def test_two_ranks_train_and_log_every_step(two_rank_run):
     run_dir, result = two_rank_run
     rows = read_rows(run_dir)
@@ -44,6 +45,7 @@ def test_two_ranks_train_and_log_every_step(two_rank_run):
     assert "Training complete" in result.stdout and "final validation loss" in result.stdout
 
 
+@pytest.mark.e2e
 def test_throughput_and_mfu_per_step(two_rank_run):
     run_dir, _ = two_rank_run
     # Training FLOPs per token of the tiny model, by hand: 6 x matmul weights (2 layers x 12 x 32^2,
@@ -56,6 +58,7 @@ def test_throughput_and_mfu_per_step(two_rank_run):
     assert read_rows(run_dir)[-1]["eta_s"] == 0
 
 
+@pytest.mark.e2e
 def test_checkpoints_links_meta_and_charts(two_rank_run):
     run_dir, _ = two_rank_run
     checkpoints = run_dir / "checkpoints"
@@ -83,6 +86,7 @@ def test_checkpoints_links_meta_and_charts(two_rank_run):
         assert f'src="{chart}"' in (run_dir / "charts.html").read_text()
 
 
+@pytest.mark.e2e
 def test_two_ranks_equal_one_process_with_accumulation_two(tmp_path, verdict_dataset):
     """Same tokens per optimizer step, so the same losses step by step."""
     common = dict(min_train_tokens=tokens_for(STEPS, 2), checkpoint_interval=100, clipping_max_norm=0.8)
@@ -97,6 +101,7 @@ def test_two_ranks_equal_one_process_with_accumulation_two(tmp_path, verdict_dat
     assert read_rows(accumulate)[-1]["tokens"] == read_rows(ranks)[-1]["tokens"]
 
 
+@pytest.mark.e2e
 def test_resume_from_latest_continues_bit_for_bit_with_dropout_and_schedule(tmp_path, verdict_dataset):
     """A 12-step run, and the same run stopped after step 5 and resumed from `latest`:
     identical losses for steps 6-11 and identical final weights."""
@@ -127,6 +132,7 @@ def test_resume_from_latest_continues_bit_for_bit_with_dropout_and_schedule(tmp_
     assert all(torch.equal(final_full[k], final_resumed[k]) for k in final_full)
 
 
+@pytest.mark.e2e
 def test_resume_with_another_split_of_the_same_global_batch(tmp_path, verdict_dataset):
     """2 ranks x accumulation 1, resumed as 1 process x accumulation 2: allowed, said, and the
     losses continue as the 2-rank run's would (same tokens per step). Another global batch is refused."""
@@ -148,6 +154,7 @@ def test_resume_with_another_split_of_the_same_global_batch(tmp_path, verdict_da
     assert refused.returncode == 2 and "global batch of 8 sequences" in refused.stderr
 
 
+@pytest.mark.e2e
 def test_resume_after_switching_autocast_between_bf16_and_fp16(tmp_path, verdict_dataset):
     """A bf16 run saves an empty GradScaler state (the scaler is off); resumed in fp16 the
     scaler starts fresh, and back in bf16 the fp16 scaler state is not needed."""
@@ -187,6 +194,7 @@ def test_every_rank_draws_its_own_dropout_masks_fresh_or_resumed():
         assert torch.equal(torch.rand(4), expected)
 
 
+@pytest.mark.e2e
 def test_resumes_a_reference_harness_checkpoint(tmp_path, verdict_dataset):
     """A checkpoint as the reference harness writes it: legacy mask buffers in
     model.safetensors, optimizer.pt, scaler.pt, and a meta.json without our extra keys."""

@@ -8,17 +8,19 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import gpt
-from plain_gpt import PlainGPT
+from plain_gpt import PlainGPT, separate_qkv
 from checkpointing import load_model_weights
 from gpt import GPTModel
 
 CFG = dict(vocab_size=61, context_length=16, emb_dim=24, n_heads=3, n_layers=2, drop_rate=0.0)
 
 
-def random_model(cfg, seed=0, **options):
+def random_model(cfg, seed=0, fused_qkv=True, **options):
     """Every parameter random (biases and LayerNorms too), so a misplaced row shows."""
     torch.manual_seed(seed)
     model = GPTModel(cfg, **options).eval()
+    if not fused_qkv:
+        separate_qkv(model)
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.normal_(0.0, 0.3)
@@ -40,7 +42,7 @@ def shapes(state_dict):
 def test_fused_and_separate_qkv_give_the_book_logits_from_one_checkpoint(qkv_bias):
     cfg = {**CFG, "qkv_bias": qkv_bias}
     fused = random_model(cfg, fused_qkv=True)
-    separate = GPTModel(cfg, fused_qkv=False).eval()
+    separate = separate_qkv(GPTModel(cfg)).eval()
     separate.load_state_dict(fused.state_dict())  # strict: the same keys and shapes
     plain = PlainGPT(fused.cfg).eval()
     plain.load_state_dict(separate.state_dict())
@@ -50,7 +52,7 @@ def test_fused_and_separate_qkv_give_the_book_logits_from_one_checkpoint(qkv_bia
     torch.testing.assert_close(separate(idx), expected, rtol=1e-5, atol=1e-5)
     assert shapes(fused.state_dict()) == shapes(separate.state_dict())
     # ...and back the other way.
-    fused_again = GPTModel(cfg, fused_qkv=True).eval()
+    fused_again = GPTModel(cfg).eval()
     fused_again.load_state_dict(separate.state_dict())
     torch.testing.assert_close(fused_again(idx), fused(idx), rtol=0, atol=0)
 
@@ -61,7 +63,7 @@ def test_fused_qkv_gives_the_same_gradients_and_keeps_the_parameter_list():
     reference harness's."""
     cfg = {**CFG, "qkv_bias": True}
     fused = random_model(cfg, fused_qkv=True).train()
-    separate = GPTModel(cfg, fused_qkv=False).train()
+    separate = separate_qkv(GPTModel(cfg)).train()
     separate.load_state_dict(fused.state_dict())
     assert ([(n, p.shape) for n, p in fused.named_parameters()]
             == [(n, p.shape) for n, p in separate.named_parameters()])

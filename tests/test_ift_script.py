@@ -281,6 +281,7 @@ def test_generate_downloads_data_once_trains_fixed_epochs_and_writes_results(tmp
     assert all(isinstance(i["model_response"], str) for i in results["items"])
 
 
+@pytest.mark.e2e
 def test_bad_instruction_data_is_one_error_line(tmp_path):
     bad = tmp_path / "data.json"
     bad.write_text(json.dumps([{"instruction": "Say hi.", "output": 3}]))
@@ -370,6 +371,7 @@ def test_judge_refuses_mismatched_files_and_http_errors(tmp_path, instruction_da
     assert result.exit_code == 2 and "answered HTTP 401" in result.stderr and len(server.requests) == 1
 
 
+@pytest.mark.e2e
 def test_malformed_results_file_is_one_error_line(tmp_path):
     broken = tmp_path / "broken.json"
     broken.write_text('{"items": [')
@@ -503,6 +505,7 @@ def test_an_item_failing_every_retry_is_recorded_and_a_rerun_judges_only_it(tmp_
         assert done["judge"]["failures"] == []
 
 
+@pytest.mark.e2e
 def test_a_killed_run_keeps_its_judgements_and_a_rerun_judges_only_the_rest(tmp_path, instruction_data):
     items = instruction_data[:4]
     alpha = results_file(tmp_path / "alpha-ift-test-results.json", items, "alpha")

@@ -6,6 +6,7 @@ import re
 import shutil
 
 import numpy as np
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -105,6 +106,7 @@ def test_hub_dataset_is_downloaded_into_datasets_dir(tmp_path, monkeypatch):
     assert printed_loss(result.stdout) == round(plain_test_loss(model, tokens, 0, 2, 3), 6)
 
 
+@pytest.mark.e2e
 def test_too_short_dataset_is_one_error_line(tmp_path):
     dataset_dir = write_dataset(tmp_path / "data", np.zeros(100, dtype=np.uint16))
     model_json, weights, _ = write_model(tmp_path / "model", CFG)

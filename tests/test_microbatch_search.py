@@ -41,6 +41,7 @@ def test_suggested_split_is_the_fewest_accumulation_steps_that_reach_the_target(
     assert (accumulation, microbatch) == brute_force
 
 
+@pytest.mark.e2e
 def test_two_ranks_agree_on_the_smaller_limit_and_write_train_json(tmp_path, verdict_dataset):
     run_dir = make_run(tmp_path / "run", verdict_dataset, microbatch_size=2, checkpoint_interval=7)
     env = {**train_env(), "FAULT_MAX_MICROBATCH": "0:11,1:6"}
@@ -53,6 +54,7 @@ def test_two_ranks_agree_on_the_smaller_limit_and_write_train_json(tmp_path, ver
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").exists()
 
 
+@pytest.mark.e2e
 def test_refused_on_cpu(tmp_path, verdict_dataset):
     run_dir = make_run(tmp_path / "run", verdict_dataset)
     result = run_training([run_dir, "datasets", "-f"], check=False)

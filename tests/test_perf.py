@@ -114,6 +114,7 @@ def run_bench(*args):
     return result.stdout.splitlines()
 
 
+@pytest.mark.e2e
 def test_bench_prints_a_row_per_model_and_microbatch_and_the_ratio(tmp_path):
     (tmp_path / "model.json").write_text(json.dumps({**TINY, "drop_rate": 0.1}))
     lines = run_bench(tmp_path, "--microbatch", "1,2", "--steps", "2", "--warmup", "1", "--compare",
@@ -130,6 +131,7 @@ def test_bench_prints_a_row_per_model_and_microbatch_and_the_ratio(tmp_path):
     assert [(row[3], row[-1][-1]) for row in ratios] == [("1:", "x"), ("2:", "x")]
 
 
+@pytest.mark.e2e
 def test_bench_reports_mfu_given_a_peak(tmp_path):
     (tmp_path / "model.json").write_text(json.dumps(TINY))
     lines = run_bench(tmp_path / "model.json", "--microbatch", "1", "--steps", "2", "--warmup", "0",

@@ -210,6 +210,7 @@ def test_a_validation_split_that_is_empty_or_tiny_is_a_warning_with_the_numbers(
 
 # ---------------------------------------------------------------- atomic output
 
+@pytest.mark.e2e
 def test_killed_run_leaves_nothing_that_looks_finished(tmp_path, paragraphs):
     # The second source is a FIFO that the test holds open without writing to it: once
     # the run has tokenized the first source it waits there, certainly mid-run with
@@ -345,6 +346,7 @@ def write_parquet_with_column(path, column):
     return path
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("make_args, message", [
     (lambda tmp: [tmp / "no-such-file.jsonl"], "no-such-file.jsonl: no such file or directory"),
     (lambda tmp: [write_parquet_with_column(tmp / "p.parquet", "body")], "no column 'text' (columns: body)"),

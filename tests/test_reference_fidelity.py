@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file, save_model
 
+from checkpointing import TIED_KEYS, load_model_weights
 from conftest import TINY_MODEL, make_run, read_rows, run_training, tokens_for
 from config import TrainConfig
 from evalkit import run_script
@@ -124,11 +125,13 @@ def scheduled_run(tmp_path_factory, verdict_dataset):
     return run_dir
 
 
+@pytest.mark.e2e
 def test_checkpoints_at_the_reference_steps(scheduled_run):
     """After step 0, every checkpoint_interval steps, and after the last step."""
     assert checkpoint_steps(scheduled_run) == [0, 4, 8, 11]
 
 
+@pytest.mark.e2e
 def test_logged_learning_rates_are_the_references(scheduled_run):
     logged = [row["lr"] for row in read_rows(scheduled_run)]
     assert logged == pytest.approx(reference_learning_rates(STEPS, 25, 0.003, 0.0003), rel=1e-12)
@@ -169,6 +172,7 @@ def sequential_lr_state_after(steps):
     return scheduler.state_dict()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("scheduler_state", ["sequential_lr", None], ids=["SequentialLR state", "no scheduler.pt"])
 def test_reference_checkpoint_of_a_scheduled_run_resumes_on_its_schedule(scheduled_run, tmp_path, scheduler_state):
     state = sequential_lr_state_after(5) if scheduler_state == "sequential_lr" else None
@@ -181,6 +185,7 @@ def test_reference_checkpoint_of_a_scheduled_run_resumes_on_its_schedule(schedul
     assert [r["loss"] for r in resumed_rows] == pytest.approx([r["loss"] for r in full_rows[5:]], rel=1e-6)
 
 
+@pytest.mark.e2e
 def test_unreadable_scheduler_state_is_one_error_line(scheduled_run, tmp_path):
     resumed = reference_style_copy(scheduled_run, tmp_path / "resumed", 4, ["not", "a", "scheduler"])
     result = run_training([resumed, "datasets", "latest"], check=False)
@@ -191,25 +196,33 @@ def test_unreadable_scheduler_state_is_one_error_line(scheduled_run, tmp_path):
 
 # ---------------------------------------------------------------- tied weights
 
-@pytest.mark.parametrize("dropped_key", ["tok_emb.weight", "out_head.weight"])
-def test_tied_checkpoint_with_one_of_the_two_keys_loads_everywhere(tmp_path, verdict_dataset, dropped_key):
-    """safetensors' save_model, which the reference uses, keeps one of two tied tensors."""
+@pytest.mark.parametrize("kept_key", ["tok_emb.weight", "out_head.weight"])
+def test_either_tied_key_alone_loads_into_both(tmp_path, kept_key):
+    torch.manual_seed(0)
+    source = GPTModel({**TINY_MODEL, "tie_weights": True})
+    save_file({key: value.clone() for key, value in source.state_dict().items()
+               if key not in TIED_KEYS or key == kept_key}, tmp_path / "model.safetensors")
+    torch.manual_seed(1)
+    loaded = load_model_weights(GPTModel({**TINY_MODEL, "tie_weights": True}), tmp_path / "model.safetensors")
+    for key, value in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value)
+    assert loaded.out_head.weight is loaded.tok_emb.weight
+
+
+@pytest.mark.e2e
+def test_a_tied_checkpoint_saved_as_the_reference_saves_it_works_everywhere(tmp_path, verdict_dataset):
+    """safetensors' save_model, which the reference uses, keeps one of the two tied tensors.
+    The checkpoint resumes, and test_smoke.py, test_loss.py and convert_gpt2.py read it."""
     run_dir = make_run(tmp_path / "tied", verdict_dataset, model={"tie_weights": True},
                        min_train_tokens=tokens_for(6, 1), checkpoint_interval=3)
     run_training([run_dir, "datasets"])
     checkpoint = (run_dir / "checkpoints" / "latest").resolve()
     weights = checkpoint / "model.safetensors"
     full = load_file(weights)
-    torch.manual_seed(0)
     model = GPTModel({**TINY_MODEL, "tie_weights": True})
     model.load_state_dict(full)
     save_model(model, weights)  # as the reference harness saves it
-    stored = load_file(weights)
-    if dropped_key in stored:  # make the variant under test: only the other key stored
-        other = [k for k in ("tok_emb.weight", "out_head.weight") if k != dropped_key][0]
-        stored[other] = stored.pop(dropped_key)
-        save_file(stored, weights)
-    assert dropped_key not in load_file(weights)
+    assert len([key for key in TIED_KEYS if key in load_file(weights)]) == 1
     meta = json.loads((checkpoint / "meta.json").read_text())
     del meta["files"]  # the reference writes no manifest
     (checkpoint / "meta.json").write_text(json.dumps(meta))

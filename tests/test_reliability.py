@@ -60,6 +60,7 @@ def wait_for(condition, job, timeout=120):
 
 # ---------------------------------------------------------------- restart policies
 
+@pytest.mark.e2e
 def test_fresh_start_over_existing_checkpoints_is_refused_and_auto_resumes(tmp_path, verdict_dataset):
     run_dir = make_run(tmp_path / "run", verdict_dataset, min_train_tokens=tokens_for(4, 1), checkpoint_interval=2)
     run_training([run_dir, "datasets"])
@@ -75,9 +76,10 @@ def test_fresh_start_over_existing_checkpoints_is_refused_and_auto_resumes(tmp_p
 
     fresh = make_run(tmp_path / "fresh", verdict_dataset, min_train_tokens=tokens_for(2, 1))
     assert "Resuming" not in run_training([fresh, "datasets", "auto"]).stdout
-    assert checkpoint_steps(fresh) == [1]
+    assert checkpoint_steps(fresh) == [0, 1]
 
 
+@pytest.mark.e2e
 def test_keep_last_checkpoints_never_prunes_best_or_latest(tmp_path, verdict_dataset):
     # A learning rate this high makes the loss rise after the first steps, so `best` stays early.
     run_dir = make_run(tmp_path / "run", verdict_dataset, min_train_tokens=tokens_for(STEPS, 1),
@@ -89,6 +91,7 @@ def test_keep_last_checkpoints_never_prunes_best_or_latest(tmp_path, verdict_dat
 
 # ---------------------------------------------------------------- preemption
 
+@pytest.mark.e2e
 def test_sigterm_to_torchrun_checkpoints_and_exits_then_resume_finishes(tmp_path):
     steps = 400  # far more than will run before the signal
     dataset = write_byte_dataset(tmp_path / "dataset", (SHARED_DATA / "the-verdict.txt").read_text() * 12)
@@ -114,6 +117,7 @@ def test_sigterm_to_torchrun_checkpoints_and_exits_then_resume_finishes(tmp_path
     assert [r["step"] for r in read_rows(run_dir)] == list(range(latest_step(run_dir) + 1))
 
 
+@pytest.mark.e2e
 def test_sigkill_during_a_save_leaves_latest_on_a_complete_checkpoint(tmp_path, verdict_dataset):
     run_dir = make_run(tmp_path / "run", verdict_dataset, min_train_tokens=tokens_for(STEPS, 1),
                        checkpoint_interval=2)
@@ -135,6 +139,7 @@ def test_sigkill_during_a_save_leaves_latest_on_a_complete_checkpoint(tmp_path, 
     assert not list(checkpoints.glob(".partial-*"))
 
 
+@pytest.mark.e2e
 def test_a_damaged_checkpoint_is_named_on_load(tmp_path, verdict_dataset):
     run_dir = make_run(tmp_path / "run", verdict_dataset, min_train_tokens=tokens_for(2, 1))
     run_training([run_dir, "datasets"])
@@ -150,6 +155,7 @@ def reject_constant(name):
     raise ValueError(f"not strict JSON: {name}")
 
 
+@pytest.mark.e2e
 def test_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path, verdict_dataset):
     run_dir = make_run(tmp_path / "run", verdict_dataset, min_train_tokens=tokens_for(6, 2), checkpoint_interval=1)
     run_training([run_dir, "datasets"], nproc=2, env={**train_env(), "FAULT_NAN_LOSS": "1:3"},
@@ -166,6 +172,7 @@ def test_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path, verdict_dataset)
     assert unchanged == [False, False, True, False, False]  # only the poisoned step 3 left the weights alone
 
 
+@pytest.mark.e2e
 def test_too_many_non_finite_steps_in_a_row_stop_the_run(tmp_path, verdict_dataset):
     run_dir = make_run(tmp_path / "run", verdict_dataset, min_train_tokens=tokens_for(STEPS, 2),
                        checkpoint_interval=2, max_skipped_steps=3)
@@ -184,6 +191,7 @@ def test_too_many_non_finite_steps_in_a_row_stop_the_run(tmp_path, verdict_datas
 
 # ---------------------------------------------------------------- no hangs
 
+@pytest.mark.e2e
 def test_a_failed_download_on_rank_0_ends_every_rank(tmp_path):
     """No hub is reachable from here: the real snapshot_download fails on the local ranks 0,
     and every rank must exit with that error instead of waiting."""
@@ -201,6 +209,7 @@ def test_a_failed_download_on_rank_0_ends_every_rank(tmp_path):
     assert not (run_dir / "checkpoints").exists()
 
 
+@pytest.mark.e2e
 def test_a_failed_checkpoint_save_on_rank_0_ends_every_rank(tmp_path, verdict_dataset):
     """Rank 0 cannot write its checkpoint (a file sits where the checkpoints directory
     should be); rank 1, waiting for it, must exit too instead of hanging."""
@@ -226,6 +235,7 @@ def test_connectivity_failure_suggests_the_nccl_settings(monkeypatch):
         distributed.check_connectivity(ctx)
 
 
+@pytest.mark.e2e
 def test_connectivity_check_times_out_instead_of_hanging(tmp_path):
     """Rank 1 never joins the first all-reduce (it sleeps instead): rank 0's check gives up
     after its timeout with the NCCL advice, long before the process-group timeout."""

@@ -20,11 +20,12 @@ import checkpointing
 import ddp_train
 from conftest import (PROJECT_DIR, SHARED_DATA, TINY_MODEL, make_run, read_rows, run_training, tokens_for, train_env,
                       write_byte_dataset)
-from config import load_run
+from config import ModelConfig, load_run
 from distributed import init_distributed
 from errors import UserError
 from gpt import GPTModel
 from run_lock import lock_run_dir
+from training import check_model_fits
 from test_reliability import worker_pid
 
 
@@ -44,6 +45,7 @@ def one_error_line(result):
 
 # ---------------------------------------------------------------- `auto`
 
+@pytest.mark.e2e
 def test_auto_with_a_dangling_latest_resumes_from_the_newest_complete_checkpoint(tmp_path, verdict_dataset):
     run_dir = make_run(tmp_path / "run", verdict_dataset, min_train_tokens=tokens_for(6, 1), checkpoint_interval=2)
     run_training([run_dir, "datasets"])
@@ -82,6 +84,7 @@ def test_a_checkpoint_without_meta_json_is_named_as_such(tmp_path):
 
 # ---------------------------------------------------------------- one writer per run directory
 
+@pytest.mark.e2e
 def test_a_second_launch_on_a_run_directory_is_refused_naming_the_holder(tmp_path, verdict_dataset):
     run_dir = make_run(tmp_path / "run", verdict_dataset, min_train_tokens=tokens_for(2, 1))
     held = lock_run_dir(run_dir)
@@ -93,6 +96,7 @@ def test_a_second_launch_on_a_run_directory_is_refused_naming_the_holder(tmp_pat
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").exists()
 
 
+@pytest.mark.e2e
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", f"""
 import sys, time
@@ -139,9 +143,16 @@ def test_numbers_that_overflow_what_they_feed_are_refused(tmp_path, change, mess
         load_run(run_dir)
 
 
-@pytest.mark.parametrize("change", [{"n_layers": 10_000_000}, {"vocab_size": 10**15}])
-def test_a_model_too_big_for_memory_is_refused_before_allocating(tmp_path, verdict_dataset, change):
-    run_dir = make_run(tmp_path / "run", verdict_dataset, model=change)
+@pytest.mark.parametrize("change", [{"n_layers": 10_000_000}, {"vocab_size": 10**15}, {"emb_dim": 2**20}])
+def test_a_model_too_big_for_memory_is_refused_before_allocating(change):
+    cfg = ModelConfig.from_dict({**TINY_MODEL, **change})
+    with pytest.raises(UserError, match=r"runs/x/model.json: this model has [\d,]+ parameters, .* GiB"):
+        check_model_fits(cfg, torch.device("cpu"), "runs/x/model.json")
+
+
+@pytest.mark.e2e
+def test_the_trainer_refuses_a_model_too_big_for_memory_at_once(tmp_path, verdict_dataset):
+    run_dir = make_run(tmp_path / "run", verdict_dataset, model={"n_layers": 10_000_000})
     started = time.time()
     line = one_error_line(run_training([run_dir, "datasets"], check=False))
     assert "model.json: this model has" in line and "parameters" in line and "GiB" in line
@@ -192,7 +203,7 @@ def diverge_weights_at(monkeypatch, step):
         statistics = real_train_step(trainer, *args)
         if next(steps) == step:
             with torch.no_grad():
-                trainer.model.tok_emb.weight[0, 0] = float("nan")
+                trainer.state.model.tok_emb.weight[0, 0] = float("nan")
         return statistics
 
     monkeypatch.setattr(ddp_train, "train_step", train_step)
@@ -227,6 +238,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(mount_point)], check=True)
 
 
+@pytest.mark.e2e
 def test_a_full_disk_stops_the_run_cleanly_keeping_its_checkpoints(small_disk, verdict_dataset):
     run_dir = make_run(small_disk / "run", verdict_dataset, min_train_tokens=tokens_for(6, 1), checkpoint_interval=1)
     line = one_error_line(run_training([run_dir, "datasets"], check=False))
@@ -259,6 +271,7 @@ def test_a_write_that_fails_mid_checkpoint_removes_the_partial_directory(tmp_pat
     assert (tmp_path / "latest").resolve() == (tmp_path / "best").resolve() == first
 
 
+@pytest.mark.e2e
 def test_a_read_only_run_directory_is_one_error_line(tmp_path, verdict_dataset):
     """An immutable directory (chattr +i): not even root can create files in it."""
     run_dir = make_run(tmp_path / "run", verdict_dataset, min_train_tokens=tokens_for(2, 1))
@@ -285,6 +298,7 @@ def test_checkpoint_files_get_the_usual_file_mode(tmp_path):
 
 # ---------------------------------------------------------------- torchrun
 
+@pytest.mark.e2e
 def test_torchruns_failure_summary_carries_the_error_line(tmp_path, verdict_dataset):
     run_dir = make_run(tmp_path / "run", verdict_dataset, min_train_tokens=10**9)
     result = run_training([run_dir, "datasets"], nproc=2, check=False)
@@ -293,6 +307,7 @@ def test_torchruns_failure_summary_carries_the_error_line(tmp_path, verdict_data
     assert "error: " in root_cause and "too short" in root_cause
 
 
+@pytest.mark.e2e
 def test_survivors_of_a_lost_rank_say_so_and_name_the_checkpoint_a_restart_uses(tmp_path):
     dataset = write_byte_dataset(tmp_path / "dataset", (SHARED_DATA / "the-verdict.txt").read_text() * 12)
     run_dir = make_run(tmp_path / "run", dataset, min_train_tokens=tokens_for(400, 2), checkpoint_interval=1000)

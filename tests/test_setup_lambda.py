@@ -111,6 +111,7 @@ def sandbox(tmp_path):
     return Sandbox(tmp_path)
 
 
+@pytest.mark.e2e
 def test_first_run_installs_uv_and_font_and_syncs(sandbox):
     stale_font_list = sandbox.home / ".cache/matplotlib/fontlist-v390.json"
     stale_font_list.parent.mkdir(parents=True)
@@ -130,6 +131,7 @@ def test_first_run_installs_uv_and_font_and_syncs(sandbox):
     assert "uv sync" in sandbox.calls()
 
 
+@pytest.mark.e2e
 def test_prints_the_gpus_and_the_torchrun_command_for_them(sandbox):
     result = sandbox.run()
 
@@ -138,6 +140,7 @@ def test_prints_the_gpus_and_the_torchrun_command_for_them(sandbox):
     assert "uv run torchrun --nproc_per_node=2 ddp_train.py <run> datasets" in result.stdout
 
 
+@pytest.mark.e2e
 def test_second_run_skips_what_is_installed(sandbox):
     assert sandbox.run().returncode == 0
 
@@ -150,6 +153,7 @@ def test_second_run_skips_what_is_installed(sandbox):
     assert "source ~/.local/bin/env" not in result.stdout
 
 
+@pytest.mark.e2e
 def test_with_datasets_downloads_each_dataset(sandbox):
     result = sandbox.run("--with-datasets", "gpjt/fineweb-gpt2-tokens", "--with-datasets", "someone/other")
 
@@ -164,6 +168,7 @@ def test_with_datasets_downloads_each_dataset(sandbox):
     ]
 
 
+@pytest.mark.e2e
 def test_help_does_nothing_else(sandbox):
     result = sandbox.run("--help")
 
@@ -172,6 +177,7 @@ def test_help_does_nothing_else(sandbox):
     assert sandbox.calls() == []
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("args", [["--bogus"], ["--with-datasets"]])
 def test_bad_arguments_are_one_error_line(sandbox, args):
     result = sandbox.run(*args)
@@ -188,6 +194,7 @@ def find_shellcheck():
     return str(found)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("script", SHELL_SCRIPTS)
 def test_shellcheck_is_clean(script):
     result = subprocess.run([find_shellcheck(), script], cwd=PROJECT_DIR, capture_output=True,

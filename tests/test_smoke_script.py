@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import tiktoken
 import torch
 from click.testing import CliRunner
@@ -77,6 +78,7 @@ def test_tokenizer_comes_from_the_run_dataset(tmp_path):
     assert "tokenizer 'gpt2' has 50257 tokens but the model's vocab_size is 257" in result.stderr
 
 
+@pytest.mark.e2e
 def test_bad_input_is_one_error_line(tmp_path):
     _, weights, _ = write_model(tmp_path / "model", tiny_config())
     assert_one_error_line(run_script("test_smoke.py", tmp_path / "missing.json", weights),

@@ -181,6 +181,7 @@ def test_demo_dataset_is_byte_tokens_of_the_stdlib(tmp_path):
 
 # ---------------------------------------------------------------- the command line
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("write_train, message", [
     (lambda p: p.write_bytes(p.read_bytes()[:-10]), "truncated or corrupt"),
     (lambda p: save_file({"tokens": np.arange(8, dtype=np.int32)}, str(p)), "dtype I32, expected U16"),
@@ -199,6 +200,7 @@ def test_cli_reports_a_bad_token_file_in_one_line(tmp_path, write_train, message
     assert message.split("'")[0] in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.e2e
 def test_cli_describes_a_good_dataset(tmp_path):
     for split, count in (("train", 100), ("validation", 10)):
         with TokenFileWriter(tmp_path / f"{split}.safetensors") as writer:

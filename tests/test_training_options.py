@@ -14,6 +14,7 @@ from conftest import make_run, read_rows, run_training, tokens_for
 from training import amp_dtype_for
 
 
+@pytest.mark.e2e
 def test_compiled_and_eager_losses_agree(tmp_path, verdict_dataset):
     common = dict(min_train_tokens=tokens_for(4, 1), checkpoint_interval=100, gradient_accumulation_steps=2)
     eager = make_run(tmp_path / "eager", verdict_dataset, **common)
@@ -29,6 +30,7 @@ def test_compiled_and_eager_losses_agree(tmp_path, verdict_dataset):
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in keys)
 
 
+@pytest.mark.e2e
 def test_padded_vocabulary_trains_the_same_and_saves_unpadded_checkpoints(tmp_path, verdict_dataset):
     common = dict(min_train_tokens=tokens_for(3, 1), checkpoint_interval=100)
     plain = make_run(tmp_path / "plain", verdict_dataset, **common)
