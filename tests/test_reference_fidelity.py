@@ -242,3 +242,6 @@ def test_a_tied_checkpoint_saved_as_the_reference_saves_it_works_everywhere(tmp_
     assert to_hf.returncode == 0, to_hf.stderr
     hf = load_file(tmp_path / "hf" / "model.safetensors")
     assert torch.equal(hf["transformer.wte.weight"], full["tok_emb.weight"])
+    # Written with the mode every other file gets (safetensors alone writes 0600).
+    modes = {(tmp_path / "hf" / name).stat().st_mode & 0o777 for name in ("model.safetensors", "config.json")}
+    assert len(modes) == 1
