@@ -131,10 +131,10 @@ def test_checkpoint_errors(tmp_path, dataset):
 @pytest.mark.e2e
 def test_the_real_cli_prints_one_line_and_debug_shows_the_traceback(tmp_path, dataset):
     run_dir = make_run(tmp_path / "run", dataset, model={"emb_dim": 33})
-    result = run_training([run_dir, "datasets"], check=False)
+    from conftest import train_env
+    result = run_training([run_dir, "datasets"], check=False, env=train_env())  # a process of its own
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
         f"error: {run_dir / 'model.json'}: key 'emb_dim' (33) must be divisible by n_heads (2)"]
-    from conftest import train_env
     debug = run_training([run_dir, "datasets"], check=False, env={**train_env(), "DEBUG": "1"})
     assert debug.returncode == 2 and "Traceback" in debug.stderr
