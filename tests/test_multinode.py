@@ -2,6 +2,7 @@
 one process each, must train exactly like one node with two processes."""
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -68,7 +69,8 @@ def test_nodes_resolving_latest_to_different_checkpoints_stop_instead_of_hanging
     outputs = [node.communicate(timeout=120)[0] for node in nodes]
     assert all(node.returncode != 0 for node in nodes), "\n".join(outputs)
     # Once from the worker, and once in torchrun's failure summary (the worker's error file).
-    assert outputs[0].count("\nerror: the ranks resolved the checkpoint to resume differently (rank 0: ") == 1
+    assert len(re.findall(r"^error: the ranks resolved the checkpoint to resume differently \(rank 0: ",
+                          outputs[0], flags=re.MULTILINE)) == 1
     assert "traceback : error: the ranks resolved the checkpoint to resume differently" in outputs[0]
     assert "iteration-5" in outputs[0] and step_4 in outputs[0]
     assert 'ddp_train.py", line' not in "".join(outputs)  # no traceback from the workers (torchrun prints its own)
