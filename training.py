@@ -8,6 +8,7 @@ exactly what training runs.
 
 import math
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -82,7 +83,10 @@ def make_lr_scheduler(optimizer, train_cfg, total_steps):
 def move_lr_scheduler_to(scheduler, step):
     """Put the schedule where it is after `step` optimizer steps (on resume)."""
     scheduler.last_epoch = step - 1
-    scheduler.step()
+    with warnings.catch_warnings():
+        # torch's warning that the optimizer has not stepped yet: true, and meant here.
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+        scheduler.step()
 
 
 # ---------------------------------------------------------------- memory

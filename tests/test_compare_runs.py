@@ -4,7 +4,6 @@ import csv
 import json
 import statistics
 import struct
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from matplotlib import font_manager
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_DIR))
 import chart_style  # noqa: E402
+from evalkit import run_cli  # noqa: E402
 
 SCRIPT = PROJECT_DIR / "compare_runs.py"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -78,8 +78,7 @@ def best_smoothed(losses, weight):
 
 
 def run_script(args, cwd):
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=60)
+    return run_cli(SCRIPT, args, cwd)
 
 
 @pytest.fixture(scope="module")
