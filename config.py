@@ -101,6 +101,17 @@ class ModelConfig:
     drop_rate: float = 0.1
     qkv_bias: bool = False
     tie_weights: bool = False
+    # Added here: architecture options beyond GPT-2 (Llama-style models). Their
+    # defaults are the GPT-2 model, and to_dict() leaves them out at those defaults.
+    pos_emb: str = "learned"  # "learned" (a position embedding table) or "rope"
+    rope_theta: float = 10000.0
+    norm: str = "layernorm"  # or "rmsnorm"
+    norm_eps: float = 1e-5
+    mlp: str = "gelu"  # or "swiglu"
+    mlp_hidden_dim: int | None = None  # default 4 x emb_dim
+    n_kv_heads: int | None = None  # grouped-query attention; default n_heads
+    bias: bool = True  # biases of the output projection and feed-forward, and LayerNorm's shift
+    init_std: float | None = None  # weights ~ N(0, init_std), biases 0 (GPT-2, Llama: 0.02); default PyTorch's
 
     @classmethod
     def from_dict(cls, raw, source="model.json"):
@@ -113,9 +124,40 @@ class ModelConfig:
                  f"({self.emb_dim}) must be divisible by n_heads ({self.n_heads})")
         _require(0.0 <= self.drop_rate < 1.0, source, "drop_rate",
                  f"must be in [0, 1), got {self.drop_rate}")
+        for key, choices in ARCHITECTURE_CHOICES.items():
+            _require(getattr(self, key) in choices, source, key,
+                     f"must be one of {', '.join(json.dumps(c) for c in choices)}, got {json.dumps(getattr(self, key))}")
+        for key in ("rope_theta", "norm_eps", "mlp_hidden_dim", "n_kv_heads", "init_std"):
+            value = getattr(self, key)
+            _require(value is None or value > 0, source, key, f"must be positive, got {value}")
+        _require(self.n_heads % self.kv_heads == 0, source, "n_kv_heads",
+                 f"({self.kv_heads}) must divide n_heads ({self.n_heads})")
+        _require(self.pos_emb != "rope" or self.head_dim % 2 == 0, source, "pos_emb",
+                 f"\"rope\" rotates pairs of dimensions: emb_dim / n_heads ({self.head_dim}) must be even")
+
+    @property
+    def head_dim(self):
+        return self.emb_dim // self.n_heads
+
+    @property
+    def kv_heads(self):
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def ff_hidden_dim(self):
+        return 4 * self.emb_dim if self.mlp_hidden_dim is None else self.mlp_hidden_dim
 
     def to_dict(self):
-        return dataclasses.asdict(self)
+        """model.json's keys: the reference harness's always, ours where they differ from
+        their defaults, so a GPT-2 model's config reads exactly as the reference's."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in ARCHITECTURE_KEYS}
+        return {key: value for key, value in dataclasses.asdict(self).items()
+                if key not in defaults or value != defaults[key]}
+
+
+ARCHITECTURE_CHOICES = {"pos_emb": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu")}
+ARCHITECTURE_KEYS = ("pos_emb", "rope_theta", "norm", "norm_eps", "mlp", "mlp_hidden_dim", "n_kv_heads", "bias",
+                     "init_std")
 
 
 @dataclass(frozen=True)
@@ -150,6 +192,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (off until proven on your GPU)
     peak_tflops: float | None = None  # the device's peak for MFU, when it is not in perf.py's table
     pad_vocab_to_multiple_of: int = 1  # pad the output layer's vocabulary (64 suits GPUs); checkpoints unpadded
+    activation_checkpointing: bool = False  # recompute each block in the backward pass: less memory, ~1/3 more compute
+    loss_chunk_tokens: int | None = None  # compute the loss over this many tokens' logits at a time
 
     @classmethod
     def from_dict(cls, raw, source="train.json"):
@@ -182,7 +226,7 @@ class TrainConfig:
         _require(self.amp_dtype in (None, "bfloat16", "float16"), source, "amp_dtype",
                  f"must be \"bfloat16\" or \"float16\", got {json.dumps(self.amp_dtype)}")
         for key in ("keep_last_checkpoints", "max_skipped_steps", "log_interval", "peak_tflops",
-                    "pad_vocab_to_multiple_of"):
+                    "pad_vocab_to_multiple_of", "loss_chunk_tokens"):
             value = getattr(self, key)
             _require(value is None or value > 0, source, key, f"must be positive, got {value}")
         _require(0 < self.dist_timeout_minutes <= MAX_DIST_TIMEOUT_MINUTES, source, "dist_timeout_minutes",

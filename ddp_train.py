@@ -35,7 +35,7 @@ import checkpointing
 import token_data
 from batching import (Microbatches, check_validation_length, count_optimizer_steps, prefetch_to_device,
                       rank_microbatch_indices)
-from config import load_run
+from config import ModelConfig, load_run
 from distributed import StopSignals, check_connectivity, init_distributed, run_and_share_errors
 from errors import RankLost, UserError, report_user_errors
 from gpt import GPTModel
@@ -213,8 +213,12 @@ class Progress:
 def check_resumable(run, ctx, checkpoint_dir, meta):
     """Refuse a different model; allow a different split of the same global batch, and say so."""
     saved_model = meta.get("model_config")
-    if saved_model is not None and saved_model != run.model.to_dict():
-        changed = sorted(k for k in saved_model if saved_model[k] != run.model.to_dict().get(k))
+    if saved_model is not None:
+        # Through ModelConfig, so keys written at their defaults (or not at all) compare equal.
+        saved_model = ModelConfig.from_dict(saved_model, source=f"{checkpoint_dir / 'meta.json'} model_config")
+    if saved_model is not None and saved_model != run.model:
+        saved_model, now = saved_model.to_dict(), run.model.to_dict()
+        changed = sorted(k for k in saved_model.keys() | now.keys() if saved_model.get(k) != now.get(k))
         raise UserError(f"checkpoint {checkpoint_dir.name} was trained with a different model.json "
                         f"(differs in: {', '.join(changed)}); resume it with the model.json it was trained with")
     # The optimizer state holds the padded output layer: it only fits the same padding.
@@ -339,7 +343,9 @@ def build_model(run, ctx):
     as training and the -f search use them."""
     check_model_fits(run.model, ctx.device, run.run_dir / "model.json")
     torch.manual_seed(run.train.random_seed)  # identical initial weights on every rank
-    model = GPTModel(run.model, pad_vocab_to_multiple_of=run.train.pad_vocab_to_multiple_of).to(ctx.device)
+    model = GPTModel(run.model, pad_vocab_to_multiple_of=run.train.pad_vocab_to_multiple_of,
+                     activation_checkpointing=run.train.activation_checkpointing,
+                     loss_chunk_tokens=run.train.loss_chunk_tokens).to(ctx.device)
     amp_dtype = amp_dtype_for(run.train, ctx.device)
     if amp_dtype is not None:
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and later

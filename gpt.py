@@ -1,5 +1,5 @@
 """GPT-2 architecture, as in "Build a Large Language Model (from Scratch)" and the
-reference harness gpjt/ddp-base-model-from-scratch.
+reference harness gpjt/ddp-base-model-from-scratch, with Llama-style options.
 
 Parameter names match the reference harness exactly, so its `model.safetensors`
 (and, because the parameter list and order are unchanged, its `optimizer.pt`)
@@ -13,6 +13,14 @@ the same function:
 - optionally the output head is padded to a multiple of some size
   (`pad_vocab_to_multiple_of`) for faster matmul shapes; checkpoints never see
   the padding.
+
+model.json's architecture options (config.ModelConfig) each swap one small module,
+and TransformerBlock is the one place a block is assembled from them:
+`pos_emb` "rope" (RotaryEmbedding in the attention instead of a position table),
+`norm` "rmsnorm" (RMSNorm), `mlp` "swiglu" (SwiGLUFeedForward), `n_kv_heads`
+(grouped-query attention) and `bias` false (no biases, LayerNorm without shift).
+All of them set as Llama does, it is a Llama-3-style model; their defaults are
+GPT-2, bit for bit.
 """
 
 import math
@@ -20,61 +28,117 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from config import ModelConfig
 
 
 class LayerNorm(nn.Module):
-    def __init__(self, emb_dim, eps=1e-5):
+    def __init__(self, emb_dim, eps=1e-5, bias=True):
         super().__init__()
         self.eps = eps
         self.scale = nn.Parameter(torch.ones(emb_dim))
-        self.shift = nn.Parameter(torch.zeros(emb_dim))
+        self.shift = nn.Parameter(torch.zeros(emb_dim)) if bias else None
 
     def forward(self, x):
         return F.layer_norm(x, self.scale.shape, self.scale, self.shift, self.eps)
 
 
+class RMSNorm(nn.Module):
+    """Llama's norm: x / sqrt(mean(x^2) + eps) x scale, with no mean subtracted and no shift."""
+
+    def __init__(self, emb_dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(emb_dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, self.scale.shape, self.scale, self.eps)
+
+
+def make_norm(cfg: ModelConfig):
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.emb_dim, cfg.norm_eps)
+    return LayerNorm(cfg.emb_dim, cfg.norm_eps, bias=cfg.bias)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoFormer; Llama) for one attention layer's queries or keys.
+
+    Dimension i of a head is rotated together with dimension i + head_dim / 2 (the layout
+    of GPT-NeoX and Hugging Face's Llama, whose checkpoints therefore map with no
+    permutation; Meta's original code pairs neighbours 2i, 2i + 1 instead). The angles are
+    computed once in float64; the tables are buffers that state dicts never hold.
+    """
+
+    def __init__(self, head_dim, context_length, theta):
+        super().__init__()
+        inverse_frequencies = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        angles = torch.outer(torch.arange(context_length, dtype=torch.float64), inverse_frequencies)
+        angles = torch.cat([angles, angles], dim=-1)  # [context_length, head_dim]
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, x, start_position=0):
+        """x: [batch, heads, seq_len, head_dim] at positions start_position, start_position + 1, ..."""
+        positions = slice(start_position, start_position + x.shape[-2])
+        cos, sin = self.cos[positions].to(x.dtype), self.sin[positions].to(x.dtype)
+        first_half, second_half = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-second_half, first_half], dim=-1) * sin
+
+
 class MultiHeadAttention(nn.Module):
-    """The three projections run as one [emb, 3 * emb] matmul over their weights
-    concatenated at forward time, instead of three [emb, emb] ones.
+    """The three projections run as one matmul over their weights concatenated at
+    forward time, instead of three.
     The parameters stay three separate Linear layers, so state dicts and the
     optimizer's parameter list are exactly the reference harness's; the
     concatenation copies 3 * emb^2 weights per layer, which is small next to the
-    matmul over every token (docs/performance.md has the measurements)."""
+    matmul over every token (docs/performance.md has the measurements).
 
-    def __init__(self, emb_dim, n_heads, drop_rate, qkv_bias):
+    With `n_kv_heads` below `n_heads` (grouped-query attention) the key and value
+    projections have n_kv_heads heads, each shared by n_heads / n_kv_heads
+    consecutive query heads, as in Llama."""
+
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_heads = n_heads
-        self.head_dim = emb_dim // n_heads
-        self.W_query = nn.Linear(emb_dim, emb_dim, bias=qkv_bias)
-        self.W_key = nn.Linear(emb_dim, emb_dim, bias=qkv_bias)
-        self.W_value = nn.Linear(emb_dim, emb_dim, bias=qkv_bias)
-        self.out_proj = nn.Linear(emb_dim, emb_dim)
-        self.drop_rate = drop_rate
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        kv_dim = self.n_kv_heads * self.head_dim
+        self.W_query = nn.Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.qkv_bias)
+        self.W_key = nn.Linear(cfg.emb_dim, kv_dim, bias=cfg.qkv_bias)
+        self.W_value = nn.Linear(cfg.emb_dim, kv_dim, bias=cfg.qkv_bias)
+        self.out_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.bias)
+        self.drop_rate = cfg.drop_rate
+        self.rope = (RotaryEmbedding(self.head_dim, cfg.context_length, cfg.rope_theta)
+                     if cfg.pos_emb == "rope" else None)
 
-    def _split_heads(self, x):
+    def _split_heads(self, x, heads):
         batch, seq_len, _ = x.shape
-        return x.view(batch, seq_len, self.n_heads, self.head_dim).transpose(1, 2)
+        return x.view(batch, seq_len, heads, self.head_dim).transpose(1, 2)
 
     def _project_qkv(self, x):
         projections = (self.W_query, self.W_key, self.W_value)
         weight = torch.cat([p.weight for p in projections])
         bias = torch.cat([p.bias for p in projections]) if self.W_query.bias is not None else None
-        return F.linear(x, weight, bias).chunk(3, dim=-1)
+        return F.linear(x, weight, bias).split([p.out_features for p in projections], dim=-1)
 
     def forward(self, x):
         batch, seq_len, emb_dim = x.shape
-        queries, keys, values = (self._split_heads(t) for t in self._project_qkv(x))
+        queries, keys, values = self._project_qkv(x)
+        queries = self._split_heads(queries, self.n_heads)
+        keys, values = self._split_heads(keys, self.n_kv_heads), self._split_heads(values, self.n_kv_heads)
+        if self.rope is not None:
+            queries, keys = self.rope(queries), self.rope(keys)
         dropout_p = self.drop_rate if self.training else 0.0
         if dropout_p > 0 and x.device.type == "cpu":
             # PyTorch's CPU flash-attention kernel has no dropout, and SDPA's
             # fallback then computes in fp32 even under bf16/fp16 autocast, which
             # made GPTModel slower than the book's code (docs/performance.md).
-            context = _causal_attention_with_dropout(queries, keys, values, dropout_p)
+            group = self.n_heads // self.n_kv_heads
+            context = _causal_attention_with_dropout(queries, keys.repeat_interleave(group, dim=1),
+                                                     values.repeat_interleave(group, dim=1), dropout_p)
         else:
-            context = F.scaled_dot_product_attention(queries, keys, values, dropout_p=dropout_p,
-                                                     is_causal=True)
+            context = F.scaled_dot_product_attention(queries, keys, values, dropout_p=dropout_p, is_causal=True,
+                                                     enable_gqa=self.n_kv_heads != self.n_heads)
         context = context.transpose(1, 2).reshape(batch, seq_len, emb_dim)
         return self.out_proj(context)
 
@@ -107,30 +171,55 @@ def _causal_attention_with_dropout(queries, keys, values, dropout_p, query_block
 
 
 class FeedForward(nn.Module):
-    def __init__(self, emb_dim):
+    """GPT-2's feed-forward: Linear, GELU (tanh approximation), Linear."""
+
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         # Index 1 is the (parameter-free) GELU, so the Linear layers keep the
         # reference key names `ff.layers.0` and `ff.layers.2`.
         self.layers = nn.Sequential(
-            nn.Linear(emb_dim, 4 * emb_dim),
+            nn.Linear(cfg.emb_dim, cfg.ff_hidden_dim, bias=cfg.bias),
             nn.GELU(approximate="tanh"),
-            nn.Linear(4 * emb_dim, emb_dim),
+            nn.Linear(cfg.ff_hidden_dim, cfg.emb_dim, bias=cfg.bias),
         )
 
     def forward(self, x):
         return self.layers(x)
 
 
-class TransformerBlock(nn.Module):
+class SwiGLUFeedForward(nn.Module):
+    """Llama's feed-forward: down(silu(gate(x)) * up(x))."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.att = MultiHeadAttention(cfg.emb_dim, cfg.n_heads, cfg.drop_rate, cfg.qkv_bias)
-        self.ff = FeedForward(cfg.emb_dim)
-        self.norm1 = LayerNorm(cfg.emb_dim)
-        self.norm2 = LayerNorm(cfg.emb_dim)
-        self.drop_shortcut = nn.Dropout(cfg.drop_rate)
+        self.gate = nn.Linear(cfg.emb_dim, cfg.ff_hidden_dim, bias=cfg.bias)
+        self.up = nn.Linear(cfg.emb_dim, cfg.ff_hidden_dim, bias=cfg.bias)
+        self.down = nn.Linear(cfg.ff_hidden_dim, cfg.emb_dim, bias=cfg.bias)
 
     def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm residual block. With `activation_checkpointing` it keeps only its input
+    for the backward pass and recomputes the rest there (non-reentrant checkpointing,
+    which also replays the dropout masks)."""
+
+    def __init__(self, cfg: ModelConfig, activation_checkpointing=False):
+        super().__init__()
+        self.att = MultiHeadAttention(cfg)
+        self.ff = SwiGLUFeedForward(cfg) if cfg.mlp == "swiglu" else FeedForward(cfg)
+        self.norm1 = make_norm(cfg)
+        self.norm2 = make_norm(cfg)
+        self.drop_shortcut = nn.Dropout(cfg.drop_rate)
+        self.activation_checkpointing = activation_checkpointing
+
+    def forward(self, x):
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            return checkpoint(self._residual_layers, x, use_reentrant=False)
+        return self._residual_layers(x)
+
+    def _residual_layers(self, x):
         x = x + self.drop_shortcut(self.att(self.norm1(x)))
         x = x + self.drop_shortcut(self.ff(self.norm2(x)))
         return x
@@ -150,46 +239,86 @@ class GPTModel(nn.Module):
     dicts hold only the real rows, so checkpoints are interchangeable between
     padded and unpadded models. With `tie_weights` the token embedding is the
     output head, so it is padded too; its pad rows are never looked up.
+
+    `activation_checkpointing` and `loss_chunk_tokens` trade compute for memory
+    (train.json's keys of the same names); neither changes what is computed.
     """
 
-    def __init__(self, cfg, pad_vocab_to_multiple_of=1):
+    def __init__(self, cfg, pad_vocab_to_multiple_of=1, activation_checkpointing=False, loss_chunk_tokens=None):
         super().__init__()
         cfg = cfg if isinstance(cfg, ModelConfig) else ModelConfig.from_dict(cfg)
         if pad_vocab_to_multiple_of < 1:
             raise ValueError(f"pad_vocab_to_multiple_of must be >= 1, got {pad_vocab_to_multiple_of}")
         self.cfg = cfg
+        self.loss_chunk_tokens = loss_chunk_tokens
         self.padded_vocab_size = math.ceil(cfg.vocab_size / pad_vocab_to_multiple_of) * pad_vocab_to_multiple_of
         embedding_rows = self.padded_vocab_size if cfg.tie_weights else cfg.vocab_size
         self.tok_emb = nn.Embedding(embedding_rows, cfg.emb_dim)
-        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim) if cfg.pos_emb == "learned" else None
         self.drop_emb = nn.Dropout(cfg.drop_rate)
-        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg.n_layers)])
-        self.final_norm = LayerNorm(cfg.emb_dim)
+        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg, activation_checkpointing)
+                                          for _ in range(cfg.n_layers)])
+        self.final_norm = make_norm(cfg)
         self.out_head = nn.Linear(cfg.emb_dim, self.padded_vocab_size, bias=False)
         if cfg.tie_weights:
             self.out_head.weight = self.tok_emb.weight
+        if cfg.init_std is not None:
+            self.apply(lambda module: _init_normal(module, cfg.init_std))
         if self.padded_vocab_size != cfg.vocab_size:
             with torch.no_grad():
                 self.out_head.weight[cfg.vocab_size:].zero_()
             self.register_state_dict_post_hook(_drop_vocab_padding)
             self.register_load_state_dict_pre_hook(_add_vocab_padding)
 
-    def forward(self, idx):
+    def forward(self, idx, targets=None):
+        """The logits [batch, seq_len, vocab_size] for token ids `idx`; or, given `targets`,
+        the mean cross-entropy loss (computed in fp32) without keeping all the logits."""
         seq_len = idx.shape[1]
         if seq_len > self.cfg.context_length:
             raise ValueError(
                 f"sequence length {seq_len} exceeds context_length {self.cfg.context_length}"
             )
-        positions = torch.arange(seq_len, device=idx.device)
-        x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(positions))
-        x = self.trf_blocks(x)
-        return self.out_head(self.final_norm(x))[..., :self.cfg.vocab_size]  # without pad columns
+        x = self.tok_emb(idx)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(seq_len, device=idx.device))
+        x = self.final_norm(self.trf_blocks(self.drop_emb(x)))
+        if targets is None:
+            return self._logits(x)
+        return self._loss(x.flatten(0, 1), targets.flatten())
+
+    def _logits(self, x):
+        return self.out_head(x)[..., :self.cfg.vocab_size]  # without pad columns
+
+    def _loss(self, x, targets):
+        if self.loss_chunk_tokens is None or self.loss_chunk_tokens >= len(targets):
+            return F.cross_entropy(self._logits(x).float(), targets)
+        # One chunk's logits at a time: each chunk's are freed after its loss and
+        # recomputed in the backward pass, which matters at a vocabulary of 131,072.
+        chunk_losses = [checkpoint(self._summed_loss, x_chunk, targets_chunk, use_reentrant=False)
+                        for x_chunk, targets_chunk in zip(x.split(self.loss_chunk_tokens),
+                                                          targets.split(self.loss_chunk_tokens))]
+        return torch.stack(chunk_losses).sum() / len(targets)
+
+    def _summed_loss(self, x, targets):
+        return F.cross_entropy(self._logits(x).float(), targets, reduction="sum")
 
     def num_parameters(self):
         """Unique parameters, as a checkpoint holds them: a tied output head is
         counted once, vocabulary pad rows not at all."""
         padding = (self.padded_vocab_size - self.cfg.vocab_size) * self.cfg.emb_dim
         return sum(p.numel() for p in self.parameters()) - padding
+
+
+def _init_normal(module, std):
+    """GPT-2's and Llama's initialisation: matmul weights and embeddings from N(0, std),
+    biases zero (norms keep their ones and zeros). PyTorch's default instead draws
+    Linear weights uniformly with a bound of 1 / sqrt(fan_in) and embeddings from
+    N(0, 1), which is what the book's model, and so the reference harness, trains from;
+    N(0, 1) makes a tied output head's first logits far too large."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
 
 
 def _drop_vocab_padding(model, state_dict, prefix, local_metadata):

@@ -4,12 +4,16 @@ FLOP accounting (PaLM paper, appendix B; nanoGPT's `estimate_mfu`): a training
 step costs 3x the forward pass (the backward pass computes gradients for both
 activations and weights, 2x the forward). The forward pass per token costs
 
-- 2 FLOPs per weight of every matmul: N = n_layers * 12 * emb_dim^2 (query, key,
-  value and output projections, 4 * emb^2; feed-forward, 2 * 4 * emb^2) plus the
-  output head, vocab_size * emb_dim. The output head counts whether or not it is
+- 2 FLOPs per weight of every matmul: N = per layer the query and output
+  projections (2 * emb_dim^2), the key and value projections (2 * emb_dim *
+  n_kv_heads * head_dim: smaller under grouped-query attention), the feed-forward
+  (2 * emb_dim * hidden for GELU, 3 * emb_dim * hidden for SwiGLU's gate, up and
+  down; hidden = mlp_hidden_dim, 4 * emb_dim by default), plus the output head,
+  vocab_size * emb_dim. GPT-2 small's layer is the familiar 12 * emb_dim^2. The
+  output head counts whether or not it is
   tied to the token embedding, because it is a matmul either way. The token and
-  position embeddings are lookups and count nothing; nor do biases, LayerNorms,
-  GELU, softmax or the loss (elementwise work, a few FLOPs per activation);
+  position embeddings are lookups and count nothing; nor do biases, norms,
+  GELU/SiLU, RoPE's rotations, softmax or the loss (elementwise work, a few FLOPs per activation);
 - attention: per layer, scores q.k against context_length keys (2 * T * emb)
   and the weighted sum of values (2 * T * emb). As in PaLM and nanoGPT the full
   T x T square is counted although causal masking makes half of it unneeded.
@@ -33,22 +37,26 @@ PRECISIONS = ("bfloat16", "float16", "tf32")
 
 def matmul_weights(model_cfg):
     """N above: the weights of every matmul, including the output head."""
-    emb = model_cfg.emb_dim
-    attention = 4 * emb * emb  # query, key, value, output projections
-    feed_forward = 2 * 4 * emb * emb  # emb -> 4 emb -> emb
+    emb, kv_dim = model_cfg.emb_dim, model_cfg.kv_heads * model_cfg.head_dim
+    attention = 2 * emb * emb + 2 * emb * kv_dim  # query and output; key and value
+    feed_forward = (3 if model_cfg.mlp == "swiglu" else 2) * emb * model_cfg.ff_hidden_dim
     return model_cfg.n_layers * (attention + feed_forward) + model_cfg.vocab_size * emb
 
 
 def parameter_count(model_cfg):
-    """GPTModel's unique parameters from the config alone, without building it: the
-    token and position embeddings, per layer the four attention projections (biases on
-    the query/key/value ones only with qkv_bias; always on the output projection), the
-    feed-forward's two layers with biases and two LayerNorms, the final LayerNorm, and
-    the output head unless it is tied to the token embedding."""
-    emb, vocab = model_cfg.emb_dim, model_cfg.vocab_size
-    per_layer = 12 * emb * emb + 10 * emb + (3 * emb if model_cfg.qkv_bias else 0)
-    head = 0 if model_cfg.tie_weights else vocab * emb
-    return (vocab + model_cfg.context_length) * emb + model_cfg.n_layers * per_layer + 2 * emb + head
+    """GPTModel's unique parameters from the config alone, without building it: every
+    matmul weight (matmul_weights, less the output head when it is tied to the token
+    embedding), the token embedding, the position table with learned positions, the
+    norms' scales (and LayerNorm's shifts with `bias`), the query/key/value biases with
+    qkv_bias, and the output projection's and feed-forward's biases with `bias`."""
+    emb, hidden, kv_dim = model_cfg.emb_dim, model_cfg.ff_hidden_dim, model_cfg.kv_heads * model_cfg.head_dim
+    norm = emb * (2 if model_cfg.norm == "layernorm" and model_cfg.bias else 1)
+    biases = (emb + 2 * kv_dim if model_cfg.qkv_bias else 0)
+    if model_cfg.bias:
+        biases += emb + (2 * hidden if model_cfg.mlp == "swiglu" else hidden) + emb  # output projection; ff
+    embeddings = model_cfg.vocab_size * emb + (model_cfg.context_length * emb if model_cfg.pos_emb == "learned" else 0)
+    tied_head = model_cfg.vocab_size * emb if model_cfg.tie_weights else 0
+    return (matmul_weights(model_cfg) - tied_head + embeddings + model_cfg.n_layers * (2 * norm + biases) + norm)
 
 
 def training_flops_per_token(model_cfg):

@@ -2,28 +2,50 @@
 a T x T mask buffer with masked_fill and softmax attention, hand-written GELU and
 LayerNorm. It is the independent reference the tests check GPTModel against, and
 bench.py's baseline. Parameter names are GPTModel's, so one state dict loads into
-either."""
+either.
+
+model.json's architecture options are written out the same plain way, from their
+papers rather than from gpt.py: RMSNorm as its formula, RoPE as complex
+multiplication, SwiGLU, and grouped-query attention by copying key/value heads."""
 
 import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from config import ModelConfig
 from gpt import MultiHeadAttention
 
 
 class PlainLayerNorm(nn.Module):
-    def __init__(self, emb_dim):
+    def __init__(self, emb_dim, eps, bias):
         super().__init__()
-        self.eps = 1e-5
+        self.eps = eps
         self.scale = nn.Parameter(torch.ones(emb_dim))
-        self.shift = nn.Parameter(torch.zeros(emb_dim))
+        self.shift = nn.Parameter(torch.zeros(emb_dim)) if bias else None
 
     def forward(self, x):
         mean = x.mean(dim=-1, keepdim=True)
         var = x.var(dim=-1, keepdim=True, unbiased=False)
-        return self.scale * (x - mean) / torch.sqrt(var + self.eps) + self.shift
+        normalized = self.scale * (x - mean) / torch.sqrt(var + self.eps)
+        return normalized if self.shift is None else normalized + self.shift
+
+
+class PlainRMSNorm(nn.Module):
+    def __init__(self, emb_dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(emb_dim))
+
+    def forward(self, x):
+        return self.scale * x / torch.sqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+
+
+def plain_norm(cfg):
+    if cfg.norm == "rmsnorm":
+        return PlainRMSNorm(cfg.emb_dim, cfg.norm_eps)
+    return PlainLayerNorm(cfg.emb_dim, cfg.norm_eps, cfg.bias)
 
 
 class PlainGELU(nn.Module):
@@ -31,15 +53,30 @@ class PlainGELU(nn.Module):
         return 0.5 * x * (1 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3))))
 
 
+def plain_rope(x, theta):
+    """RoFormer's rotation as complex multiplication: dimensions i and i + head_dim / 2 of
+    the head at position m form the complex number x_i + j x_(i + head_dim/2), turned by
+    the angle m x theta^(-2i / head_dim)."""
+    seq_len, head_dim = x.shape[-2], x.shape[-1]
+    half = head_dim // 2
+    frequencies = 1.0 / theta ** (torch.arange(half, dtype=torch.float64) * 2 / head_dim)
+    angles = torch.arange(seq_len, dtype=torch.float64)[:, None] * frequencies[None, :]
+    pairs = torch.complex(x[..., :half].double(), x[..., half:].double())
+    turned = pairs * torch.polar(torch.ones_like(angles), angles)
+    return torch.cat([turned.real, turned.imag], dim=-1).to(x.dtype)
+
+
 class PlainMultiHeadAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.n_heads = cfg.n_heads
+        self.cfg = cfg
+        self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.kv_heads
         self.head_dim = cfg.emb_dim // cfg.n_heads
+        kv_dim = self.n_kv_heads * self.head_dim
         self.W_query = nn.Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.qkv_bias)
-        self.W_key = nn.Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.qkv_bias)
-        self.W_value = nn.Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.qkv_bias)
-        self.out_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
+        self.W_key = nn.Linear(cfg.emb_dim, kv_dim, bias=cfg.qkv_bias)
+        self.W_value = nn.Linear(cfg.emb_dim, kv_dim, bias=cfg.qkv_bias)
+        self.out_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.drop_rate)
         # Not persistent, unlike the book's, so state dicts have GPTModel's keys.
         mask = torch.triu(torch.ones(cfg.context_length, cfg.context_length), diagonal=1)
@@ -48,8 +85,14 @@ class PlainMultiHeadAttention(nn.Module):
     def forward(self, x):
         batch, seq_len, emb_dim = x.shape
         queries, keys, values = (
-            projection(x).view(batch, seq_len, self.n_heads, self.head_dim).transpose(1, 2)
-            for projection in (self.W_query, self.W_key, self.W_value))
+            projection(x).view(batch, seq_len, heads, self.head_dim).transpose(1, 2)
+            for projection, heads in ((self.W_query, self.n_heads), (self.W_key, self.n_kv_heads),
+                                      (self.W_value, self.n_kv_heads)))
+        if self.cfg.pos_emb == "rope":
+            queries, keys = plain_rope(queries, self.cfg.rope_theta), plain_rope(keys, self.cfg.rope_theta)
+        # Query head h reads key/value head h // (n_heads / n_kv_heads).
+        kv_head_of = torch.arange(self.n_heads) // (self.n_heads // self.n_kv_heads)
+        keys, values = keys[:, kv_head_of], values[:, kv_head_of]
         scores = queries @ keys.transpose(2, 3)
         scores.masked_fill_(self.mask.bool()[:seq_len, :seq_len], -torch.inf)
         weights = self.dropout(torch.softmax(scores / self.head_dim ** 0.5, dim=-1))
@@ -58,21 +101,36 @@ class PlainMultiHeadAttention(nn.Module):
 
 
 class PlainFeedForward(nn.Module):
-    def __init__(self, emb_dim):
+    def __init__(self, cfg):
         super().__init__()
-        self.layers = nn.Sequential(nn.Linear(emb_dim, 4 * emb_dim), PlainGELU(), nn.Linear(4 * emb_dim, emb_dim))
+        self.layers = nn.Sequential(nn.Linear(cfg.emb_dim, cfg.ff_hidden_dim, bias=cfg.bias), PlainGELU(),
+                                    nn.Linear(cfg.ff_hidden_dim, cfg.emb_dim, bias=cfg.bias))
 
     def forward(self, x):
         return self.layers(x)
+
+
+class PlainSwiGLU(nn.Module):
+    """Shazeer's GLU variant with Swish: (Swish(x W) * x V) W2, Swish(z) = z * sigmoid(z)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate = nn.Linear(cfg.emb_dim, cfg.ff_hidden_dim, bias=cfg.bias)
+        self.up = nn.Linear(cfg.emb_dim, cfg.ff_hidden_dim, bias=cfg.bias)
+        self.down = nn.Linear(cfg.ff_hidden_dim, cfg.emb_dim, bias=cfg.bias)
+
+    def forward(self, x):
+        gate = self.gate(x)
+        return self.down(gate * torch.sigmoid(gate) * self.up(x))
 
 
 class PlainTransformerBlock(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.att = PlainMultiHeadAttention(cfg)
-        self.ff = PlainFeedForward(cfg.emb_dim)
-        self.norm1 = PlainLayerNorm(cfg.emb_dim)
-        self.norm2 = PlainLayerNorm(cfg.emb_dim)
+        self.ff = PlainSwiGLU(cfg) if cfg.mlp == "swiglu" else PlainFeedForward(cfg)
+        self.norm1 = plain_norm(cfg)
+        self.norm2 = plain_norm(cfg)
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
 
     def forward(self, x):
@@ -89,18 +147,22 @@ class PlainGPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
-        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim) if cfg.pos_emb == "learned" else None
         self.drop_emb = nn.Dropout(cfg.drop_rate)
         self.trf_blocks = nn.Sequential(*[PlainTransformerBlock(cfg) for _ in range(cfg.n_layers)])
-        self.final_norm = PlainLayerNorm(cfg.emb_dim)
+        self.final_norm = plain_norm(cfg)
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
             self.out_head.weight = self.tok_emb.weight
 
-    def forward(self, idx):
-        positions = torch.arange(idx.shape[1], device=idx.device)
-        x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(positions))
-        return self.out_head(self.final_norm(self.trf_blocks(x)))
+    def forward(self, idx, targets=None):
+        x = self.tok_emb(idx)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(idx.shape[1], device=idx.device))
+        logits = self.out_head(self.final_norm(self.trf_blocks(self.drop_emb(x))))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
 class SeparateQKVAttention(MultiHeadAttention):

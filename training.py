@@ -11,7 +11,6 @@ import os
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 import perf
 from errors import UserError
@@ -36,9 +35,9 @@ def amp_dtype_for(train_cfg, device):
 
 
 def compute_loss(model, inputs, targets, amp_dtype, device):
+    """The mean cross-entropy, which the model computes in fp32 from its logits."""
     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        logits = model(inputs)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return model(inputs, targets)
 
 
 def make_optimizer(model, train_cfg):
