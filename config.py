@@ -125,8 +125,9 @@ class ModelConfig:
         _require(0.0 <= self.drop_rate < 1.0, source, "drop_rate",
                  f"must be in [0, 1), got {self.drop_rate}")
         for key, choices in ARCHITECTURE_CHOICES.items():
-            _require(getattr(self, key) in choices, source, key,
-                     f"must be one of {', '.join(json.dumps(c) for c in choices)}, got {json.dumps(getattr(self, key))}")
+            value = getattr(self, key)
+            _require(value in choices, source, key,
+                     f"must be one of {', '.join(json.dumps(c) for c in choices)}, got {json.dumps(value)}")
         for key in ("rope_theta", "norm_eps", "mlp_hidden_dim", "n_kv_heads", "init_std"):
             value = getattr(self, key)
             _require(value is None or value > 0, source, key, f"must be positive, got {value}")

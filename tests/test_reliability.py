@@ -231,7 +231,8 @@ def test_connectivity_failure_suggests_the_nccl_settings(monkeypatch):
 
     monkeypatch.setattr(distributed.dist, "all_reduce", broken_all_reduce)
     ctx = distributed.DistContext(rank=3, local_rank=3, world_size=8, device=torch.device("cpu"))
-    with pytest.raises(RuntimeError, match="rank 3: the ranks cannot communicate .*NCCL_P2P_DISABLE=1.*NCCL_IB_DISABLE=1"):
+    expected = "rank 3: the ranks cannot communicate .*NCCL_P2P_DISABLE=1.*NCCL_IB_DISABLE=1"
+    with pytest.raises(RuntimeError, match=expected):
         distributed.check_connectivity(ctx)
 
 
