@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from config import resolve_run_dir
 from errors import UserError, report_user_errors
-from eval_common import load_model, load_tokenizer, one_line, pick_device, tokenizer_options
+from eval_common import load_model, load_tokenizer, one_line, pick_device, threads_option, tokenizer_options
 from jsonfiles import strict_json
 
 DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{}.jsonl"
@@ -270,6 +270,7 @@ def device_for(name):
 @click.option("--amp/--no-amp", default=True, show_default=True,
               help="On CUDA, run the model under bfloat16 autocast. The CPU always runs float32.")
 @tokenizer_options
+@threads_option
 @report_user_errors
 def main(run_or_model_json, weights, data_source, split, cache_dir, limit, batch_size, json_path,
          device_name, amp, tokenizer_name, datasets_dir):

@@ -1,5 +1,5 @@
 """eval_hellaswag.py: its scores against transformers' GPT-2 scored by hand, the
-download cache, bad input, batching."""
+download cache, bad input, batching; and the evaluation scripts' --threads."""
 
 import http.server
 import json
@@ -242,3 +242,15 @@ def test_missing_data_file_is_one_error_line(tmp_path, bytes_model):
     result = run_eval(*bytes_model, "--data", tmp_path / "nothing.jsonl")
     assert_one_error_line(result, str(tmp_path / "nothing.jsonl"), "not found")
 
+
+@pytest.mark.parametrize("script, args", [
+    ("eval_hellaswag.py", ["missing/model.json", "missing.safetensors", "--data", "missing.jsonl"]),
+    ("test_smoke.py", ["missing/model.json", "missing.safetensors"]),
+    ("test_loss.py", ["datasets", "missing/model.json", "missing.safetensors"]),
+    ("test_ift.py", ["generate", "name", "missing/model.json", "missing.safetensors", "--data", "missing.json"]),
+])
+def test_threads_option_sets_torchs_thread_count(script, args):
+    assert torch.get_num_threads() == 1  # one_torch_thread's
+    result = run_script(script, *args, "--threads", 3)
+    assert_one_error_line(result, "missing")
+    assert torch.get_num_threads() == 3
