@@ -1,5 +1,6 @@
-"""What the evaluation scripts (test_smoke.py, test_loss.py, test_ift.py) and
-convert_gpt2.py share: the device, loading a model for evaluation, and its tokenizer."""
+"""What the evaluation scripts (test_smoke.py, test_loss.py, test_ift.py,
+eval_hellaswag.py) and convert_gpt2.py share: the device, the CPU thread count,
+loading a model for evaluation, and its tokenizer."""
 
 import dataclasses
 import sys
@@ -89,3 +90,16 @@ def tokenizer_options(command):
                            help="Where the run's dataset is looked for when picking the tokenizer.")(command)
     return click.option("--tokenizer", "tokenizer_name", type=click.Choice(TOKENIZER_CHOICES), default=None,
                         help="Default: the training dataset's (from the run's train.json), else gpt2.")(command)
+
+
+def set_torch_threads(context, parameter, threads):
+    """--threads' click callback: it runs while the command line is parsed, so before any work."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+def threads_option(command):
+    """--threads, for scripts that compute with torch on the CPU."""
+    return click.option("--threads", type=click.IntRange(min=1), default=None, expose_value=False,
+                        callback=set_torch_threads,
+                        help="CPU threads torch uses (torch.set_num_threads). Default: torch's choice.")(command)

@@ -36,7 +36,8 @@ from tqdm import tqdm
 
 from config import load_json
 from errors import UserError, report_user_errors
-from eval_common import load_model, load_model_config, load_tokenizer, one_line, pick_device, tokenizer_options
+from eval_common import (load_model, load_model_config, load_tokenizer, one_line, pick_device, threads_option,
+                         tokenizer_options)
 from gpt import generate
 from jsonfiles import strict_json
 
@@ -630,6 +631,7 @@ def cli():
 @click.option("--out-dir", default=".", show_default=True,
               help=f"Where NAME{RESULTS_SUFFIX} is written.")
 @tokenizer_options
+@threads_option
 @report_user_errors
 def generate_command(name, model_json, model_safetensors, data_source, cache_dir, epochs, dropout,
                      seed, out_dir, tokenizer_name, datasets_dir):

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from batching import Microbatches
 from errors import UserError, report_user_errors
-from eval_common import load_model, pick_device
+from eval_common import load_model, pick_device, threads_option
 from jsonfiles import strict_json
 from token_data import SPLITS, fetch_dataset, open_split, read_meta
 from training import compute_loss
@@ -79,6 +79,7 @@ def run_checkpoint(weights):
 @click.option("--json-path", default=None,
               help="Where --json writes (implies --json). Default: <run>/test_loss.json for "
                    "weights in a run's checkpoint directory, else test_loss.json beside them.")
+@threads_option
 @report_user_errors
 def main(datasets_dir, model_json, model_safetensors, dataset, split, start_token, batches,
          batch_size, amp, write_json, json_path):

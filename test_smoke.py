@@ -11,7 +11,7 @@ import click
 import torch
 
 from errors import UserError, report_user_errors
-from eval_common import load_model, load_tokenizer, pick_device, tokenizer_options
+from eval_common import load_model, load_tokenizer, pick_device, threads_option, tokenizer_options
 from gpt import generate
 
 
@@ -39,6 +39,7 @@ def continue_prompt(model, tokenizer, prompt, max_new_tokens, temperature, top_k
               help="Sample from the k most likely tokens; 0 for all of them.")
 @click.option("--seed", type=int, default=None, help="Seed for sampling: same seed, same output.")
 @tokenizer_options
+@threads_option
 @report_user_errors
 def main(model_json, model_safetensors, prompt, max_new_tokens, temperature, top_k, seed,
          tokenizer_name, datasets_dir):

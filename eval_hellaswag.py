@@ -1,0 +1,326 @@
+"""Zero-shot HellaSwag, completion style, as llm.c and build-nanogpt evaluate it.
+
+    uv run eval_hellaswag.py my-run runs/my-run/checkpoints/best/model.safetensors
+    uv run eval_hellaswag.py converted/gpt2/model.json converted/gpt2/model.safetensors --json gpt2-hellaswag.json
+
+Each item has a context `ctx`, four `endings` and the `label` of the right one.
+The context and each ending, prefixed with a space, are tokenized, and each
+ending is scored as the continuation of the context: tokens = ctx_tokens +
+ending_tokens, and only the ending's tokens are scored, each given everything
+before it.
+
+- acc: the ending with the highest sum of log-probabilities wins.
+- acc_norm (llm.c's sense): the ending with the lowest mean per-token
+  cross-entropy wins, which does not favour short endings.
+
+Ties go to the first ending. A context and ending longer than the model's
+context length keep their rightmost context_length + 1 tokens (the model reads
+context_length of them and predicts the last one), so the beginning of the
+context is cut; an ending longer than that is scored on its tokens inside the
+window. The count of items cut so is reported.
+
+lm-evaluation-harness's HellaSwag (multiple-choice style, with its own text
+preprocessing and normalization by length in characters) reports different numbers.
+"""
+
+import datetime
+import hashlib
+import http.client
+import json
+import os
+import sys
+import tempfile
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from config import resolve_run_dir
+from errors import UserError, report_user_errors
+from eval_common import load_model, load_tokenizer, one_line, pick_device, threads_option, tokenizer_options
+from jsonfiles import strict_json
+
+DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{}.jsonl"
+# The test split's labels are not public, so it cannot be scored here.
+SPLIT_FILES = {"validation": "val", "train": "train"}
+ENDINGS = 4
+PROTOCOL = ("completion style (llm.c / build-nanogpt): tokens = ctx + ' ' + ending; acc: highest sum of "
+            "ending-token log-probabilities; acc_norm: lowest mean ending-token cross-entropy; contexts "
+            "longer than the model's context keep their rightmost tokens")
+
+
+# ---------------------------------------------------------------- the data
+
+@dataclass(frozen=True)
+class Item:
+    ctx: str
+    endings: tuple
+    label: int
+
+
+def parse_item(line, where):
+    """One JSONL line as an Item; UserError naming `where` (file and line) if it is not one."""
+    try:
+        raw = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: malformed JSON at column {e.colno}: {e.msg}")
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: expected a JSON object")
+    ctx, endings, label = raw.get("ctx"), raw.get("endings"), raw.get("label")
+    if not isinstance(ctx, str) or not ctx:
+        raise UserError(f"{where}: 'ctx' must be a non-empty string")
+    if not (isinstance(endings, list) and len(endings) == ENDINGS and all(isinstance(e, str) for e in endings)):
+        raise UserError(f"{where}: 'endings' must be a list of {ENDINGS} strings")
+    if not (isinstance(label, int) and not isinstance(label, bool) and 0 <= label < ENDINGS):
+        raise UserError(f"{where}: 'label' must be an integer from 0 to {ENDINGS - 1}, got {json.dumps(label)}")
+    return Item(ctx, tuple(endings), label)
+
+
+def read_items(path, source, limit=None):
+    """The first `limit` (default all) items of a HellaSwag JSONL file; errors name `source`."""
+    items = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line_number, line in enumerate(f, 1):
+                if len(items) == limit:
+                    break
+                if line.strip():
+                    items.append(parse_item(line, f"{source} line {line_number}"))
+    except FileNotFoundError:
+        raise UserError(f"{source}: HellaSwag file not found")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{source}: cannot read it ({one_line(e)})")
+    if not items:
+        raise UserError(f"{source}: no items")
+    return items
+
+
+def download(url, out):
+    """Stream `url` into the open binary file `out`, with a progress bar."""
+    print(f"downloading {url}", file=sys.stderr)
+    received = 0
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            size = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=size, unit="B", unit_scale=True, desc="download") as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+    except (OSError, http.client.HTTPException) as e:  # urllib's errors are OSErrors
+        raise UserError(f"could not download {url} ({one_line(e)}); pass --data with a local copy")
+    # http.client ends a body that stops short of its Content-Length without an error.
+    if size is not None and received != size:
+        raise UserError(f"could not download {url}: the connection closed after {received:,} of "
+                        f"{size:,} bytes; try again, or pass --data with a local copy")
+
+
+def fetch(url, cache_dir):
+    """The local copy of `url` in `cache_dir`, downloaded on first use.
+
+    The download goes to a temporary file that is renamed into place only once it
+    is complete and holds valid items, so an interrupted download or an error page
+    is never taken for the data. The name carries a hash of the URL, so two URLs
+    never share a copy.
+    """
+    url_hash = hashlib.sha256(url.encode()).hexdigest()[:12]
+    cached = Path(cache_dir) / f"{url_hash}-{Path(urllib.parse.urlparse(url).path).name}"
+    if cached.is_file():
+        return cached
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(dir=cached.parent, prefix=cached.name + ".", suffix=".partial")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            download(url, out)
+        read_items(partial, url)
+        os.replace(partial, cached)
+    finally:
+        Path(partial).unlink(missing_ok=True)
+    return cached
+
+
+# ---------------------------------------------------------------- scoring
+
+@dataclass(frozen=True)
+class EncodedItem:
+    rows: list  # per ending: the token ids the model reads, and then the one it predicts last
+    scored: list  # per ending: how many of its row's last tokens are the ending's (the scored ones)
+    label: int
+    truncated: bool  # the context did not fit, and lost its first tokens
+
+
+def encode_item(item, tokenizer, context_length):
+    ctx_tokens = tokenizer.encode(item.ctx)
+    rows, scored, truncated = [], [], False
+    for ending in item.endings:
+        # The space belongs to the ending: GPT-2's BPE tokens carry a word's leading space.
+        ending_tokens = tokenizer.encode(" " + ending)
+        tokens = ctx_tokens + ending_tokens
+        row = tokens[-(context_length + 1):]
+        rows.append(row)
+        scored.append(min(len(ending_tokens), len(row) - 1))
+        truncated |= len(row) < len(tokens)
+    return EncodedItem(rows, scored, item.label, truncated)
+
+
+def score_batch(model, items, autocast_dtype):
+    """(sum of log-probabilities, mean cross-entropy) of each ending's tokens, as
+    [len(items), 4] tensors: all endings of all items in one forward pass, padded
+    on the right (which a causal model never sees from earlier positions)."""
+    rows = [row for item in items for row in item.rows]
+    scored = [n for item in items for n in item.scored]
+    width = max(len(row) for row in rows) - 1
+    inputs = torch.zeros(len(rows), width, dtype=torch.long)
+    targets = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for r, (row, n) in enumerate(zip(rows, scored)):
+        length = len(row) - 1
+        inputs[r, :length] = torch.tensor(row[:-1])
+        targets[r, :length] = torch.tensor(row[1:])
+        mask[r, length - n:length] = True
+    device = next(model.parameters()).device
+    inputs, targets, mask = inputs.to(device), targets.to(device), mask.to(device)
+    with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        logits = model(inputs)
+    # Only the ending positions' logits, in float32: a fraction of the rows' [T, vocab].
+    losses = torch.zeros(mask.shape, device=device)
+    losses[mask] = F.cross_entropy(logits[mask].float(), targets[mask], reduction="none")
+    total = losses.sum(dim=1)
+    return (-total).view(-1, ENDINGS), (total / mask.sum(dim=1)).view(-1, ENDINGS)
+
+
+@dataclass(frozen=True)
+class ItemScores:
+    label: int
+    sum_logprobs: list  # per ending
+    mean_losses: list  # per ending
+
+    @property
+    def choice(self):
+        """acc's pick: the highest sum of log-probabilities (the first, on a tie)."""
+        return max(range(ENDINGS), key=self.sum_logprobs.__getitem__)
+
+    @property
+    def choice_norm(self):
+        """acc_norm's pick: the lowest mean cross-entropy (the first, on a tie)."""
+        return min(range(ENDINGS), key=self.mean_losses.__getitem__)
+
+
+def score_items(model, items, batch_size, autocast_dtype=None):
+    """ItemScores for each EncodedItem, `batch_size` items (4 x batch_size rows) per
+    forward pass of `model` (in eval mode) on its device."""
+    scores = []
+    with torch.inference_mode(), tqdm(total=len(items), desc="hellaswag", unit="item") as bar:
+        for start in range(0, len(items), batch_size):
+            batch = items[start:start + batch_size]
+            sum_logprobs, mean_losses = score_batch(model, batch, autocast_dtype)
+            scores += [ItemScores(item.label, s, m)
+                       for item, s, m in zip(batch, sum_logprobs.tolist(), mean_losses.tolist())]
+            bar.update(len(batch))
+    return scores
+
+
+def tally(scores):
+    """(correct by acc, correct by acc_norm, items): counts that add up across ranks,
+    so each rank of a distributed evaluation can score its share and all-reduce them."""
+    return (sum(s.choice == s.label for s in scores), sum(s.choice_norm == s.label for s in scores), len(scores))
+
+
+# ---------------------------------------------------------------- the CLI
+
+def model_json_for(run_or_model_json):
+    """A model.json path, or a run (a name under runs/ or a directory) whose model.json it is."""
+    path = Path(run_or_model_json)
+    if path.is_file() or path.suffix == ".json":
+        return path
+    return resolve_run_dir(run_or_model_json) / "model.json"
+
+
+def device_for(name):
+    if name is None:
+        return pick_device()
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r}: not a torch device (cpu, cuda, cuda:1, ...)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available")
+    return device
+
+
+@click.command()
+@click.argument("run_or_model_json")
+@click.argument("weights")
+@click.option("--data", "data_source", default=None,
+              help="A HellaSwag JSONL file, or a URL downloaded once into --cache-dir. "
+                   "Default: the public file of --split.")
+@click.option("--split", default="validation", show_default=True, type=click.Choice(list(SPLIT_FILES)),
+              help="Which public file is the default --data (the test split's labels are not public).")
+@click.option("--cache-dir", default="datasets/hellaswag", show_default=True, help="Where downloads are kept.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Score only the first N items.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Items per forward pass (4 rows each).")
+@click.option("--json", "json_path", default=None, help="Also write the result as JSON to this path.")
+@click.option("--device", "device_name", default=None, help="Default: cuda when available, else cpu.")
+@click.option("--amp/--no-amp", default=True, show_default=True,
+              help="On CUDA, run the model under bfloat16 autocast. The CPU always runs float32.")
+@tokenizer_options
+@threads_option
+@report_user_errors
+def main(run_or_model_json, weights, data_source, split, cache_dir, limit, batch_size, json_path,
+         device_name, amp, tokenizer_name, datasets_dir):
+    """Zero-shot HellaSwag accuracy (acc, acc_norm) of RUN_OR_MODEL_JSON with WEIGHTS (a model.safetensors)."""
+    model_json = model_json_for(run_or_model_json)
+    data_source = data_source or DATA_URL.format(SPLIT_FILES[split])
+    is_url = data_source.startswith(("http://", "https://"))
+    data_file = fetch(data_source, cache_dir) if is_url else Path(data_source)
+    items = read_items(data_file, data_source, limit)
+
+    device = device_for(device_name)
+    model = load_model(model_json, weights, device)
+    tokenizer = load_tokenizer(model_json, tokenizer_name, datasets_dir, model.cfg.vocab_size)
+    encoded = [encode_item(item, tokenizer, model.cfg.context_length) for item in items]
+    truncated = sum(item.truncated for item in encoded)
+    autocast_dtype = torch.bfloat16 if amp and device.type == "cuda" else None
+    correct, correct_norm, count = tally(score_items(model, encoded, batch_size, autocast_dtype))
+
+    print(f"HellaSwag: {count} items  acc {correct / count:.4f} ({correct}/{count})  "
+          f"acc_norm {correct_norm / count:.4f} ({correct_norm}/{count})")
+    if truncated:
+        print(f"note: {truncated} of {count} items were longer than the model's context of "
+              f"{model.cfg.context_length} tokens and lost the beginning of their context")
+    if json_path:
+        result = {
+            "acc": correct / count,
+            "acc_norm": correct_norm / count,
+            "correct": correct,
+            "correct_norm": correct_norm,
+            "items": count,
+            "truncated_items": truncated,
+            "protocol": PROTOCOL,
+            "data": data_source,
+            "data_file": str(Path(data_file).resolve()),
+            "limit": limit,
+            "model_json": str(Path(model_json).resolve()),
+            "weights": str(Path(weights).resolve()),
+            "parameters": model.num_parameters(),
+            "tokenizer": tokenizer.name,
+            "context_length": model.cfg.context_length,
+            "device": str(device),
+            "autocast_dtype": None if autocast_dtype is None else "bfloat16",
+            "batch_size": batch_size,
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        }
+        path = Path(json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(strict_json(result, indent=2) + "\n")
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
