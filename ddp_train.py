@@ -33,8 +33,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import charts
 import checkpointing
 import token_data
-from batching import (Microbatches, check_validation_length, count_optimizer_steps, prefetch_to_device,
-                      rank_microbatch_indices)
+from batching import (Microbatches, check_validation_length, count_optimizer_steps, gradient_accumulation_for,
+                      prefetch_to_device, rank_microbatch_indices, token_budget)
 from config import load_run
 from distributed import StopSignals, check_connectivity, init_distributed, run_and_share_errors
 from errors import RankLost, UserError, report_user_errors
@@ -54,10 +54,14 @@ class Data:
     validation: Microbatches | None
     total_steps: int
     global_batch_tokens: int
+    gradient_accumulation_steps: int  # train.json's, or derived from its global_batch_tokens for this world size
 
 
 def load_data(run, ctx, datasets_dir):
     train_cfg, context_length = run.train, run.model.context_length
+    train_json = run.run_dir / "train.json"
+    # Before any download: a global batch that this world size cannot split is a mistake in train.json.
+    accumulation = gradient_accumulation_for(train_cfg, ctx.world_size, context_length, train_json)
     # Once per node, or once in all when every node sees the same DATASETS_DIR.
     fetches = ctx.is_main if train_cfg.shared_filesystem else ctx.is_local_main
     dataset_dir = run_and_share_errors(
@@ -70,11 +74,10 @@ def load_data(run, ctx, datasets_dir):
                         f"it must be at least {meta.vocab_size}")
 
     microbatch_tokens = train_cfg.microbatch_size * context_length
-    global_batch_tokens = ctx.world_size * train_cfg.gradient_accumulation_steps * microbatch_tokens
-    train_json = run.run_dir / "train.json"
+    global_batch_tokens = ctx.world_size * accumulation * microbatch_tokens
     train_tokens = token_data.open_split(dataset_dir, "train")
     total_steps = count_optimizer_steps(len(train_tokens), global_batch_tokens, train_cfg,
-                                        dataset_dir / "train.safetensors", train_json)
+                                        dataset_dir / "train.safetensors", train_json, run.model)
     train = Microbatches(train_tokens, train_cfg.start_train_token,
                          total_steps * global_batch_tokens // microbatch_tokens,
                          train_cfg.microbatch_size, context_length, vocab_size=run.model.vocab_size,
@@ -88,7 +91,7 @@ def load_data(run, ctx, datasets_dir):
         validation = Microbatches(val_tokens, train_cfg.start_val_token, train_cfg.validation_batches,
                                   train_cfg.microbatch_size, context_length, vocab_size=run.model.vocab_size,
                                   path=dataset_dir / "validation.safetensors")
-    return Data(train, validation, total_steps, global_batch_tokens)
+    return Data(train, validation, total_steps, global_batch_tokens, accumulation)
 
 
 # ---------------------------------------------------------------- RNG state
@@ -142,7 +145,7 @@ def train_step(trainer, run, ctx, microbatches, stop_requested):
     loss or gradient on any rank is skipped on every rank alike, inside the fused
     optimizer (its `found_inf`), with no sync.
     """
-    accumulation_steps = run.train.gradient_accumulation_steps
+    accumulation_steps = trainer.data.gradient_accumulation_steps
     loss_sum = torch.zeros((), device=ctx.device)
     for accumulation_step in range(accumulation_steps):
         inputs, targets = next(microbatches)
@@ -210,8 +213,9 @@ class Progress:
     skipped_in_a_row: int = 0
 
 
-def check_resumable(run, ctx, checkpoint_dir, meta):
-    """Refuse a different model; allow a different split of the same global batch, and say so."""
+def check_resumable(run, ctx, checkpoint_dir, meta, accumulation):
+    """Refuse a different model; allow a different split of the same global batch, and say so.
+    `accumulation`: this run's gradient accumulation steps (train.json's, or derived)."""
     saved_model = meta.get("model_config")
     if saved_model is not None and saved_model != run.model.to_dict():
         changed = sorted(k for k in saved_model if saved_model[k] != run.model.to_dict().get(k))
@@ -223,7 +227,7 @@ def check_resumable(run, ctx, checkpoint_dir, meta):
         raise UserError(f"checkpoint {checkpoint_dir.name} was trained with pad_vocab_to_multiple_of "
                         f"{saved_padding}; resume it with the same value in train.json")
     now = {"world_size": ctx.world_size, "microbatch_size": run.train.microbatch_size,
-           "gradient_accumulation_steps": run.train.gradient_accumulation_steps}
+           "gradient_accumulation_steps": accumulation}
     saved = {key: meta.get(key) for key in now}
     if None in saved.values() or saved == now:
         return
@@ -231,7 +235,8 @@ def check_resumable(run, ctx, checkpoint_dir, meta):
         raise UserError(
             f"checkpoint {checkpoint_dir.name} was trained with a global batch of {math.prod(saved.values())} "
             f"sequences ({saved}) but this run has {math.prod(now.values())} ({now}); keep world_size x "
-            "microbatch_size x gradient_accumulation_steps the same to resume")
+            "microbatch_size x gradient_accumulation_steps the same to resume (or global_batch_tokens "
+            f"{math.prod(saved.values()) * run.model.context_length})")
     if ctx.is_main:
         changes = ", ".join(f"{key} {saved[key]} -> {now[key]}" for key in now if saved[key] != now[key])
         print(f"note: resuming with {changes} (same global batch, same data order)")
@@ -239,7 +244,7 @@ def check_resumable(run, ctx, checkpoint_dir, meta):
 
 def restore(run, ctx, checkpoint_dir, state, data):
     meta = checkpointing.read_checkpoint_meta(checkpoint_dir)
-    check_resumable(run, ctx, checkpoint_dir, meta)
+    check_resumable(run, ctx, checkpoint_dir, meta, data.gradient_accumulation_steps)
     meta, rng_states = checkpointing.load_training_state(checkpoint_dir, state, ctx.device)
     start_step = meta["global_step"] + 1
     # The schedule is a function of the step: this also continues a reference-harness run,
@@ -267,14 +272,14 @@ def last_good_checkpoint_text(progress):
     return f"the last good checkpoint is {progress.last_checkpoint} (resume with `latest` or `auto`)"
 
 
-def checkpoint_meta(run, ctx, log, interval, progress):
+def checkpoint_meta(run, ctx, data, log, interval, progress):
     """meta.json for a checkpoint at the last recorded step (the reference harness's keys, and ours)."""
     train_cfg = run.train
     return {"global_step": log.last_row["step"], **interval.summary(), "learning_rate": log.last_row["lr"],
             "val_loss": log.last_val_loss, "best_loss": progress.best_loss, "tokens_seen": log.tokens_seen,
             "elapsed_s": log.last_row["elapsed_s"], "world_size": ctx.world_size,
             "microbatch_size": train_cfg.microbatch_size,
-            "gradient_accumulation_steps": train_cfg.gradient_accumulation_steps,
+            "gradient_accumulation_steps": data.gradient_accumulation_steps,
             "pad_vocab_to_multiple_of": train_cfg.pad_vocab_to_multiple_of,
             "model_config": run.model.to_dict()}
 
@@ -316,7 +321,8 @@ def checkpoint(run, ctx, trainer, log, interval, progress):
                                                               or score < progress.best_loss)
     if is_best:
         progress.best_loss = score
-    saved = save(run, ctx, trainer.state, checkpoint_meta(run, ctx, log, interval, progress), is_best)
+    meta = checkpoint_meta(run, ctx, trainer.data, log, interval, progress)
+    saved = save(run, ctx, trainer.state, meta, is_best)
     # Only rank 0 knows the directory's name (it holds the time of the save).
     progress.last_checkpoint = saved.name if saved else f"the checkpoint of global step {step}"
 
@@ -387,6 +393,17 @@ def count_skipped_steps(rows, run, progress):
                 "learning_rate, clipping_max_norm, or amp_dtype \"bfloat16\"")
 
 
+def print_batch_and_budget(run, ctx, data):
+    """What train.json's global_batch_tokens and token budget came to, when it gives them."""
+    if run.train.global_batch_tokens is not None:
+        print(f"global batch: global_batch_tokens {data.global_batch_tokens:,} = world size {ctx.world_size} x "
+              f"microbatch_size {run.train.microbatch_size} x gradient_accumulation_steps "
+              f"{data.gradient_accumulation_steps} (derived) x context_length {run.model.context_length}")
+    budget = token_budget(run.train, run.model)
+    if budget.key is not None:
+        print(f"budget: {budget} -> {data.total_steps:,} steps of {data.global_batch_tokens:,} tokens")
+
+
 def train(run, ctx, datasets_dir, checkpoint_dir):
     train_cfg = run.train
     trainer, progress = build_trainer(run, ctx, datasets_dir, checkpoint_dir)
@@ -398,8 +415,9 @@ def train(run, ctx, datasets_dir, checkpoint_dir):
               f"{trainer.data.total_steps:,} optimizer steps of {trainer.data.global_batch_tokens:,} tokens, "
               f"device {ctx.device}, autocast {trainer.amp_dtype or 'off'}"
               + (", compiled" if train_cfg.compile else ""))
+        print_batch_and_budget(run, ctx, trainer.data)
     microbatches = prefetch_to_device(trainer.data.train, rank_microbatch_indices(
-        progress.start_step, trainer.data.total_steps, train_cfg.gradient_accumulation_steps, ctx.world_size,
+        progress.start_step, trainer.data.total_steps, trainer.data.gradient_accumulation_steps, ctx.world_size,
         ctx.rank), ctx.device)
     log_interval = train_cfg.log_interval or (10 if ctx.device.type == "cuda" else 1)
     checkpoint_interval = train_cfg.effective_checkpoint_interval
