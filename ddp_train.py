@@ -34,7 +34,7 @@ import charts
 import checkpointing
 import token_data
 from batching import (Microbatches, check_validation_length, count_optimizer_steps, gradient_accumulation_for,
-                      prefetch_to_device, rank_microbatch_indices, token_budget)
+                      prefetch_to_device, rank_microbatch_indices, sequences_per_rank, token_budget)
 from config import load_run
 from distributed import StopSignals, check_connectivity, init_distributed, run_and_share_errors
 from errors import RankLost, UserError, report_user_errors
@@ -43,7 +43,8 @@ from metrics import IntervalStats, TrainingLog, read_metrics, require_tensorboar
 from run_lock import lock_run_dir
 from training import (amp_dtype_for, check_model_fits, compute_loss, make_lr_scheduler, make_optimizer,
                       move_lr_scheduler_to)
-from microbatch_search import largest_passing, make_trial, require_gpu, suggest_batch_split, write_batch_split
+from microbatch_search import (largest_passing, make_trial, require_gpu, suggest_batch_split,
+                               suggest_dividing_microbatch, write_batch_split)
 
 
 # ---------------------------------------------------------------- set-up
@@ -479,6 +480,10 @@ def train(run, ctx, datasets_dir, checkpoint_dir):
 def find_max_microbatch(run, ctx, target_global_batch, write):
     """The -f search: no validation, no checkpoints, random tokens (memory depends only on shapes)."""
     require_gpu(ctx.device)
+    train_json = run.run_dir / "train.json"
+    # A global batch fixed in train.json that this world size cannot split is said before the search, not after.
+    sequences = (None if run.train.global_batch_tokens is None
+                 else sequences_per_rank(run.train, ctx.world_size, run.model.context_length, train_json))
     model, amp_dtype, optimizer, scaler = build_model(run, ctx)
     try_microbatch = make_trial(model, optimizer, scaler,
                                 lambda m, inputs, targets: compute_loss(m, inputs, targets, amp_dtype, ctx.device),
@@ -502,18 +507,30 @@ def find_max_microbatch(run, ctx, target_global_batch, write):
                         "memory; use a smaller model or context_length")
     peak = torch.tensor([float(peak_bytes[largest])], device=ctx.device)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    microbatch, accumulation = suggest_batch_split(largest, ctx.world_size, target_global_batch)
+    keys, suggestion = batch_suggestion(run, ctx, largest, sequences, target_global_batch)
     if ctx.is_main:
         peak_text = f"{peak.item() / 2**30:.1f} GiB on the fullest device" if peak.item() else "n/a on CPU"
-        print(f"Largest microbatch that fits on every rank: {largest} (peak memory {peak_text}).\n"
-              f"For a global batch of at least {target_global_batch} sequences on {ctx.world_size} rank(s): "
-              f"microbatch_size {microbatch}, gradient_accumulation_steps {accumulation} "
-              f"(global batch {microbatch * accumulation * ctx.world_size}).")
+        print(f"Largest microbatch that fits on every rank: {largest} (peak memory {peak_text}).\n{suggestion}")
     if write:
-        train_json = run.run_dir / "train.json"
-        run_and_share_errors(ctx.is_main, lambda: write_batch_split(train_json, microbatch, accumulation))
+        run_and_share_errors(ctx.is_main, lambda: write_batch_split(train_json, keys))
         if ctx.is_main:
             print(f"Updated {train_json}.")
+
+
+def batch_suggestion(run, ctx, largest, sequences, target_global_batch):
+    """-f's suggestion for the largest microbatch that fits: the train.json keys to write and
+    what to print. `sequences`: per rank per step, when train.json fixes them with global_batch_tokens."""
+    if sequences is None:
+        microbatch, accumulation = suggest_batch_split(largest, ctx.world_size, target_global_batch)
+        return ({"microbatch_size": microbatch, "gradient_accumulation_steps": accumulation},
+                f"For a global batch of at least {target_global_batch} sequences on {ctx.world_size} rank(s): "
+                f"microbatch_size {microbatch}, gradient_accumulation_steps {accumulation} "
+                f"(global batch {microbatch * accumulation * ctx.world_size}).")
+    microbatch, accumulation = suggest_dividing_microbatch(largest, sequences)
+    return ({"microbatch_size": microbatch},  # the accumulation is derived at start-up
+            f"For train.json's global_batch_tokens {run.train.global_batch_tokens} ({sequences} sequences per rank "
+            f"on {ctx.world_size} rank(s)): microbatch_size {microbatch}, the largest that fits and divides it "
+            f"(gradient_accumulation_steps {accumulation}, derived at start-up).")
 
 
 def choose_checkpoint(run, ctx, checkpoint, force):
