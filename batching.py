@@ -2,65 +2,178 @@
 
 The training slice starts at `start_train_token` and holds whole global batches
 of `world_size x microbatch_size x gradient_accumulation_steps x context_length`
-tokens, plus one token so the last target exists. Microbatch number
+tokens (the accumulation given in train.json, or derived from its
+global_batch_tokens: gradient_accumulation_for), as many as its token budget asks
+(token_budget, count_optimizer_steps), plus one token so the last target exists. Microbatch number
 `(global_step x accumulation_steps + accumulation_step) x world_size + rank` is
 the one a rank uses, so N ranks with accumulation 1 see exactly the tokens of
 1 rank with accumulation N, step for step.
 """
 
+import decimal
 import math
+from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 import torch
 
+import perf
 from errors import RankLocalUserError, UserError
 
 
-def count_optimizer_steps(available_tokens, global_batch_tokens, train_cfg, token_file, train_json):
-    """Optimizer steps needed to cover train.json's `min_train_tokens` from its
-    `start_train_token` (rounded up to whole global batches), or every whole global
-    batch available when it is -1."""
+def gradient_accumulation_for(train_cfg, world_size, context_length, train_json):
+    """train.json's gradient_accumulation_steps, or the one its global_batch_tokens gives on
+    `world_size` ranks: global_batch_tokens / (world_size x microbatch_size x context_length),
+    which must be whole, so every world size trains on the same tokens per optimizer step."""
+    if train_cfg.global_batch_tokens is None:
+        return train_cfg.gradient_accumulation_steps
+    sequences = sequences_per_rank(train_cfg, world_size, context_length, train_json)
+    accumulation, remainder = divmod(sequences, train_cfg.microbatch_size)
+    if remainder:
+        global_batch, microbatch = train_cfg.global_batch_tokens, train_cfg.microbatch_size
+        step_tokens = world_size * microbatch * context_length
+        below = [d for d in divisors(sequences) if d < microbatch]
+        above = [d for d in divisors(sequences) if d > microbatch]
+        microbatches = " or ".join(str(d) for d in [below[-1], *above[:1]])
+        raise UserError(f"{train_json}: key 'global_batch_tokens' ({global_batch}) is not a multiple of world size "
+                        f"{world_size} x microbatch_size {microbatch} x context_length {context_length} = "
+                        f"{step_tokens} tokens, so it gives no whole number of gradient accumulation steps; set "
+                        f"global_batch_tokens to {nearest_multiples(global_batch, step_tokens)}, or microbatch_size "
+                        f"to {microbatches}")
+    return accumulation
+
+
+def sequences_per_rank(train_cfg, world_size, context_length, train_json):
+    """train.json's global_batch_tokens as sequences per rank per optimizer step on `world_size` ranks."""
+    global_batch, rank_tokens = train_cfg.global_batch_tokens, world_size * context_length
+    if global_batch % rank_tokens:
+        raise UserError(f"{train_json}: key 'global_batch_tokens' ({global_batch}) is not a multiple of world size "
+                        f"{world_size} x context_length {context_length} = {rank_tokens} tokens, so no microbatch_size "
+                        f"splits it into whole sequences on every rank; set global_batch_tokens to "
+                        f"{nearest_multiples(global_batch, rank_tokens)}")
+    return global_batch // rank_tokens
+
+
+def nearest_multiples(value, unit):
+    """The multiples of `unit` just below and above `value`, as train.json would hold them."""
+    below, above = value // unit * unit, (value // unit + 1) * unit
+    return f"{below} or {above}" if below else str(above)
+
+
+def divisors(number):
+    small = [d for d in range(1, math.isqrt(number) + 1) if number % d == 0]
+    return sorted({*small, *(number // d for d in small)})
+
+
+@dataclass(frozen=True)
+class TokenBudget:
+    """How long train.json asks to train: the `value` of its `key` (no key: every whole global
+    batch available), worth `tokens_per_unit` tokens per unit (1 for min_train_tokens, the
+    parameter count for train_tokens_per_parameter, 1 / training FLOPs per token for train_flops)."""
+    key: str | None = None
+    value: float | None = None
+    tokens_per_unit: Fraction = Fraction(1)
+    per_unit_text: str = ""  # how units become tokens, for messages: "x 124,439,808 parameters"
+
+    @property
+    def tokens(self):
+        return None if self.key is None else math.ceil(exact(self.value) * self.tokens_per_unit)
+
+    def __str__(self):
+        text = f"{self.key} {number(self.value)}"
+        return f"{text} {self.per_unit_text} = {self.tokens:,} tokens" if self.per_unit_text else text
+
+    def largest_value(self, tokens):
+        """The largest value of the key that asks for at most `tokens`, as train.json would hold it
+        (a ratio or FLOPs rounded down to 4 significant digits)."""
+        if self.tokens_per_unit == 1:
+            return str(tokens)
+        largest = Fraction(tokens) / self.tokens_per_unit
+        rounded = decimal.Context(prec=4, rounding=decimal.ROUND_FLOOR).divide(largest.numerator, largest.denominator)
+        return format(rounded, "g")
+
+
+def token_budget(train_cfg, model_cfg=None):
+    """train.json's training length, from whichever of min_train_tokens, train_tokens_per_parameter
+    and train_flops it gives (at most one: config.py checks); only the last two need the model's
+    config. Parameters are perf.parameter_count's: every unique trainable parameter, embeddings
+    included, as Chinchilla counts them."""
+    if train_cfg.train_tokens_per_parameter is not None:
+        parameters = perf.parameter_count(model_cfg)
+        return TokenBudget("train_tokens_per_parameter", train_cfg.train_tokens_per_parameter, Fraction(parameters),
+                           f"x {parameters:,} parameters")
+    if train_cfg.train_flops is not None:
+        per_token = perf.training_flops_per_token(model_cfg)
+        return TokenBudget("train_flops", train_cfg.train_flops, Fraction(1, per_token),
+                           f"/ {per_token:,} FLOPs per token")
+    if train_cfg.min_train_tokens != -1:
+        return TokenBudget("min_train_tokens", train_cfg.min_train_tokens)
+    return TokenBudget()
+
+
+def exact(value):
+    """A train.json number as the decimal written there (0.1 is 1/10, not the float nearest it),
+    so that token counts are exact integer arithmetic."""
+    return Fraction(repr(value))
+
+
+def number(value):
+    """A train.json number as written there: 20, not 20.0; 1e+18, not 1000000000000000000.0."""
+    return repr(value).removesuffix(".0")
+
+
+def count_optimizer_steps(available_tokens, global_batch_tokens, train_cfg, token_file, train_json, model_cfg=None):
+    """Optimizer steps needed to cover train.json's token budget (token_budget) from its
+    `start_train_token`, rounded up to whole global batches, or every whole global batch
+    available when it gives none."""
+    budget = token_budget(train_cfg, model_cfg)
     whole_batches = max(0, available_tokens - train_cfg.start_train_token - 1) // global_batch_tokens
-    if train_cfg.min_train_tokens == -1:
-        steps = whole_batches
-    else:
-        steps = math.ceil(train_cfg.min_train_tokens / global_batch_tokens)
+    steps = whole_batches if budget.tokens is None else math.ceil(budget.tokens / global_batch_tokens)
     if steps == 0 or steps > whole_batches:
-        raise training_slice_error(available_tokens, global_batch_tokens, train_cfg, token_file, train_json)
+        raise training_slice_error(available_tokens, global_batch_tokens, train_cfg, budget, token_file, train_json)
     return steps
 
 
-def training_slice_error(available_tokens, global_batch_tokens, train_cfg, token_file, train_json):
+def training_slice_error(available_tokens, global_batch_tokens, train_cfg, budget, token_file, train_json):
     """What is wrong with train.json's training slice of `token_file`, and the values that would fit."""
-    start, min_tokens = train_cfg.start_train_token, train_cfg.min_train_tokens
-    steps = 1 if min_tokens == -1 else math.ceil(min_tokens / global_batch_tokens)
+    start = train_cfg.start_train_token
+    steps = 1 if budget.tokens is None else math.ceil(budget.tokens / global_batch_tokens)
     needed = steps * global_batch_tokens + 1  # one more token for the last target
     if start >= available_tokens:
         problem = f"start token {start:,} is past the end of the file ({available_tokens:,} tokens)"
     else:
-        wanted = ("one global batch" if min_tokens == -1
-                  else f"min_train_tokens {min_tokens} in {steps:,} global batch{'es' if steps > 1 else ''}")
+        wanted = ("one global batch" if budget.key is None
+                  else f"{budget} in {steps:,} global batch{'es' if steps > 1 else ''}")
         problem = (f"too short: training needs {needed:,} tokens from start_train_token {start} ({wanted} of "
                    f"{global_batch_tokens:,} tokens, plus 1) but the file has {available_tokens:,}")
-    fits = training_slice_fits(available_tokens, global_batch_tokens, train_cfg, needed)
+    fits = training_slice_fits(available_tokens, global_batch_tokens, train_cfg, budget, needed)
     remedy = f"in {train_json} set {', or '.join(fits)}" if fits else "use a dataset with more tokens"
     return UserError(f"{token_file}: {problem}; {remedy}")
 
 
-def training_slice_fits(available_tokens, global_batch_tokens, train_cfg, needed):
+def training_slice_fits(available_tokens, global_batch_tokens, train_cfg, budget, needed):
     """The train.json changes, each enough on its own, that make the training slice fit.
     Values of keys are written as in train.json (no thousands separators)."""
     fits = []
     if needed <= available_tokens:
         fits.append(f"start_train_token to at most {available_tokens - needed}")
     room = max(0, available_tokens - train_cfg.start_train_token - 1)
-    if train_cfg.min_train_tokens != -1 and room >= global_batch_tokens:
-        fits.append(f"min_train_tokens to at most {room // global_batch_tokens * global_batch_tokens}")
+    whole_batches_tokens = room // global_batch_tokens * global_batch_tokens
+    if budget.key is not None and whole_batches_tokens:
+        fits.append(f"{budget.key} to at most {budget.largest_value(whole_batches_tokens)}")
+    if room >= global_batch_tokens:
+        return fits
+    # Not even one global batch fits: a smaller one, then with no budget beyond it.
+    no_budget = {None: "", "min_train_tokens": " with min_train_tokens -1"}.get(budget.key, f" without {budget.key}")
+    if train_cfg.global_batch_tokens is not None:
+        fits.append(f"global_batch_tokens to at most {room} (a multiple of world size x microbatch_size x "
+                    f"context_length){no_budget}")
+        return fits
     # A global batch is world size x microbatch_size x gradient_accumulation_steps x context_length tokens.
     largest_microbatch = room // (global_batch_tokens // train_cfg.microbatch_size)
-    if room < global_batch_tokens and largest_microbatch:
-        fits.append(f"microbatch_size to at most {largest_microbatch}"
-                    + ("" if train_cfg.min_train_tokens == -1 else " with min_train_tokens -1"))
+    if largest_microbatch:
+        fits.append(f"microbatch_size to at most {largest_microbatch}{no_budget}")
     return fits
 
 

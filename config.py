@@ -24,6 +24,8 @@ MAX_RANDOM_SEED = 2**62
 MAX_DIST_TIMEOUT_MINUTES = 7 * 24 * 60
 # Old reference configs spelled microbatch_size this way.
 LEGACY_ALIASES = {"minibatch_size": "microbatch_size"}
+# train.json's ways of saying how long to train; min_train_tokens -1 (its default) says none of them.
+TOKEN_BUDGET_KEYS = ("min_train_tokens", "train_tokens_per_parameter", "train_flops")
 
 
 def load_json(path):
@@ -165,7 +167,8 @@ ARCHITECTURE_KEYS = ("pos_emb", "rope_theta", "norm", "norm_eps", "mlp", "mlp_hi
 class TrainConfig:
     dataset: str
     microbatch_size: int
-    gradient_accumulation_steps: int = 1
+    # 1 when absent, unless global_batch_tokens is given (see __post_init__).
+    gradient_accumulation_steps: int | None = None
     # Defaults to validation_interval when that is set (old reference configs
     # used validation_interval for "validate and checkpoint"), else 1000.
     checkpoint_interval: int | None = None
@@ -195,13 +198,26 @@ class TrainConfig:
     pad_vocab_to_multiple_of: int = 1  # pad the output layer's vocabulary (64 suits GPUs); checkpoints unpadded
     activation_checkpointing: bool = False  # recompute each block in the backward pass: less memory, ~1/3 more compute
     loss_chunk_tokens: int | None = None  # compute the loss over this many tokens' logits at a time
+    # Instead of gradient_accumulation_steps: tokens per optimizer step, the same on any world size
+    # (the accumulation is derived at start-up: batching.gradient_accumulation_for).
+    global_batch_tokens: int | None = None
+    # Instead of min_train_tokens: a budget per parameter (Chinchilla: 20) or in training FLOPs
+    # (batching.token_budget turns either into tokens).
+    train_tokens_per_parameter: float | None = None
+    train_flops: float | None = None
+
+    def __post_init__(self):
+        # With global_batch_tokens the accumulation depends on the world size, so it stays None
+        # here: nothing can read a fixed accumulation by mistake.
+        if self.gradient_accumulation_steps is None and self.global_batch_tokens is None:
+            object.__setattr__(self, "gradient_accumulation_steps", 1)  # the dataclass is frozen
 
     @classmethod
     def from_dict(cls, raw, source="train.json"):
         return _parse(cls, raw, source)
 
     def validate(self, source):
-        for key in ("microbatch_size", "gradient_accumulation_steps", "validation_batches"):
+        for key in ("microbatch_size", "validation_batches"):
             _require(getattr(self, key) > 0, source, key, f"must be positive, got {getattr(self, key)}")
         for key in ("checkpoint_interval", "validation_interval"):
             value = getattr(self, key)
@@ -226,10 +242,18 @@ class TrainConfig:
                  f"must be between 0 and 100, got {self.warmup_period_percent}")
         _require(self.amp_dtype in (None, "bfloat16", "float16"), source, "amp_dtype",
                  f"must be \"bfloat16\" or \"float16\", got {json.dumps(self.amp_dtype)}")
-        for key in ("keep_last_checkpoints", "max_skipped_steps", "log_interval", "peak_tflops",
-                    "pad_vocab_to_multiple_of", "loss_chunk_tokens"):
+        for key in ("gradient_accumulation_steps", "keep_last_checkpoints", "max_skipped_steps", "log_interval",
+                    "peak_tflops", "pad_vocab_to_multiple_of", "global_batch_tokens", "train_tokens_per_parameter",
+                    "train_flops", "loss_chunk_tokens"):
             value = getattr(self, key)
             _require(value is None or value > 0, source, key, f"must be positive, got {value}")
+        if self.gradient_accumulation_steps is not None and self.global_batch_tokens is not None:
+            raise UserError(f"{source}: keys 'gradient_accumulation_steps' and 'global_batch_tokens' are alternatives "
+                            "(global_batch_tokens derives the accumulation from the world size); give one of them")
+        budgets = [key for key in TOKEN_BUDGET_KEYS if getattr(self, key) not in (None, -1)]
+        if len(budgets) > 1:
+            raise UserError(f"{source}: keys '{budgets[0]}' and '{budgets[1]}' are alternatives; give at most one of "
+                            f"{', '.join(TOKEN_BUDGET_KEYS)}")
         _require(0 < self.dist_timeout_minutes <= MAX_DIST_TIMEOUT_MINUTES, source, "dist_timeout_minutes",
                  f"must be between 0 and {MAX_DIST_TIMEOUT_MINUTES} (one week), got {self.dist_timeout_minutes}")
 

@@ -33,8 +33,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import charts
 import checkpointing
 import token_data
-from batching import (Microbatches, check_validation_length, count_optimizer_steps, prefetch_to_device,
-                      rank_microbatch_indices)
+from batching import (Microbatches, check_validation_length, count_optimizer_steps, gradient_accumulation_for,
+                      prefetch_to_device, rank_microbatch_indices, sequences_per_rank, token_budget)
 from config import ModelConfig, load_run
 from distributed import StopSignals, check_connectivity, init_distributed, run_and_share_errors
 from errors import RankLost, UserError, report_user_errors
@@ -43,7 +43,8 @@ from metrics import IntervalStats, TrainingLog, read_metrics, require_tensorboar
 from run_lock import lock_run_dir
 from training import (amp_dtype_for, check_model_fits, compute_loss, make_lr_scheduler, make_optimizer,
                       move_lr_scheduler_to)
-from microbatch_search import largest_passing, make_trial, require_gpu, suggest_batch_split, write_batch_split
+from microbatch_search import (largest_passing, make_trial, require_gpu, suggest_batch_split,
+                               suggest_dividing_microbatch, write_batch_split)
 
 
 # ---------------------------------------------------------------- set-up
@@ -54,10 +55,14 @@ class Data:
     validation: Microbatches | None
     total_steps: int
     global_batch_tokens: int
+    gradient_accumulation_steps: int  # train.json's, or derived from its global_batch_tokens for this world size
 
 
 def load_data(run, ctx, datasets_dir):
     train_cfg, context_length = run.train, run.model.context_length
+    train_json = run.run_dir / "train.json"
+    # Before any download: a global batch that this world size cannot split is a mistake in train.json.
+    accumulation = gradient_accumulation_for(train_cfg, ctx.world_size, context_length, train_json)
     # Once per node, or once in all when every node sees the same DATASETS_DIR.
     fetches = ctx.is_main if train_cfg.shared_filesystem else ctx.is_local_main
     dataset_dir = run_and_share_errors(
@@ -70,11 +75,10 @@ def load_data(run, ctx, datasets_dir):
                         f"it must be at least {meta.vocab_size}")
 
     microbatch_tokens = train_cfg.microbatch_size * context_length
-    global_batch_tokens = ctx.world_size * train_cfg.gradient_accumulation_steps * microbatch_tokens
-    train_json = run.run_dir / "train.json"
+    global_batch_tokens = ctx.world_size * accumulation * microbatch_tokens
     train_tokens = token_data.open_split(dataset_dir, "train")
     total_steps = count_optimizer_steps(len(train_tokens), global_batch_tokens, train_cfg,
-                                        dataset_dir / "train.safetensors", train_json)
+                                        dataset_dir / "train.safetensors", train_json, run.model)
     train = Microbatches(train_tokens, train_cfg.start_train_token,
                          total_steps * global_batch_tokens // microbatch_tokens,
                          train_cfg.microbatch_size, context_length, vocab_size=run.model.vocab_size,
@@ -88,7 +92,7 @@ def load_data(run, ctx, datasets_dir):
         validation = Microbatches(val_tokens, train_cfg.start_val_token, train_cfg.validation_batches,
                                   train_cfg.microbatch_size, context_length, vocab_size=run.model.vocab_size,
                                   path=dataset_dir / "validation.safetensors")
-    return Data(train, validation, total_steps, global_batch_tokens)
+    return Data(train, validation, total_steps, global_batch_tokens, accumulation)
 
 
 # ---------------------------------------------------------------- RNG state
@@ -142,7 +146,7 @@ def train_step(trainer, run, ctx, microbatches, stop_requested):
     loss or gradient on any rank is skipped on every rank alike, inside the fused
     optimizer (its `found_inf`), with no sync.
     """
-    accumulation_steps = run.train.gradient_accumulation_steps
+    accumulation_steps = trainer.data.gradient_accumulation_steps
     loss_sum = torch.zeros((), device=ctx.device)
     for accumulation_step in range(accumulation_steps):
         inputs, targets = next(microbatches)
@@ -210,8 +214,9 @@ class Progress:
     skipped_in_a_row: int = 0
 
 
-def check_resumable(run, ctx, checkpoint_dir, meta):
-    """Refuse a different model; allow a different split of the same global batch, and say so."""
+def check_resumable(run, ctx, checkpoint_dir, meta, accumulation):
+    """Refuse a different model; allow a different split of the same global batch, and say so.
+    `accumulation`: this run's gradient accumulation steps (train.json's, or derived)."""
     saved_model = meta.get("model_config")
     if saved_model is not None:
         # Through ModelConfig, so keys written at their defaults (or not at all) compare equal.
@@ -227,7 +232,7 @@ def check_resumable(run, ctx, checkpoint_dir, meta):
         raise UserError(f"checkpoint {checkpoint_dir.name} was trained with pad_vocab_to_multiple_of "
                         f"{saved_padding}; resume it with the same value in train.json")
     now = {"world_size": ctx.world_size, "microbatch_size": run.train.microbatch_size,
-           "gradient_accumulation_steps": run.train.gradient_accumulation_steps}
+           "gradient_accumulation_steps": accumulation}
     saved = {key: meta.get(key) for key in now}
     if None in saved.values() or saved == now:
         return
@@ -235,7 +240,8 @@ def check_resumable(run, ctx, checkpoint_dir, meta):
         raise UserError(
             f"checkpoint {checkpoint_dir.name} was trained with a global batch of {math.prod(saved.values())} "
             f"sequences ({saved}) but this run has {math.prod(now.values())} ({now}); keep world_size x "
-            "microbatch_size x gradient_accumulation_steps the same to resume")
+            "microbatch_size x gradient_accumulation_steps the same to resume (or global_batch_tokens "
+            f"{math.prod(saved.values()) * run.model.context_length})")
     if ctx.is_main:
         changes = ", ".join(f"{key} {saved[key]} -> {now[key]}" for key in now if saved[key] != now[key])
         print(f"note: resuming with {changes} (same global batch, same data order)")
@@ -243,7 +249,7 @@ def check_resumable(run, ctx, checkpoint_dir, meta):
 
 def restore(run, ctx, checkpoint_dir, state, data):
     meta = checkpointing.read_checkpoint_meta(checkpoint_dir)
-    check_resumable(run, ctx, checkpoint_dir, meta)
+    check_resumable(run, ctx, checkpoint_dir, meta, data.gradient_accumulation_steps)
     meta, rng_states = checkpointing.load_training_state(checkpoint_dir, state, ctx.device)
     start_step = meta["global_step"] + 1
     # The schedule is a function of the step: this also continues a reference-harness run,
@@ -271,14 +277,14 @@ def last_good_checkpoint_text(progress):
     return f"the last good checkpoint is {progress.last_checkpoint} (resume with `latest` or `auto`)"
 
 
-def checkpoint_meta(run, ctx, log, interval, progress):
+def checkpoint_meta(run, ctx, data, log, interval, progress):
     """meta.json for a checkpoint at the last recorded step (the reference harness's keys, and ours)."""
     train_cfg = run.train
     return {"global_step": log.last_row["step"], **interval.summary(), "learning_rate": log.last_row["lr"],
             "val_loss": log.last_val_loss, "best_loss": progress.best_loss, "tokens_seen": log.tokens_seen,
             "elapsed_s": log.last_row["elapsed_s"], "world_size": ctx.world_size,
             "microbatch_size": train_cfg.microbatch_size,
-            "gradient_accumulation_steps": train_cfg.gradient_accumulation_steps,
+            "gradient_accumulation_steps": data.gradient_accumulation_steps,
             "pad_vocab_to_multiple_of": train_cfg.pad_vocab_to_multiple_of,
             "model_config": run.model.to_dict()}
 
@@ -320,7 +326,8 @@ def checkpoint(run, ctx, trainer, log, interval, progress):
                                                               or score < progress.best_loss)
     if is_best:
         progress.best_loss = score
-    saved = save(run, ctx, trainer.state, checkpoint_meta(run, ctx, log, interval, progress), is_best)
+    meta = checkpoint_meta(run, ctx, trainer.data, log, interval, progress)
+    saved = save(run, ctx, trainer.state, meta, is_best)
     # Only rank 0 knows the directory's name (it holds the time of the save).
     progress.last_checkpoint = saved.name if saved else f"the checkpoint of global step {step}"
 
@@ -393,6 +400,17 @@ def count_skipped_steps(rows, run, progress):
                 "learning_rate, clipping_max_norm, or amp_dtype \"bfloat16\"")
 
 
+def print_batch_and_budget(run, ctx, data):
+    """What train.json's global_batch_tokens and token budget came to, when it gives them."""
+    if run.train.global_batch_tokens is not None:
+        print(f"global batch: global_batch_tokens {data.global_batch_tokens:,} = world size {ctx.world_size} x "
+              f"microbatch_size {run.train.microbatch_size} x gradient_accumulation_steps "
+              f"{data.gradient_accumulation_steps} (derived) x context_length {run.model.context_length}")
+    budget = token_budget(run.train, run.model)
+    if budget.key is not None:
+        print(f"budget: {budget} -> {data.total_steps:,} steps of {data.global_batch_tokens:,} tokens")
+
+
 def train(run, ctx, datasets_dir, checkpoint_dir):
     train_cfg = run.train
     trainer, progress = build_trainer(run, ctx, datasets_dir, checkpoint_dir)
@@ -404,8 +422,9 @@ def train(run, ctx, datasets_dir, checkpoint_dir):
               f"{trainer.data.total_steps:,} optimizer steps of {trainer.data.global_batch_tokens:,} tokens, "
               f"device {ctx.device}, autocast {trainer.amp_dtype or 'off'}"
               + (", compiled" if train_cfg.compile else ""))
+        print_batch_and_budget(run, ctx, trainer.data)
     microbatches = prefetch_to_device(trainer.data.train, rank_microbatch_indices(
-        progress.start_step, trainer.data.total_steps, train_cfg.gradient_accumulation_steps, ctx.world_size,
+        progress.start_step, trainer.data.total_steps, trainer.data.gradient_accumulation_steps, ctx.world_size,
         ctx.rank), ctx.device)
     log_interval = train_cfg.log_interval or (10 if ctx.device.type == "cuda" else 1)
     checkpoint_interval = train_cfg.effective_checkpoint_interval
@@ -467,6 +486,10 @@ def train(run, ctx, datasets_dir, checkpoint_dir):
 def find_max_microbatch(run, ctx, target_global_batch, write):
     """The -f search: no validation, no checkpoints, random tokens (memory depends only on shapes)."""
     require_gpu(ctx.device)
+    train_json = run.run_dir / "train.json"
+    # A global batch fixed in train.json that this world size cannot split is said before the search, not after.
+    sequences = (None if run.train.global_batch_tokens is None
+                 else sequences_per_rank(run.train, ctx.world_size, run.model.context_length, train_json))
     model, amp_dtype, optimizer, scaler = build_model(run, ctx)
     try_microbatch = make_trial(model, optimizer, scaler,
                                 lambda m, inputs, targets: compute_loss(m, inputs, targets, amp_dtype, ctx.device),
@@ -490,18 +513,30 @@ def find_max_microbatch(run, ctx, target_global_batch, write):
                         "memory; use a smaller model or context_length")
     peak = torch.tensor([float(peak_bytes[largest])], device=ctx.device)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    microbatch, accumulation = suggest_batch_split(largest, ctx.world_size, target_global_batch)
+    keys, suggestion = batch_suggestion(run, ctx, largest, sequences, target_global_batch)
     if ctx.is_main:
         peak_text = f"{peak.item() / 2**30:.1f} GiB on the fullest device" if peak.item() else "n/a on CPU"
-        print(f"Largest microbatch that fits on every rank: {largest} (peak memory {peak_text}).\n"
-              f"For a global batch of at least {target_global_batch} sequences on {ctx.world_size} rank(s): "
-              f"microbatch_size {microbatch}, gradient_accumulation_steps {accumulation} "
-              f"(global batch {microbatch * accumulation * ctx.world_size}).")
+        print(f"Largest microbatch that fits on every rank: {largest} (peak memory {peak_text}).\n{suggestion}")
     if write:
-        train_json = run.run_dir / "train.json"
-        run_and_share_errors(ctx.is_main, lambda: write_batch_split(train_json, microbatch, accumulation))
+        run_and_share_errors(ctx.is_main, lambda: write_batch_split(train_json, keys))
         if ctx.is_main:
             print(f"Updated {train_json}.")
+
+
+def batch_suggestion(run, ctx, largest, sequences, target_global_batch):
+    """-f's suggestion for the largest microbatch that fits: the train.json keys to write and
+    what to print. `sequences`: per rank per step, when train.json fixes them with global_batch_tokens."""
+    if sequences is None:
+        microbatch, accumulation = suggest_batch_split(largest, ctx.world_size, target_global_batch)
+        return ({"microbatch_size": microbatch, "gradient_accumulation_steps": accumulation},
+                f"For a global batch of at least {target_global_batch} sequences on {ctx.world_size} rank(s): "
+                f"microbatch_size {microbatch}, gradient_accumulation_steps {accumulation} "
+                f"(global batch {microbatch * accumulation * ctx.world_size}).")
+    microbatch, accumulation = suggest_dividing_microbatch(largest, sequences)
+    return ({"microbatch_size": microbatch},  # the accumulation is derived at start-up
+            f"For train.json's global_batch_tokens {run.train.global_batch_tokens} ({sequences} sequences per rank "
+            f"on {ctx.world_size} rank(s)): microbatch_size {microbatch}, the largest that fits and divides it "
+            f"(gradient_accumulation_steps {accumulation}, derived at start-up).")
 
 
 def choose_checkpoint(run, ctx, checkpoint, force):

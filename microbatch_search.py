@@ -1,5 +1,6 @@
 """`ddp_train.py RUN DATASETS_DIR -f`: the largest microbatch that trains without running
-out of memory, and the accumulation that reaches a target global batch with it."""
+out of memory, and the accumulation that reaches a target global batch with it (or, when
+train.json fixes the global batch with global_batch_tokens, the microbatch that splits it)."""
 
 import gc
 import json
@@ -8,6 +9,7 @@ import os
 
 import torch
 
+from batching import divisors
 from errors import UserError
 
 STEPS_PER_TRY = 3
@@ -34,6 +36,14 @@ def suggest_batch_split(max_microbatch, world_size, target_global_batch):
     accumulation = math.ceil(target_global_batch / (max_microbatch * world_size))
     microbatch = math.ceil(target_global_batch / (accumulation * world_size))
     return microbatch, accumulation
+
+
+def suggest_dividing_microbatch(max_microbatch, sequences_per_rank):
+    """(microbatch_size, gradient_accumulation_steps) for a global batch fixed at
+    `sequences_per_rank` sequences per rank (train.json's global_batch_tokens): the largest
+    microbatch that fits and divides it, so the accumulation is whole."""
+    microbatch = max(d for d in divisors(sequences_per_rank) if d <= max_microbatch)
+    return microbatch, sequences_per_rank // microbatch
 
 
 def require_gpu(device):
@@ -79,11 +89,12 @@ def make_trial(model, optimizer, scaler, compute_loss, ctx, context_length, voca
     return try_microbatch
 
 
-def write_batch_split(train_json, microbatch, accumulation):
-    """Update the two keys in train.json, keeping every other key and their order."""
+def write_batch_split(train_json, keys):
+    """Update `keys` (microbatch_size, and gradient_accumulation_steps unless train.json derives
+    it from global_batch_tokens) in train.json, keeping every other key and their order."""
     raw = json.loads(train_json.read_text())
     raw.pop("minibatch_size", None)  # the old spelling would now contradict the new value
-    raw.update(microbatch_size=microbatch, gradient_accumulation_steps=accumulation)
+    raw.update(keys)
     partial = train_json.with_name(train_json.name + ".partial")
     partial.write_text(json.dumps(raw, indent=4) + "\n")
     os.replace(partial, train_json)

@@ -113,6 +113,26 @@ def test_dataset_errors(tmp_path, dataset, train, model, fragments):
     assert snapshot(run_dir) == before
 
 
+@pytest.mark.parametrize("train, message", [
+    ({"global_batch_tokens": 1000}, "key 'global_batch_tokens' (1000) is not a multiple of world size 1 x "
+     "context_length 32 = 32 tokens, so no microbatch_size splits it into whole sequences on every rank; set "
+     "global_batch_tokens to 992 or 1024"),
+    ({"global_batch_tokens": 192}, "key 'global_batch_tokens' (192) is not a multiple of world size 1 x "
+     "microbatch_size 4 x context_length 32 = 128 tokens, so it gives no whole number of gradient accumulation "
+     "steps; set global_batch_tokens to 128 or 256, or microbatch_size to 3 or 6"),
+    ({"global_batch_tokens": 256, "gradient_accumulation_steps": 2}, "keys 'gradient_accumulation_steps' and "
+     "'global_batch_tokens' are alternatives (global_batch_tokens derives the accumulation from the world size); "
+     "give one of them"),
+], ids=["not-whole-sequences", "not-whole-microbatches", "both-keys"])
+def test_a_global_batch_this_world_size_cannot_split(tmp_path, dataset, train, message):
+    run_dir = make_run(tmp_path / "run", dataset, **train)
+    before = snapshot(run_dir)
+    result = run_training([run_dir, tmp_path / "datasets"], check=False)  # the CLI, in this process
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"error: {run_dir / 'train.json'}: {message}"]
+    assert snapshot(run_dir) == before
+
+
 def test_checkpoint_errors(tmp_path, dataset):
     run_dir = make_run(tmp_path / "run", dataset, min_train_tokens=256)
     assert invoke([run_dir, tmp_path / "datasets"]).exit_code == 0

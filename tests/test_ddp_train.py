@@ -155,6 +155,33 @@ def test_resume_with_another_split_of_the_same_global_batch(tmp_path, verdict_da
 
 
 @pytest.mark.e2e
+def test_global_batch_tokens_trains_alike_on_two_ranks_and_one_and_resumes_across_them(tmp_path, verdict_dataset):
+    """One train.json with global_batch_tokens: 2 ranks derive accumulation 1, one process 2, so
+    both see the same tokens per step and give the same losses step by step (fp32). A 2-rank
+    checkpoint then resumes in one process with the same file."""
+    train = dict(global_batch_tokens=tokens_for(1, 2), min_train_tokens=tokens_for(STEPS, 2), checkpoint_interval=3)
+    ranks = make_run(tmp_path / "ranks", verdict_dataset, **train)
+    one = make_run(tmp_path / "one", verdict_dataset, **train)
+    assert (one / "train.json").read_text() == (ranks / "train.json").read_text()
+    run_training([ranks, "datasets"], nproc=2)
+    result = run_training([one, "datasets"])  # plain process, no torchrun: world size 1
+    assert "world size 1 x microbatch_size 4 x gradient_accumulation_steps 2 (derived)" in result.stdout
+    ranks_rows, one_rows = read_rows(ranks), read_rows(one)
+    assert len(ranks_rows) == STEPS and [r["tokens"] for r in one_rows] == [r["tokens"] for r in ranks_rows]
+    assert [r["loss"] for r in one_rows] == pytest.approx([r["loss"] for r in ranks_rows], rel=1e-5)
+    for run_dir, split in ((ranks, (2, 4, 1)), (one, (1, 4, 2))):
+        meta = json.loads((run_dir / "checkpoints" / "latest" / "meta.json").read_text())
+        assert (meta["world_size"], meta["microbatch_size"], meta["gradient_accumulation_steps"]) == split
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(ranks, resumed, symlinks=True)
+    step_3 = next(p.name for p in (resumed / "checkpoints").iterdir() if "iteration-3" in p.name)
+    result = run_training([resumed, "datasets", step_3])
+    assert "note: resuming with world_size 2 -> 1, gradient_accumulation_steps 1 -> 2" in result.stdout
+    assert [r["loss"] for r in read_rows(resumed)] == pytest.approx([r["loss"] for r in ranks_rows], rel=1e-5)
+
+
+@pytest.mark.e2e
 def test_resume_after_switching_autocast_between_bf16_and_fp16(tmp_path, verdict_dataset):
     """A bf16 run saves an empty GradScaler state (the scaler is off); resumed in fp16 the
     scaler starts fresh, and back in bf16 the fp16 scaler state is not needed."""

@@ -10,11 +10,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import ddp_train
 import microbatch_search
 from conftest import TRAINER_WITH_FAULTS, make_run, run_training, train_env
 from training import compute_loss
 from gpt import GPTModel
-from microbatch_search import largest_passing, make_trial, suggest_batch_split
+from microbatch_search import largest_passing, make_trial, suggest_batch_split, suggest_dividing_microbatch
 
 CPU = SimpleNamespace(rank=0, device=torch.device("cpu"))
 TINY = dict(vocab_size=50, context_length=8, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0, qkv_bias=False)
@@ -39,6 +40,37 @@ def test_suggested_split_is_the_fewest_accumulation_steps_that_reach_the_target(
     brute_force = min((a, m) for a in range(1, target + 1) for m in range(1, largest + 1)
                       if m * a * world_size >= target)
     assert (accumulation, microbatch) == brute_force
+
+
+@pytest.mark.parametrize("largest, sequences_per_rank", [(64, 64), (48, 64), (27, 96), (5, 12), (100, 7), (1, 9),
+                                                         (13, 13 * 17)])
+def test_with_global_batch_tokens_the_suggestion_is_the_largest_fitting_microbatch_that_divides_it(
+        largest, sequences_per_rank):
+    microbatch, accumulation = suggest_dividing_microbatch(largest, sequences_per_rank)
+    assert microbatch == max(m for m in range(1, largest + 1) if sequences_per_rank % m == 0)
+    assert microbatch * accumulation == sequences_per_rank
+
+
+@pytest.mark.e2e
+def test_with_global_batch_tokens_write_sets_the_microbatch_only(tmp_path, verdict_dataset, monkeypatch):
+    """In this process (a world of one), with microbatches above 5 failing as if out of memory:
+    global_batch_tokens of 12 sequences of 32 tokens split best as microbatch 4 x accumulation 3."""
+    run_dir = make_run(tmp_path / "run", verdict_dataset, global_batch_tokens=12 * 32)
+    real_make_trial = ddp_train.make_trial
+
+    def make_trial_up_to_5(*args):
+        try_microbatch = real_make_trial(*args)
+        return lambda size: None if size > 5 else try_microbatch(size)
+
+    monkeypatch.setattr(ddp_train, "require_gpu", lambda device: None)
+    monkeypatch.setattr(ddp_train, "make_trial", make_trial_up_to_5)
+    result = run_training([run_dir, "datasets", "-f", "--write"])
+    assert "Largest microbatch that fits on every rank: 5" in result.stdout
+    assert ("For train.json's global_batch_tokens 384 (12 sequences per rank on 1 rank(s)): microbatch_size 4, the "
+            "largest that fits and divides it (gradient_accumulation_steps 3, derived at start-up).") in result.stdout
+    train = json.loads((run_dir / "train.json").read_text())
+    assert (train["microbatch_size"], train["global_batch_tokens"]) == (4, 384)
+    assert "gradient_accumulation_steps" not in train
 
 
 @pytest.mark.e2e
