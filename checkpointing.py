@@ -4,6 +4,12 @@ Each holds `model.safetensors` (reference-harness key names), `optimizer.pt`,
 `scaler.pt`, `scheduler.pt`, `training_state.pt` (every rank's RNG states) and
 `meta.json`. `latest` and `best` are relative symlinks beside them.
 
+A sharded (FSDP) run's checkpoint holds, instead of `optimizer.pt`, `sharded/`: the
+weights and AdamW state as torch.distributed.checkpoint files, one per rank, written
+by every rank at once and readable by any number of ranks (DCP reshards on load).
+Its `model.safetensors` is the full model gathered on rank 0, so every script that
+reads weights reads it as a DDP checkpoint's (train.json's consolidated_weights).
+
 A checkpoint directory is complete or absent: it is written under a hidden
 `.partial-*` name and renamed into place, and the links move after it.
 """
@@ -13,15 +19,24 @@ import errno
 import json
 import os
 import shutil
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
 
+from config import ModelConfig
 from errors import UserError
+from gpt import GPTModel
 from jsonfiles import strict_json
+from parallelism import is_sharded
 
 # Prefixes added by DDP and torch.compile wrappers; never part of a saved key.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -30,6 +45,7 @@ LINKS = ("latest", "best")
 TIED_KEYS = ("tok_emb.weight", "out_head.weight")
 # meta.json, the RNG states and the links, beyond the tensors' own bytes.
 SMALL_FILES_BYTES = 1 << 20
+SHARDED_DIR = "sharded"
 
 
 def clean_state_dict(state_dict):
@@ -89,22 +105,29 @@ def save_safetensors(tensors, path, metadata=None):
 @dataclass
 class TrainingState:
     """Everything a checkpoint restores, one file each (the reference harness's names)."""
-    model: torch.nn.Module  # the bare model, not its DDP or compiled wrapper
+    model: torch.nn.Module  # the bare or sharded model, not its DDP or compiled wrapper
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     scheduler: torch.optim.lr_scheduler.LRScheduler
 
-    def state_files(self):
-        """{file name: state} for the files torch.save writes."""
-        return {"optimizer.pt": self.optimizer.state_dict(), "scaler.pt": self.scaler.state_dict(),
-                "scheduler.pt": self.scheduler.state_dict()}
+    @property
+    def sharded(self):
+        return is_sharded(self.model)
 
-    def size_estimate(self):
-        """Bytes a checkpoint of this state takes: the weights and the optimizer's tensors."""
-        tensors = list(self.model.state_dict().values())
-        tensors += [value for state in self.optimizer.state.values() for value in state.values()
-                    if torch.is_tensor(value)]
-        return sum(t.numel() * t.element_size() for t in tensors) + SMALL_FILES_BYTES
+    def state_files(self):
+        """{file name: state} for the files rank 0 writes with torch.save (a sharded
+        optimizer goes into SHARDED_DIR instead)."""
+        files = {} if self.sharded else {"optimizer.pt": self.optimizer.state_dict()}
+        return {**files, "scaler.pt": self.scaler.state_dict(), "scheduler.pt": self.scheduler.state_dict()}
+
+    def size_estimate(self, full_weights_too=False):
+        """Bytes a checkpoint of this state takes: the weights and the optimizer's tensors
+        (of the whole model, sharded or not), and the weights again when a sharded
+        checkpoint also gets a full model.safetensors."""
+        weights = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+        optimizer = sum(value.numel() * value.element_size() for state in self.optimizer.state.values()
+                        for value in state.values() if torch.is_tensor(value))
+        return weights * (2 if full_weights_too else 1) + optimizer + SMALL_FILES_BYTES
 
 
 def checkpoint_name(global_step, now=None):
@@ -196,21 +219,34 @@ def check_free_space(checkpoints_dir, needed_bytes):
 
 
 def save_checkpoint(checkpoints_dir, state, rank_rng_states, meta, is_best):
-    """Write a checkpoint into a temporary directory, flush it, rename it into place,
-    and only then re-point `latest` (and `best`), so a crash never leaves a link
-    to a half-written checkpoint. A write that fails (a full disk) removes the partial
-    directory and leaves every earlier checkpoint and link as it was. Returns the
-    checkpoint directory."""
+    """Write an unsharded checkpoint (rank 0 alone): begin_checkpoint, then finish_checkpoint."""
+    partial = begin_checkpoint(checkpoints_dir, meta["global_step"], state.size_estimate())
+    return finish_checkpoint(partial, state, rank_rng_states, meta, is_best, full_weights(state.model))
+
+
+def begin_checkpoint(checkpoints_dir, global_step, size_estimate):
+    """Rank 0: the empty hidden `.partial-*` directory a checkpoint is written into,
+    after removing leftovers of saves that were killed and checking the free space."""
     checkpoints_dir = Path(checkpoints_dir)
-    name = checkpoint_name(meta["global_step"])
-    partial = checkpoints_dir / f".partial-{name}"
-    try:
+    partial = checkpoints_dir / f".partial-{checkpoint_name(global_step)}"
+    with _write_errors_reported(partial, size_estimate):
         checkpoints_dir.mkdir(parents=True, exist_ok=True)
-        for leftover in checkpoints_dir.glob(".partial-*"):  # from a save that was killed
+        for leftover in checkpoints_dir.glob(".partial-*"):
             shutil.rmtree(leftover, ignore_errors=True)
-        check_free_space(checkpoints_dir, state.size_estimate())
+        check_free_space(checkpoints_dir, size_estimate)
         partial.mkdir()
-        _write_checkpoint_files(partial, state, rank_rng_states, {**meta, "is_best": is_best})
+    return partial
+
+
+def finish_checkpoint(partial, state, rank_rng_states, meta, is_best, weights):
+    """Rank 0: write the rest of the checkpoint (`weights`, a full state dict on the CPU,
+    as model.safetensors unless None), flush it, rename it into place, and only then
+    re-point `latest` (and `best`), so a crash never leaves a link to a half-written
+    checkpoint. A write that fails (a full disk) removes the partial directory and
+    leaves every earlier checkpoint and link as it was. Returns the checkpoint directory."""
+    checkpoints_dir, name = partial.parent, partial.name.removeprefix(".partial-")
+    with _write_errors_reported(partial, state.size_estimate()):
+        _write_checkpoint_files(partial, state, rank_rng_states, {**meta, "is_best": is_best}, weights)
         final = checkpoints_dir / name
         os.replace(partial, final)
         _fsync_dir(checkpoints_dir)
@@ -218,25 +254,99 @@ def save_checkpoint(checkpoints_dir, state, rank_rng_states, meta, is_best):
             _point_link(checkpoints_dir, "best", name)
         _point_link(checkpoints_dir, "latest", name)
         _fsync_dir(checkpoints_dir)
-    except OSError as e:
-        shutil.rmtree(partial, ignore_errors=True)
-        needed = f" (a checkpoint needs about {size_text(state.size_estimate())})" if e.errno == errno.ENOSPC else ""
-        raise UserError(f"could not write checkpoint {name} in {checkpoints_dir}: "
-                        f"{e.strerror or e}{needed}; earlier checkpoints are untouched")
     return final
 
 
-def _write_checkpoint_files(directory, state, rank_rng_states, meta):
-    # Copied straight to host memory: a copy on the GPU could run a full one out of
-    # memory. Separate copies also keep safetensors from refusing a tied output head
-    # (tensors that share memory), so both keys are saved and every loader finds them.
-    weights = {key: tensor.detach().to("cpu", copy=True).contiguous()
-               for key, tensor in state.model.state_dict().items()}
-    save_safetensors(weights, directory / "model.safetensors")
+@contextmanager
+def _write_errors_reported(partial, size_estimate):
+    """An OSError while writing `partial` (a full disk) as one UserError, the partial directory removed."""
+    try:
+        yield
+    except OSError as e:
+        shutil.rmtree(partial, ignore_errors=True)
+        name = partial.name.removeprefix(".partial-")
+        needed = f" (a checkpoint needs about {size_text(size_estimate)})" if e.errno == errno.ENOSPC else ""
+        raise UserError(f"could not write checkpoint {name} in {partial.parent}: "
+                        f"{e.strerror or e}{needed}; earlier checkpoints are untouched")
+
+
+def full_weights(model):
+    """An unsharded model's state dict, copied straight to host memory: a copy on the GPU
+    could run a full one out of memory. Separate copies also keep safetensors from
+    refusing a tied output head (tensors that share memory), so both keys are saved
+    and every loader finds them."""
+    return {key: tensor.detach().to("cpu", copy=True).contiguous() for key, tensor in model.state_dict().items()}
+
+
+def gather_full_weights(model):
+    """Every rank: a sharded model's full state dict, gathered on rank 0's CPU (empty elsewhere)."""
+    gathered = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {key: tensor.detach().clone().contiguous() for key, tensor in gathered.items()}
+
+
+def write_sharded_state(partial, state):
+    """Every rank: its shards of the weights and AdamW state into `partial`/sharded/.
+    torch.distributed.checkpoint collects the ranks' results, so a write that fails on
+    one rank raises on all of them; rank 0 then removes the partial directory."""
+    model_state, optimizer_state = get_state_dict(state.model, state.optimizer)
+    try:
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=partial / SHARDED_DIR)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - CheckpointException is a BaseException
+        shutil.rmtree(partial, ignore_errors=True)  # on every rank: any that sees it first removes it
+        name = partial.name.removeprefix(".partial-")
+        raise UserError(f"could not write checkpoint {name} in {partial.parent}: {checkpoint_error_text(e)}; "
+                        "earlier checkpoints are untouched")
+
+
+def checkpoint_error_text(error):
+    """One line for a torch.distributed.checkpoint failure: each failing rank's own error."""
+    if isinstance(error, CheckpointException):
+        return "; ".join(f"rank {rank}: {one_line(f'{type(e).__name__}: {e}')}"
+                         for rank, (e, _) in sorted(error.failures.items()))
+    return one_line(f"{type(error).__name__}: {error}")
+
+
+def consolidate_weights(checkpoint_dir):
+    """Write a sharded checkpoint's model.safetensors afterwards, offline and on the CPU
+    (for runs with consolidated_weights false): the full model is read from sharded/
+    without a process group, and meta.json's manifest gains the file. Returns its path."""
+    checkpoint_dir = Path(checkpoint_dir)
+    meta = verify_checkpoint(checkpoint_dir)
+    if not (checkpoint_dir / SHARDED_DIR).is_dir():
+        raise UserError(f"{checkpoint_dir}: not a sharded checkpoint (no {SHARDED_DIR}/); its model.safetensors "
+                        "is already the full model")
+    model = GPTModel(ModelConfig.from_dict(meta["model_config"], source=f"{checkpoint_dir / 'meta.json'}"))
+    loaded = {"model": model.state_dict()}
+    try:
+        with warnings.catch_warnings():
+            # DCP's note that, with no process group, it reads in this one process: meant here.
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(loaded, checkpoint_id=checkpoint_dir / SHARDED_DIR)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - damaged files fail in many ways
+        raise UserError(f"{checkpoint_dir / SHARDED_DIR}: not readable for this model ({checkpoint_error_text(e)})")
+    model.load_state_dict(loaded["model"])
+    weights_path = checkpoint_dir / "model.safetensors"
+    partial = checkpoint_dir / ".model.safetensors.partial"
+    save_safetensors(full_weights(model), partial)
+    os.replace(partial, weights_path)
+    manifest = {**meta["files"], weights_path.name: weights_path.stat().st_size}
+    text = strict_json({**meta, "files": manifest}, indent=2) + "\n"
+    _write_file(checkpoint_dir / ".meta.json.partial", lambda f: f.write(text.encode()))
+    os.replace(checkpoint_dir / ".meta.json.partial", checkpoint_dir / "meta.json")
+    return weights_path
+
+
+def one_line(error):
+    return " ".join(str(error).split())[:500]
+
+
+def _write_checkpoint_files(directory, state, rank_rng_states, meta, weights):
+    if weights is not None:
+        save_safetensors(weights, directory / "model.safetensors")
     files = {**state.state_files(), "training_state.pt": {"rng_states": rank_rng_states}}
     for filename, file_state in files.items():
         _write_file(directory / filename, lambda f, file_state=file_state: torch.save(file_state, f))
-    manifest = {p.name: p.stat().st_size for p in directory.iterdir()}
+    manifest = {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}
     text = strict_json({**meta, "files": manifest}, indent=2) + "\n"
     _write_file(directory / "meta.json", lambda f: f.write(text.encode()))
 
@@ -278,9 +388,14 @@ def load_training_state(checkpoint_dir, state, device):
     Returns (meta, rng_states or None)."""
     checkpoint_dir = Path(checkpoint_dir)
     meta = verify_checkpoint(checkpoint_dir)
-    load_model_weights(state.model, checkpoint_dir / "model.safetensors")
-    load_optimizer_state(state.optimizer, _load(checkpoint_dir / "optimizer.pt", device),
-                         checkpoint_dir / "optimizer.pt")
+    if (checkpoint_dir / SHARDED_DIR).is_dir():
+        read_sharded_state(checkpoint_dir / SHARDED_DIR, state)
+    elif state.sharded:
+        load_full_state_into_shards(checkpoint_dir, state)
+    else:
+        load_model_weights(state.model, checkpoint_dir / "model.safetensors")
+        load_optimizer_state(state.optimizer, _load(checkpoint_dir / "optimizer.pt", device),
+                             checkpoint_dir / "optimizer.pt")
     scaler_state = _load(checkpoint_dir / "scaler.pt") if (checkpoint_dir / "scaler.pt").is_file() else {}
     if scaler_state:  # empty when saved without fp16 (bf16 or fp32): a scaler now on starts fresh
         state.scaler.load_state_dict(scaler_state)
@@ -290,6 +405,52 @@ def load_training_state(checkpoint_dir, state, device):
     if (checkpoint_dir / "training_state.pt").is_file():
         rng_states = _load(checkpoint_dir / "training_state.pt")["rng_states"]
     return meta, rng_states
+
+
+def read_sharded_state(sharded_dir, state):
+    """Every rank: weights and AdamW state from a sharded checkpoint, into a sharded model
+    (on any number of ranks: DCP reads each rank's part from whichever files hold it) or
+    an unsharded one (each rank reads everything)."""
+    model_state, optimizer_state = get_state_dict(state.model, state.optimizer)
+    loaded = {"model": model_state, "optimizer": optimizer_state}
+    try:
+        dcp.load(loaded, checkpoint_id=sharded_dir)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - damaged files fail in many ways
+        raise UserError(f"{sharded_dir}: not a readable sharded checkpoint for this model "
+                        f"({checkpoint_error_text(e)})")
+    set_state_dict(state.model, state.optimizer, model_state_dict=loaded["model"],
+                   optim_state_dict=loaded["optimizer"])
+
+
+def load_full_state_into_shards(checkpoint_dir, state):
+    """Every rank: an unsharded checkpoint (DDP's or the reference harness's) into a
+    sharded model: each rank reads the files and keeps its shards."""
+    weights_path, optimizer_path = checkpoint_dir / "model.safetensors", checkpoint_dir / "optimizer.pt"
+    try:
+        weights = fill_tied_key(clean_state_dict(load_file(weights_path)), state.model)
+    except (FileNotFoundError, SafetensorError) as e:
+        raise UserError(f"{weights_path}: not a readable safetensors file ({e})")
+    optimizer_state = optimizer_state_by_name(state.model, _load(optimizer_path), optimizer_path)
+    fused_settings = [group.get("fused") for group in state.optimizer.param_groups]
+    try:
+        set_state_dict(state.model, state.optimizer, model_state_dict=weights, optim_state_dict=optimizer_state,
+                       options=StateDictOptions(full_state_dict=True))
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UserError(f"{checkpoint_dir}: does not fit this model ({one_line(e)})")
+    keep_fused_settings(state.optimizer, fused_settings)
+
+
+def optimizer_state_by_name(model, optimizer_state, source):
+    """A torch optimizer state dict keyed by parameter index (what optimizer.pt holds) keyed
+    by parameter name instead, as torch.distributed.checkpoint's state-dict functions want it.
+    The optimizer was built on model.parameters(), so index i is the i-th named parameter."""
+    names = [name for name, _ in model.named_parameters()]
+    try:
+        return {"state": {names[index]: value for index, value in optimizer_state["state"].items()},
+                "param_groups": [{**group, "params": [names[index] for index in group["params"]]}
+                                 for group in optimizer_state["param_groups"]]}
+    except (IndexError, KeyError, TypeError) as e:
+        raise UserError(f"{source}: does not fit this model's parameters ({type(e).__name__}: {e})")
 
 
 def _load(path, device="cpu"):
@@ -322,6 +483,10 @@ def load_optimizer_state(optimizer, state_dict, source):
         optimizer.load_state_dict(state_dict)
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{source}: does not fit this model's parameters ({e})")
+    keep_fused_settings(optimizer, fused_settings)
+
+
+def keep_fused_settings(optimizer, fused_settings):
     for group, fused in zip(optimizer.param_groups, fused_settings):
         group["fused"] = fused
         for param in group["params"] if fused else []:

@@ -22,6 +22,7 @@ RUNS_DIR = PROJECT_DIR / "runs"
 # torch seeds take 64 bits; each rank adds its rank to random_seed.
 MAX_RANDOM_SEED = 2**62
 MAX_DIST_TIMEOUT_MINUTES = 7 * 24 * 60
+PARALLELISMS = ("ddp", "fsdp", "hsdp")
 # Old reference configs spelled microbatch_size this way.
 LEGACY_ALIASES = {"minibatch_size": "microbatch_size"}
 # train.json's ways of saying how long to train; min_train_tokens -1 (its default) says none of them.
@@ -196,6 +197,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (off until proven on your GPU)
     peak_tflops: float | None = None  # the device's peak for MFU, when it is not in perf.py's table
     pad_vocab_to_multiple_of: int = 1  # pad the output layer's vocabulary (64 suits GPUs); checkpoints unpadded
+    parallelism: str = "ddp"  # or "fsdp" / "hsdp": shard weights, gradients and AdamW state (parallelism.py)
+    fsdp_reshard_after_forward: bool = True  # free each block's gathered weights after its forward (less memory)
+    consolidated_weights: bool = True  # fsdp/hsdp checkpoints also get a full model.safetensors (gathered on rank 0)
     activation_checkpointing: bool = False  # recompute each block in the backward pass: less memory, ~1/3 more compute
     loss_chunk_tokens: int | None = None  # compute the loss over this many tokens' logits at a time
     # Instead of gradient_accumulation_steps: tokens per optimizer step, the same on any world size
@@ -240,6 +244,8 @@ class TrainConfig:
                  f"must be between 0 and 2**62 - 1 (each rank seeds with random_seed + rank), got {self.random_seed}")
         _require(0 <= self.warmup_period_percent <= 100, source, "warmup_period_percent",
                  f"must be between 0 and 100, got {self.warmup_period_percent}")
+        _require(self.parallelism in PARALLELISMS, source, "parallelism",
+                 f"must be one of {', '.join(json.dumps(p) for p in PARALLELISMS)}, got {json.dumps(self.parallelism)}")
         _require(self.amp_dtype in (None, "bfloat16", "float16"), source, "amp_dtype",
                  f"must be \"bfloat16\" or \"float16\", got {json.dumps(self.amp_dtype)}")
         for key in ("gradient_accumulation_steps", "keep_last_checkpoints", "max_skipped_steps", "log_interval",

@@ -21,14 +21,12 @@ optimizer step.
 import gc
 import math
 import random
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import click
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import charts
 import checkpointing
@@ -36,9 +34,11 @@ import token_data
 from batching import (Microbatches, check_validation_length, count_optimizer_steps, gradient_accumulation_for,
                       prefetch_to_device, rank_microbatch_indices, sequences_per_rank, token_budget)
 from config import ModelConfig, load_run
-from distributed import StopSignals, check_connectivity, init_distributed, run_and_share_errors
+from distributed import StopSignals, check_connectivity, init_distributed, run_and_share_errors, share_from_main
 from errors import RankLost, UserError, report_user_errors
 from gpt import GPTModel
+from parallelism import (ParallelModel, autocast_dtype_for, check_supported, clip_gradients, local_tensor,
+                         shard, shard_count, wrap_for_training)
 from metrics import IntervalStats, TrainingLog, read_metrics, require_tensorboard
 from run_lock import lock_run_dir
 from training import (amp_dtype_for, check_model_fits, compute_loss, make_lr_scheduler, make_optimizer,
@@ -152,14 +152,15 @@ def train_step(trainer, run, ctx, microbatches, stop_requested):
         inputs, targets = next(microbatches)
         # Gradients are all-reduced only on the last microstep.
         is_last_microstep = accumulation_step == accumulation_steps - 1
-        with nullcontext() if is_last_microstep else trainer.ddp_model.no_sync():
-            loss = compute_loss(trainer.forward_model, inputs, targets, trainer.amp_dtype, ctx.device)
+        with trainer.parallel.gradient_sync(is_last_microstep):
+            loss = compute_loss(trainer.parallel.forward_model, inputs, targets, trainer.parallel.autocast_dtype,
+                                ctx.device)
             trainer.state.scaler.scale(loss / accumulation_steps).backward()
         loss_sum += loss.detach()
 
     trainer.state.scaler.unscale_(trainer.state.optimizer)
     max_norm = run.train.clipping_max_norm or float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainer.state.model.parameters(), max_norm)
+    grad_norm = clip_gradients(trainer.state.model.parameters(), max_norm)
     # One all-reduce carries the loss, the non-finite flag and the stop flag. The stop flag is
     # picked from constants already on the device: making a tensor from a Python value would
     # be a copy that waits for the device.
@@ -181,13 +182,20 @@ def train_step(trainer, run, ctx, microbatches, stop_requested):
 
 @torch.no_grad()
 def evaluate(model, validation, ctx, amp_dtype):
-    """Mean validation loss; each rank takes every world_size-th batch, then all-reduce."""
+    """Mean validation loss; each rank takes every world_size-th batch, then all-reduce.
+
+    Every rank runs the same number of forward passes, because a sharded model's
+    all-gathers are collective: a rank past the last batch scores the last one again
+    and does not count it."""
     model.eval()
     totals = torch.zeros(2, device=ctx.device)
-    for index in range(ctx.rank, len(validation), ctx.world_size):
-        inputs, targets = (tensor.to(ctx.device) for tensor in validation[index])
-        totals[0] += compute_loss(model, inputs, targets, amp_dtype, ctx.device)
-        totals[1] += 1
+    passes = math.ceil(len(validation) / ctx.world_size) * ctx.world_size
+    for index in range(ctx.rank, passes, ctx.world_size):
+        inputs, targets = (tensor.to(ctx.device) for tensor in validation[min(index, len(validation) - 1)])
+        loss = compute_loss(model, inputs, targets, amp_dtype, ctx.device)
+        if index < len(validation):
+            totals[0] += loss
+            totals[1] += 1
     dist.all_reduce(totals)
     model.train()
     return (totals[0] / totals[1]).item()
@@ -196,7 +204,7 @@ def evaluate(model, validation, ctx, amp_dtype):
 @torch.no_grad()
 def weights_are_finite(model):
     """Whether every rank's weights are finite (one all-reduce; a sync, so only before saving)."""
-    finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all().float()
+    finite = torch.stack([torch.isfinite(local_tensor(p)).all() for p in model.parameters()]).all().float()
     dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     return bool(finite.item())
 
@@ -286,18 +294,21 @@ def checkpoint_meta(run, ctx, data, log, interval, progress):
             "microbatch_size": train_cfg.microbatch_size,
             "gradient_accumulation_steps": data.gradient_accumulation_steps,
             "pad_vocab_to_multiple_of": train_cfg.pad_vocab_to_multiple_of,
+            "parallelism": train_cfg.parallelism,
             "model_config": run.model.to_dict()}
 
 
 def save(run, ctx, state, meta, is_best):
-    """Every rank sends its RNG state; rank 0 writes the checkpoint and charts, and gets its
-    directory back (the others get None). A failure on rank 0 reaches every rank (no one
-    waits forever)."""
+    """Every rank sends its RNG state; rank 0 writes the checkpoint and charts (every rank
+    writes its shards of a sharded one), and gets its directory back (the others get
+    None). A failure on any rank reaches every rank (no one waits forever)."""
     rng_states = [None] * ctx.world_size if ctx.is_main else None
     dist.gather_object(capture_rng_state(ctx.device), rng_states, dst=0)
+    write = (save_sharded(run, ctx, state, rng_states, meta, is_best) if state.sharded else
+             lambda: checkpointing.save_checkpoint(run.checkpoints_dir, state, rng_states, meta, is_best))
 
-    def write():
-        saved = checkpointing.save_checkpoint(run.checkpoints_dir, state, rng_states, meta, is_best)
+    def write_and_tidy():
+        saved = write()
         if run.train.keep_last_checkpoints:
             checkpointing.prune_checkpoints(run.checkpoints_dir, run.train.keep_last_checkpoints)
         try:
@@ -309,7 +320,19 @@ def save(run, ctx, state, meta, is_best):
             print(f"warning: could not draw charts: {type(e).__name__}: {e}")
         return saved
 
-    return run_and_share_errors(ctx.is_main, write)
+    return run_and_share_errors(ctx.is_main, write_and_tidy)
+
+
+def save_sharded(run, ctx, state, rng_states, meta, is_best):
+    """The collective part of a sharded save, on every rank: rank 0 opens the partial
+    directory, every rank writes its shards into it, the full weights are gathered on
+    rank 0. Returns rank 0's remaining work: the small files, the rename and the links."""
+    consolidated = run.train.consolidated_weights
+    partial = share_from_main(run_and_share_errors(ctx.is_main, lambda: checkpointing.begin_checkpoint(
+        run.checkpoints_dir, meta["global_step"], state.size_estimate(full_weights_too=consolidated))))
+    checkpointing.write_sharded_state(partial, state)
+    weights = checkpointing.gather_full_weights(state.model) if consolidated else None
+    return lambda: checkpointing.finish_checkpoint(partial, state, rng_states, meta, is_best, weights)
 
 
 def checkpoint(run, ctx, trainer, log, interval, progress):
@@ -337,23 +360,26 @@ def checkpoint(run, ctx, trainer, log, interval, progress):
 @dataclass
 class Trainer:
     """Everything one rank trains with."""
-    state: checkpointing.TrainingState  # the bare model, optimizer, scaler and schedule: what checkpoints hold
-    ddp_model: DDP  # for no_sync
-    forward_model: torch.nn.Module  # what the training forward pass calls: ddp_model, compiled or not
+    state: checkpointing.TrainingState  # the bare or sharded model, optimizer, scaler, schedule: what checkpoints hold
+    parallel: ParallelModel  # the forward model (DDP-wrapped, compiled or not) and the gradient-sync switch
     data: Data
-    amp_dtype: torch.dtype | None
+    amp_dtype: torch.dtype | None  # the precision the model computes in
     stop_flags: torch.Tensor  # [0., 1.] on the device
 
 
 def build_model(run, ctx):
-    """The model on this rank's device, its autocast dtype, optimizer and gradient scaler,
-    as training and the -f search use them."""
-    check_model_fits(run.model, ctx.device, run.run_dir / "model.json")
+    """The model on this rank's device (sharded under fsdp/hsdp), its compute dtype,
+    optimizer and gradient scaler, as training and the -f search use them."""
+    model_json, train_json = run.run_dir / "model.json", run.run_dir / "train.json"
+    check_model_fits(run.model, ctx.device, model_json, shard_count(run.train, ctx))
+    amp_dtype = amp_dtype_for(run.train, ctx.device)
+    check_supported(run.train, amp_dtype, train_json)
     torch.manual_seed(run.train.random_seed)  # identical initial weights on every rank
     model = GPTModel(run.model, pad_vocab_to_multiple_of=run.train.pad_vocab_to_multiple_of,
                      activation_checkpointing=run.train.activation_checkpointing,
                      loss_chunk_tokens=run.train.loss_chunk_tokens).to(ctx.device)
-    amp_dtype = amp_dtype_for(run.train, ctx.device)
+    if run.train.parallelism != "ddp":
+        shard(model, run.train, ctx, amp_dtype)
     if amp_dtype is not None:
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and later
     optimizer = make_optimizer(model, run.train)
@@ -371,13 +397,9 @@ def build_trainer(run, ctx, datasets_dir, checkpoint_dir):
     else:
         progress = Progress()
         set_rank_rng(ctx, run.train.random_seed)
-    ddp_model = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-                    gradient_as_bucket_view=True)
-    # Compiling the DDP module lets the compiler split graphs at DDP's bucket boundaries,
-    # so gradient all-reduces still overlap the backward pass.
-    forward_model = torch.compile(ddp_model) if run.train.compile else ddp_model
+    parallel = wrap_for_training(model, run.train, ctx, amp_dtype)
     stop_flags = torch.tensor([0.0, 1.0], device=ctx.device)
-    return Trainer(state, ddp_model, forward_model, data, amp_dtype, stop_flags), progress
+    return Trainer(state, parallel, data, amp_dtype, stop_flags), progress
 
 
 def read_window(pending):
@@ -450,7 +472,7 @@ def train(run, ctx, datasets_dir, checkpoint_dir):
                 if not (is_checkpoint_step or is_validation_step or stop_requested
                         or (global_step + 1) % log_interval == 0):
                     continue
-                val_loss = (evaluate(trainer.state.model, trainer.data.validation, ctx, trainer.amp_dtype)
+                val_loss = (evaluate(trainer.state.model, trainer.data.validation, ctx, trainer.parallel.autocast_dtype)
                             if is_validation_step else None)
                 window = read_window(pending)
                 pending = []
@@ -491,8 +513,9 @@ def find_max_microbatch(run, ctx, target_global_batch, write):
     sequences = (None if run.train.global_batch_tokens is None
                  else sequences_per_rank(run.train, ctx.world_size, run.model.context_length, train_json))
     model, amp_dtype, optimizer, scaler = build_model(run, ctx)
+    autocast_dtype = autocast_dtype_for(run.train, amp_dtype)
     try_microbatch = make_trial(model, optimizer, scaler,
-                                lambda m, inputs, targets: compute_loss(m, inputs, targets, amp_dtype, ctx.device),
+                                lambda m, inputs, targets: compute_loss(m, inputs, targets, autocast_dtype, ctx.device),
                                 ctx, run.model.context_length, run.model.vocab_size)
     peak_bytes = {}  # this rank's, for each size that fitted on every rank
 

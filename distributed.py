@@ -27,6 +27,7 @@ class DistContext:
     local_rank: int
     world_size: int
     device: torch.device
+    local_world_size: int = 1  # ranks on this node
 
     @property
     def is_main(self):
@@ -42,6 +43,7 @@ def init_distributed(timeout_minutes):
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     timeout = datetime.timedelta(minutes=timeout_minutes)
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
@@ -57,7 +59,7 @@ def init_distributed(timeout_minutes):
         # code makes the same collective calls whatever the world size.
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
                                 timeout=timeout, **extra)
-    return DistContext(rank, local_rank, world_size, device)
+    return DistContext(rank, local_rank, world_size, device, local_world_size)
 
 
 def check_connectivity(ctx, timeout=CONNECTIVITY_TIMEOUT):
@@ -100,6 +102,13 @@ def run_and_share_errors(should_run, work):
             is_user_error, message = report
             raise (UserError if is_user_error else RuntimeError)(f"(from rank {failed_rank}) {message}")
     return result
+
+
+def share_from_main(value):
+    """Rank 0's `value` (anything picklable), on every rank."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _describe(error):

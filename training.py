@@ -96,14 +96,16 @@ def device_memory_bytes(device):
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def check_model_fits(model_cfg, device, source):
+def check_model_fits(model_cfg, device, source, shards=1):
     """Refuse, before allocating anything, a model whose weights, gradients and AdamW
-    state alone exceed the device's memory (a typo like n_layers 10,000,000)."""
+    state alone (cut into `shards` under FSDP) exceed the device's memory (a typo like
+    n_layers 10,000,000)."""
     parameters = perf.parameter_count(model_cfg)
-    needed = parameters * TRAINING_BYTES_PER_PARAMETER
+    needed = parameters * TRAINING_BYTES_PER_PARAMETER // shards
     available = device_memory_bytes(device)
     if needed > available:
+        per_shard = f", 1/{shards} of it per device" if shards > 1 else ""
         raise UserError(
             f"{source}: this model has {parameters:,} parameters, whose weights, gradients and AdamW state "
-            f"need {needed / 2**30:,.1f} GiB ({TRAINING_BYTES_PER_PARAMETER} bytes each), more than the "
+            f"need {needed / 2**30:,.1f} GiB ({TRAINING_BYTES_PER_PARAMETER} bytes each{per_shard}), more than the "
             f"{available / 2**30:,.1f} GiB of {device}; check n_layers, emb_dim and vocab_size")

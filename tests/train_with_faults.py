@@ -10,9 +10,12 @@ Faults, from the environment:
 - FAULT_SAVE_DELAY_S=SECONDS: a checkpoint save pauses that long after writing
   model.safetensors, so that a kill can land in the middle of it;
 - FAULT_MAX_MICROBATCH="RANK:N,...": for -f on CPU, microbatches above N fail on that
-  rank as if out of memory (and -f runs without CUDA).
+  rank as if out of memory (and -f runs without CUDA);
+- FAULT_SHARD_WRITE="RANK:STEP": under FSDP, that rank's write of its shards of the
+  checkpoint of that global step fails as on a full disk.
 """
 
+import errno
 import itertools
 import os
 import sys
@@ -64,6 +67,20 @@ def limit_microbatches(spec):
     ddp_train.make_trial = make_trial
 
 
+def fail_shard_write(spec):
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    rank_text, step_text = spec.split(":")
+    real_write_data = FileSystemWriter.write_data
+
+    def write_data(self, plan, planner):
+        if int(os.environ["RANK"]) == int(rank_text) and f"iteration-{step_text}" in str(self.path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write_data(self, plan, planner)
+
+    FileSystemWriter.write_data = write_data
+
+
 if __name__ == "__main__":
     if os.environ.get("FAULT_NAN_LOSS"):
         inject_nan_losses(os.environ["FAULT_NAN_LOSS"])
@@ -71,4 +88,6 @@ if __name__ == "__main__":
         delay_saves(float(os.environ["FAULT_SAVE_DELAY_S"]))
     if os.environ.get("FAULT_MAX_MICROBATCH"):
         limit_microbatches(os.environ["FAULT_MAX_MICROBATCH"])
+    if os.environ.get("FAULT_SHARD_WRITE"):
+        fail_shard_write(os.environ["FAULT_SHARD_WRITE"])
     ddp_train.main(prog_name="ddp_train.py")
