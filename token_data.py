@@ -1,10 +1,10 @@
 """Token datasets on disk: reading, writing, tokenizers and the built-in demo corpus.
 
 A dataset directory holds `train.safetensors` and `validation.safetensors`, each
-one 1-D tensor named `tokens`, uint16 (safetensors `U16`) or uint32 (`U32`), and
-optionally `meta.json` (tokenizer name, vocab size, end-of-text id). Without meta.json
-it is GPT-2 (tiktoken `gpt2`, end-of-text 50256), which is what the reference
-harness's published datasets are.
+one 1-D tensor named `tokens`, uint16 (safetensors `U16`) when the tokenizer's ids
+fit, else uint32 (`U32`), and optionally `meta.json` (tokenizer name, vocab size,
+end-of-text id). Without meta.json it is GPT-2 (tiktoken `gpt2`, end-of-text 50256),
+which is what the reference harness's published datasets are.
 
 Token files are memory-mapped, never read whole: on an 8-GPU machine eight
 processes share one page-cached copy of a 20 GB file.
@@ -39,8 +39,6 @@ HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # The dtypes token ids are stored as, by their safetensors names (safetensors data is little-endian).
 TOKEN_DTYPES = {"U16": np.dtype("<u2"), "U32": np.dtype("<u4")}
 SAFETENSORS_DTYPE_NAMES = {dtype: name for name, dtype in TOKEN_DTYPES.items()}
-# A tokenizer may have at most this many ids (prepare_datasets writes uint16 token files).
-MAX_VOCAB_SIZE = 2**16
 # Room for the JSON header of a file of up to 10^15 tokens, padded with spaces
 # (which the safetensors format allows) to keep the data 8-byte aligned.
 RESERVED_HEADER_BYTES = 120
@@ -48,12 +46,19 @@ RESERVED_HEADER_BYTES = 120
 
 # ---------------------------------------------------------------- tokenizers
 
+def token_dtype_for(vocab_size):
+    """uint16 when ids 0..vocab_size-1 fit it (GPT-2's do): half the bytes of uint32, and the
+    reference harness's format. Else uint32, which holds any tiktoken id (its ranks are 32-bit)."""
+    return TOKEN_DTYPES["U16"] if vocab_size <= 2**16 else TOKEN_DTYPES["U32"]
+
+
 class ByteTokenizer:
     """UTF-8 bytes as ids 0-255, end-of-text 256."""
 
     name = "bytes"
     vocab_size = 257
     eot_id = 256
+    token_dtype = token_dtype_for(vocab_size)
 
     def encode(self, text):
         return list(text.encode("utf-8"))
@@ -62,8 +67,8 @@ class ByteTokenizer:
         return [self.encode(t) for t in texts]
 
     def encode_to_array(self, text):
-        """`encode` as a uint16 array, without building a list of Python ints."""
-        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint16)
+        """`encode` as a `token_dtype` array, without building a list of Python ints."""
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(self.token_dtype)
 
     def decode(self, ids):
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
@@ -71,8 +76,7 @@ class ByteTokenizer:
 
 class TiktokenTokenizer:
     """A tiktoken encoding. Special-token text inside a document is encoded as
-    ordinary text: a literal "<|endoftext|>" in a web page never ends a document.
-    An encoding whose ids do not fit the uint16 token files is refused."""
+    ordinary text: a literal "<|endoftext|>" in a web page never ends a document."""
 
     def __init__(self, name):
         import tiktoken
@@ -84,12 +88,10 @@ class TiktokenTokenizer:
         except OSError as e:  # tiktoken downloads the BPE files on first use
             raise UserError(f"tokenizer '{name}': cannot fetch its BPE files ({type(e).__name__}); "
                             "point TIKTOKEN_CACHE_DIR at a directory that holds them")
-        if self._encoding.n_vocab > MAX_VOCAB_SIZE:
-            raise UserError(f"tokenizer '{name}' has {self._encoding.n_vocab:,} token ids, but token files store "
-                            f"uint16 ids (at most {MAX_VOCAB_SIZE:,}); use gpt2 or bytes")
         self.name = name
         self.vocab_size = self._encoding.n_vocab
         self.eot_id = self._encoding.eot_token
+        self.token_dtype = token_dtype_for(self.vocab_size)
 
     def encode(self, text):
         return self._encoding.encode_ordinary(text)
@@ -98,10 +100,12 @@ class TiktokenTokenizer:
         return self._encoding.encode_ordinary_batch(texts)
 
     def encode_to_array(self, text):
-        """`encode` as a uint16 array (__init__ made sure the ids fit)."""
+        """`encode` as a `token_dtype` array."""
         # An empty allowed-special set with nothing disallowed is exactly encode_ordinary,
-        # but the ids come back in a buffer instead of a list of Python ints.
-        return self._encoding.encode_to_numpy(text, allowed_special=set(), disallowed_special=()).astype(np.uint16)
+        # but the ids come back in a buffer instead of a list of Python ints (a uint32 one,
+        # which astype does not copy when token_dtype is uint32).
+        ids = self._encoding.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+        return ids.astype(self.token_dtype, copy=False)
 
     def decode(self, ids):
         return self._encoding.decode(list(ids))
@@ -299,7 +303,10 @@ def staged_directory(final_dir):
 
 
 def write_meta(dataset_dir, tokenizer, **extra):
-    meta = {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id, **extra}
+    """meta.json: the tokenizer fields read_meta reads, the dtype of the token files (for people and
+    the dataset card: the files' own headers are what readers go by) and `extra`."""
+    meta = {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id,
+            "token_dtype": tokenizer.token_dtype.name, **extra}
     partial = Path(dataset_dir) / "meta.json.partial"
     with write_errors_reported(partial):
         partial.write_text(json.dumps(meta, indent=2) + "\n")
@@ -325,8 +332,8 @@ def build_demo_dataset(dataset_dir, validation_fraction=0.02):
     tokenizer = ByteTokenizer()
     counts = {split: 0 for split in SPLITS}
     with staged_directory(dataset_dir) as staging, \
-            TokenFileWriter(staging / "train.safetensors") as train, \
-            TokenFileWriter(staging / "validation.safetensors") as validation:
+            TokenFileWriter(staging / "train.safetensors", tokenizer.token_dtype) as train, \
+            TokenFileWriter(staging / "validation.safetensors", tokenizer.token_dtype) as validation:
         for index, text in enumerate(demo_documents()):
             is_validation = is_validation_document(index, validation_fraction)
             writer = validation if is_validation else train

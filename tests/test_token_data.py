@@ -62,13 +62,16 @@ def test_byte_tokenizer_round_trip():
     assert tokenizer.decode(tokenizer.encode_to_array(text).tolist() + [tokenizer.eot_id]) == text
 
 
-def test_tokenizer_with_ids_beyond_uint16_is_refused(monkeypatch):
-    # A real tiktoken encoding whose end-of-text id is 70,000: its ids cannot be stored as uint16.
+def test_a_tokenizer_stores_uint16_when_its_ids_fit_and_uint32_beyond(monkeypatch):
+    assert get_tokenizer("gpt2").token_dtype == np.uint16 and ByteTokenizer.token_dtype == np.uint16
+    # A real tiktoken encoding whose end-of-text id is 70,000: its ids do not fit uint16.
     big = tiktoken.Encoding(name="big", pat_str=r"\S+|\s+", mergeable_ranks={bytes([i]): i for i in range(256)},
                             special_tokens={"<|endoftext|>": 70_000})
     monkeypatch.setattr(tiktoken, "get_encoding", lambda name: big)
-    with pytest.raises(UserError, match="70,001 token ids.*uint16"):
-        get_tokenizer("big")
+    tokenizer = get_tokenizer("big")
+    assert tokenizer.vocab_size == 70_001 and tokenizer.token_dtype == np.uint32
+    assert tokenizer.encode_to_array("ab c").dtype == np.uint32
+    assert tokenizer.encode_to_array("ab c").tolist() == big.encode_ordinary("ab c")
 
 
 def test_unknown_tokenizer_is_refused():
@@ -210,6 +213,9 @@ def test_a_token_file_of_another_dtype_is_one_error_line_naming_the_valid_ones(t
 
 def test_meta_defaults_to_gpt2_and_rejects_a_broken_file(tmp_path):
     assert token_data.read_meta(tmp_path) == token_data.DatasetMeta("gpt2", 50257, 50256)
+    # As written before meta.json recorded the token dtype.
+    (tmp_path / "meta.json").write_text('{"tokenizer": "bytes", "vocab_size": 257, "eot_id": 256}')
+    assert token_data.read_meta(tmp_path) == token_data.DatasetMeta("bytes", 257, 256)
     (tmp_path / "meta.json").write_text('{"tokenizer": "bytes"}')
     with pytest.raises(UserError, match="not a valid dataset meta.json"):
         token_data.read_meta(tmp_path)
