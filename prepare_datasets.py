@@ -17,8 +17,9 @@ A null text is skipped, not counted as a document. Text is read as UTF-8: invali
 become U+FFFD, and how many were replaced (bytes, per file) is in the summary and, in
 total, in meta.json as `replaced_invalid_utf8_bytes`.
 
-OUT_DIR receives train.safetensors and validation.safetensors (one 1-D uint16 tensor
-`tokens`: every document's tokens followed by end-of-text), meta.json and a dataset card
+OUT_DIR receives train.safetensors and validation.safetensors (one 1-D tensor `tokens`:
+every document's tokens followed by end-of-text; uint16, or uint32 when the tokenizer has
+more than 65,536 ids, as cl100k_base and o200k_base do), meta.json and a dataset card
 README.md. Each document goes to validation or train by a hash of its position in the
 input (token_data.is_validation_document), so the files are byte-identical whatever
 --workers and --batch-size. --max-tokens caps each split (the last document is cut to
@@ -219,7 +220,7 @@ def input_files(sources, hub_pattern, download_dir, text_field):
 @dataclass
 class Tokenized:
     """Consecutive documents of one split."""
-    tokens: np.ndarray  # uint16: each document's tokens, then end-of-text
+    tokens: np.ndarray  # the tokenizer's token_dtype: each document's tokens, then end-of-text
     document_ends: np.ndarray  # offset in `tokens` just past each document's end-of-text
 
 
@@ -242,13 +243,14 @@ def tokenize_batch(batch):
     for index, text in enumerate(texts, first_index):
         split = "validation" if token_data.is_validation_document(index, worker_validation_fraction) else "train"
         documents[split].append(worker_tokenizer.encode_to_array(text))
-    return {split: joined(split_documents, worker_tokenizer.eot_id) for split, split_documents in documents.items()}
+    return {split: joined(split_documents, worker_tokenizer.eot_id, worker_tokenizer.token_dtype)
+            for split, split_documents in documents.items()}
 
 
-def joined(documents, eot_id):
-    """Tokenized for `documents` (arrays of ids), each followed by end-of-text."""
+def joined(documents, eot_id, dtype):
+    """Tokenized for `documents` (arrays of ids), each followed by end-of-text, as `dtype`."""
     document_ends = np.cumsum([len(document) + 1 for document in documents], dtype=np.int64)
-    tokens = np.full(document_ends[-1] if documents else 0, eot_id, dtype=np.uint16)
+    tokens = np.full(document_ends[-1] if documents else 0, eot_id, dtype=dtype)
     for document, end in zip(documents, document_ends, strict=True):
         tokens[end - 1 - len(document):end - 1] = document
     return Tokenized(tokens, document_ends)
@@ -306,8 +308,8 @@ def tokenize_into(dataset_dir, files, text_field, tokenizer, decoder, *, validat
     # can leave the workers deadlocked, e.g. when this runs inside a larger program or test run.
     context = multiprocessing.get_context("forkserver")
     with context.Pool(workers, initializer=start_worker, initargs=worker_settings) as pool, \
-            TokenFileWriter(dataset_dir / "train.safetensors") as train_file, \
-            TokenFileWriter(dataset_dir / "validation.safetensors") as validation_file, \
+            TokenFileWriter(dataset_dir / "train.safetensors", tokenizer.token_dtype) as train_file, \
+            TokenFileWriter(dataset_dir / "validation.safetensors", tokenizer.token_dtype) as validation_file, \
             tqdm(desc="tokenizing", unit=" docs") as progress:
         splits = {"train": SplitWriter(train_file, max_tokens), "validation": SplitWriter(validation_file, max_tokens)}
         results = ordered_results(pool, tokenize_batch, batches, workers * BATCHES_IN_FLIGHT_PER_WORKER)
@@ -352,8 +354,8 @@ Pre-tokenized text for GPT-2-class pre-training, made by {meta['tool']} from: {m
 | train | {tokens['train']:,} | {documents['train']:,} |
 | validation | {tokens['validation']:,} | {documents['validation']:,} |
 
-- `train.safetensors`, `validation.safetensors`: one 1-D uint16 tensor `tokens`, every document's
-  tokens followed by end-of-text (id {meta['eot_id']}).
+- `train.safetensors`, `validation.safetensors`: one 1-D {meta['token_dtype']} tensor `tokens`, every
+  document's tokens followed by end-of-text (id {meta['eot_id']}).
 - Tokenizer: `{meta['tokenizer']}` (vocabulary {meta['vocab_size']:,}); text that looks like a special
   token is tokenized as ordinary text.
 - Validation: {meta['validation_fraction']:.2%} of the documents, chosen by a hash of each document's
@@ -449,7 +451,8 @@ def validation_split_warning(counts, validation_fraction):
               help="Files to download from Hugging Face dataset sources, e.g. 'sample/10BT/*.parquet'.")
 @click.option("--text-field", default="text", show_default=True, help="Text column (parquet) or field (JSONL).")
 @click.option("--tokenizer", "tokenizer_name", metavar="NAME", default="gpt2", show_default=True,
-              help="'bytes' or a tiktoken encoding whose ids fit uint16.")
+              help="'bytes' or a tiktoken encoding; ids are stored as uint16, or uint32 when there are more "
+                   "than 65,536 (e.g. cl100k_base, o200k_base).")
 @click.option("--validation-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.01, show_default=True)
 @click.option("--workers", type=click.IntRange(min=1), default=os.cpu_count(), show_default="CPU count")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Documents per batch.")

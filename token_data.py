@@ -1,9 +1,10 @@
 """Token datasets on disk: reading, writing, tokenizers and the built-in demo corpus.
 
 A dataset directory holds `train.safetensors` and `validation.safetensors`, each
-one 1-D uint16 tensor named `tokens`, and optionally `meta.json` (tokenizer name,
-vocab size, end-of-text id). Without meta.json it is GPT-2 (tiktoken `gpt2`,
-end-of-text 50256), which is what the reference harness's published datasets are.
+one 1-D tensor named `tokens`, uint16 (safetensors `U16`) when the tokenizer's ids
+fit, else uint32 (`U32`), and optionally `meta.json` (tokenizer name, vocab size,
+end-of-text id). Without meta.json it is GPT-2 (tiktoken `gpt2`, end-of-text 50256),
+which is what the reference harness's published datasets are.
 
 Token files are memory-mapped, never read whole: on an 8-GPU machine eight
 processes share one page-cached copy of a 20 GB file.
@@ -35,8 +36,9 @@ DEMO_DATASET = "demo"
 DEMO_DATASET_DIRNAME = "demo-python-stdlib-bytes"
 HUB_DOWNLOAD_COMPLETE = ".download-complete"
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-# Token ids are stored as uint16: a tokenizer may have at most this many ids.
-MAX_VOCAB_SIZE = 2**16
+# The dtypes token ids are stored as, by their safetensors names (safetensors data is little-endian).
+TOKEN_DTYPES = {"U16": np.dtype("<u2"), "U32": np.dtype("<u4")}
+SAFETENSORS_DTYPE_NAMES = {dtype: name for name, dtype in TOKEN_DTYPES.items()}
 # Room for the JSON header of a file of up to 10^15 tokens, padded with spaces
 # (which the safetensors format allows) to keep the data 8-byte aligned.
 RESERVED_HEADER_BYTES = 120
@@ -44,12 +46,19 @@ RESERVED_HEADER_BYTES = 120
 
 # ---------------------------------------------------------------- tokenizers
 
+def token_dtype_for(vocab_size):
+    """uint16 when ids 0..vocab_size-1 fit it (GPT-2's do): half the bytes of uint32, and the
+    reference harness's format. Else uint32, which holds any tiktoken id (its ranks are 32-bit)."""
+    return TOKEN_DTYPES["U16"] if vocab_size <= 2**16 else TOKEN_DTYPES["U32"]
+
+
 class ByteTokenizer:
     """UTF-8 bytes as ids 0-255, end-of-text 256."""
 
     name = "bytes"
     vocab_size = 257
     eot_id = 256
+    token_dtype = token_dtype_for(vocab_size)
 
     def encode(self, text):
         return list(text.encode("utf-8"))
@@ -58,8 +67,8 @@ class ByteTokenizer:
         return [self.encode(t) for t in texts]
 
     def encode_to_array(self, text):
-        """`encode` as a uint16 array, without building a list of Python ints."""
-        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint16)
+        """`encode` as a `token_dtype` array, without building a list of Python ints."""
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(self.token_dtype)
 
     def decode(self, ids):
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
@@ -67,8 +76,7 @@ class ByteTokenizer:
 
 class TiktokenTokenizer:
     """A tiktoken encoding. Special-token text inside a document is encoded as
-    ordinary text: a literal "<|endoftext|>" in a web page never ends a document.
-    An encoding whose ids do not fit the uint16 token files is refused."""
+    ordinary text: a literal "<|endoftext|>" in a web page never ends a document."""
 
     def __init__(self, name):
         import tiktoken
@@ -80,12 +88,10 @@ class TiktokenTokenizer:
         except OSError as e:  # tiktoken downloads the BPE files on first use
             raise UserError(f"tokenizer '{name}': cannot fetch its BPE files ({type(e).__name__}); "
                             "point TIKTOKEN_CACHE_DIR at a directory that holds them")
-        if self._encoding.n_vocab > MAX_VOCAB_SIZE:
-            raise UserError(f"tokenizer '{name}' has {self._encoding.n_vocab:,} token ids, but token files store "
-                            f"uint16 ids (at most {MAX_VOCAB_SIZE:,}); use gpt2 or bytes")
         self.name = name
         self.vocab_size = self._encoding.n_vocab
         self.eot_id = self._encoding.eot_token
+        self.token_dtype = token_dtype_for(self.vocab_size)
 
     def encode(self, text):
         return self._encoding.encode_ordinary(text)
@@ -94,10 +100,12 @@ class TiktokenTokenizer:
         return self._encoding.encode_ordinary_batch(texts)
 
     def encode_to_array(self, text):
-        """`encode` as a uint16 array (__init__ made sure the ids fit)."""
+        """`encode` as a `token_dtype` array."""
         # An empty allowed-special set with nothing disallowed is exactly encode_ordinary,
-        # but the ids come back in a buffer instead of a list of Python ints.
-        return self._encoding.encode_to_numpy(text, allowed_special=set(), disallowed_special=()).astype(np.uint16)
+        # but the ids come back in a buffer instead of a list of Python ints (a uint32 one,
+        # which astype does not copy when token_dtype is uint32).
+        ids = self._encoding.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+        return ids.astype(self.token_dtype, copy=False)
 
     def decode(self, ids):
         return self._encoding.decode(list(ids))
@@ -133,7 +141,7 @@ def read_meta(dataset_dir):
 # ---------------------------------------------------------------- reading
 
 def open_tokens(path):
-    """Memory-map the uint16 `tokens` tensor of a safetensors file, checking its header."""
+    """Memory-map the uint16 or uint32 `tokens` tensor of a safetensors file, checking its header."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: token file not found")
@@ -153,8 +161,10 @@ def open_tokens(path):
     if not isinstance(entry, dict):
         names = [k for k in header if k != "__metadata__"] if isinstance(header, dict) else []
         raise UserError(f"{path}: no tensor named '{TOKENS_KEY}' (found: {', '.join(names) or 'none'})")
-    if entry.get("dtype") != "U16":
-        raise UserError(f"{path}: tensor '{TOKENS_KEY}' has dtype {entry.get('dtype')}, expected U16 (uint16)")
+    dtype = TOKEN_DTYPES.get(entry.get("dtype"))
+    if dtype is None:
+        valid = " or ".join(f"{name} ({numpy_dtype.name})" for name, numpy_dtype in TOKEN_DTYPES.items())
+        raise UserError(f"{path}: tensor '{TOKENS_KEY}' has dtype {entry.get('dtype')}, expected {valid}")
     shape = entry.get("shape")
     if not (isinstance(shape, list) and len(shape) == 1 and is_count(shape[0])):
         raise UserError(f"{path}: tensor '{TOKENS_KEY}' has shape {shape}, expected one dimension")
@@ -163,12 +173,12 @@ def open_tokens(path):
         raise UserError(f"{path}: not a safetensors file (tensor '{TOKENS_KEY}' has data_offsets {offsets})")
     begin, end = offsets
     data_start = 8 + header_len
-    if end - begin != 2 * shape[0] or data_start + end > file_size:
+    if end - begin != dtype.itemsize * shape[0] or data_start + end > file_size:
         raise UserError(f"{path}: truncated or corrupt: header promises {shape[0]:,} tokens "
                         f"but the file has {file_size:,} bytes")
     if shape[0] == 0:
-        return np.zeros(0, dtype=np.uint16)
-    return np.memmap(path, dtype="<u2", mode="r", offset=data_start + begin, shape=(shape[0],))
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=data_start + begin, shape=(shape[0],))
 
 
 def is_count(value):
@@ -183,7 +193,9 @@ def describe_dataset(dataset_dir):
     """A few lines saying what a dataset directory holds; opening the splits checks their headers."""
     meta = read_meta(dataset_dir)
     lines = [f"{dataset_dir}: tokenizer {meta.tokenizer} (vocab {meta.vocab_size:,}, end-of-text {meta.eot_id})"]
-    lines += [f"  {split}: {len(open_split(dataset_dir, split)):,} tokens" for split in SPLITS]
+    for split in SPLITS:
+        tokens = open_split(dataset_dir, split)
+        lines.append(f"  {split}: {len(tokens):,} tokens ({tokens.dtype.name})")
     return "\n".join(lines)
 
 
@@ -201,7 +213,7 @@ def write_errors_reported(path, doing=None):
 
 
 class TokenFileWriter:
-    """Streams uint16 tokens into a safetensors file without holding them in memory.
+    """Streams tokens of `dtype` (uint16 or uint32) into a safetensors file without holding them in memory.
 
     The data goes into `<path>.partial` behind a reserved, space-padded header;
     `commit()` fills in the header, fsyncs and renames, so a file at `path`
@@ -210,8 +222,10 @@ class TokenFileWriter:
     the file, the cause and how much was being written.
     """
 
-    def __init__(self, path):
+    def __init__(self, path, dtype=np.uint16):
         self.path = Path(path)
+        self.dtype = np.dtype(dtype).newbyteorder("<")
+        self.dtype_name = SAFETENSORS_DTYPE_NAMES[self.dtype]
         self.partial_path = self.path.with_name(self.path.name + ".partial")
         self.num_tokens = 0
         with write_errors_reported(self.partial_path, "creating the file"):
@@ -220,21 +234,25 @@ class TokenFileWriter:
 
     def write(self, tokens):
         array = np.asarray(tokens)
-        if array.dtype != np.uint16 and array.size and (array.min() < 0 or array.max() > 0xFFFF):
+        if array.dtype != self.dtype and array.size and (array.min() < 0 or array.max() > np.iinfo(self.dtype).max):
             bad = array.min() if array.min() < 0 else array.max()
-            raise UserError(f"{self.path}: token id {int(bad)} does not fit in uint16")
-        data = array.astype("<u2", copy=False).tobytes()
+            raise UserError(f"{self.path}: token id {int(bad)} does not fit in {self.dtype.name}")
+        data = array.astype(self.dtype, copy=False).tobytes()
         with write_errors_reported(self.partial_path,
-                                   f"writing {len(data):,} bytes of tokens after {2 * self.num_tokens:,}"):
+                                   f"writing {len(data):,} bytes of tokens after {self.data_bytes:,}"):
             self._file.write(data)
         self.num_tokens += array.size
 
+    @property
+    def data_bytes(self):
+        return self.dtype.itemsize * self.num_tokens
+
     def commit(self):
-        header = json.dumps({TOKENS_KEY: {"dtype": "U16", "shape": [self.num_tokens],
-                                          "data_offsets": [0, 2 * self.num_tokens]}},
+        header = json.dumps({TOKENS_KEY: {"dtype": self.dtype_name, "shape": [self.num_tokens],
+                                          "data_offsets": [0, self.data_bytes]}},
                             separators=(",", ":")).encode()
         assert len(header) <= RESERVED_HEADER_BYTES
-        with write_errors_reported(self.partial_path, f"finishing {2 * self.num_tokens:,} bytes of tokens"):
+        with write_errors_reported(self.partial_path, f"finishing {self.data_bytes:,} bytes of tokens"):
             self._file.seek(0)
             self._file.write(struct.pack("<Q", RESERVED_HEADER_BYTES) + header.ljust(RESERVED_HEADER_BYTES, b" "))
             self._file.flush()
@@ -285,7 +303,10 @@ def staged_directory(final_dir):
 
 
 def write_meta(dataset_dir, tokenizer, **extra):
-    meta = {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id, **extra}
+    """meta.json: the tokenizer fields read_meta reads, the dtype of the token files (for people and
+    the dataset card: the files' own headers are what readers go by) and `extra`."""
+    meta = {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id,
+            "token_dtype": tokenizer.token_dtype.name, **extra}
     partial = Path(dataset_dir) / "meta.json.partial"
     with write_errors_reported(partial):
         partial.write_text(json.dumps(meta, indent=2) + "\n")
@@ -311,8 +332,8 @@ def build_demo_dataset(dataset_dir, validation_fraction=0.02):
     tokenizer = ByteTokenizer()
     counts = {split: 0 for split in SPLITS}
     with staged_directory(dataset_dir) as staging, \
-            TokenFileWriter(staging / "train.safetensors") as train, \
-            TokenFileWriter(staging / "validation.safetensors") as validation:
+            TokenFileWriter(staging / "train.safetensors", tokenizer.token_dtype) as train, \
+            TokenFileWriter(staging / "validation.safetensors", tokenizer.token_dtype) as validation:
         for index, text in enumerate(demo_documents()):
             is_validation = is_validation_document(index, validation_fraction)
             writer = validation if is_validation else train

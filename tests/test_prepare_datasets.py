@@ -33,6 +33,7 @@ import token_data  # noqa: E402
 SCRIPT = PROJECT / "prepare_datasets.py"
 VERDICT = PROJECT.parent / "shared" / "data" / "the-verdict.txt"
 GPT2_EOT = 50256
+TIKTOKEN_PLUGIN_DIR = Path(__file__).resolve().parent / "tiktoken_plugin"
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +94,7 @@ def test_gpt2_jsonl_round_trip_with_end_of_text_after_every_document(tmp_path, g
         assert documents[-1] == "" and set(documents[:-1]) <= set(paragraphs)
     facts = meta(tmp_path / "out")
     assert facts["tokenizer"] == "gpt2" and facts["vocab_size"] == 50257 and facts["eot_id"] == GPT2_EOT
+    assert facts["token_dtype"] == "uint16"
     assert facts["tokens"] == {split: len(expected[split]) for split in token_data.SPLITS}
     assert facts["documents"]["train"] + facts["documents"]["validation"] == len(paragraphs)
     assert facts["validation_fraction"] == 0.3 and str(source) in facts["source"]
@@ -330,15 +332,39 @@ def test_an_output_directory_that_cannot_be_made_is_one_error_line(tmp_path):
     assert (tmp_path / "a-file").read_text() == "precious"
 
 
-# ---------------------------------------------------------------- refusing bad input
+# ---------------------------------------------------------------- a vocabulary beyond uint16
 
-def test_tokenizer_with_ids_beyond_uint16_is_refused(tmp_path, monkeypatch):
-    big = tiktoken.Encoding(name="big", pat_str=r"\S+|\s+", mergeable_ranks={bytes([i]): i for i in range(256)},
-                            special_tokens={"<|endoftext|>": 70_000})
-    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: big)
-    result = CliRunner().invoke(prepare_datasets.main, [str(tmp_path / "out"), str(VERDICT), "--tokenizer", "big"])
-    assert result.exit_code == 2 and "error: tokenizer 'big' has 70,001 token ids" in result.stderr
-    assert not (tmp_path / "out").exists()
+@pytest.fixture()
+def gpt2_shifted(monkeypatch):
+    """The tiktoken encoding `gpt2_shifted` (tests/tiktoken_plugin: GPT-2's ids plus 100,000), known to
+    this process and to the worker processes. It mocks only what cannot exist offline: an encoding
+    with over 65,536 ids, such as cl100k_base, whose BPE files would have to be downloaded."""
+    tiktoken.list_encoding_names()  # this process's plugin discovery, done before the plugin is on sys.path
+    # Workers are fresh processes started with this sys.path: their discovery finds the plugin.
+    monkeypatch.syspath_prepend(TIKTOKEN_PLUGIN_DIR)
+    from tiktoken_ext.gpt2_shifted import ENCODING_CONSTRUCTORS, SHIFT
+
+    monkeypatch.setitem(tiktoken.registry.ENCODING_CONSTRUCTORS, "gpt2_shifted", ENCODING_CONSTRUCTORS["gpt2_shifted"])
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", dict(tiktoken.registry.ENCODINGS))
+    return SHIFT
+
+
+def test_a_vocabulary_beyond_uint16_is_stored_as_uint32(tmp_path, gpt2, paragraphs, gpt2_shifted):
+    out = tmp_path / "out"
+    prepare(out, write_jsonl(tmp_path / "s.jsonl", paragraphs), "--tokenizer", "gpt2_shifted",
+            "--validation-fraction", 0.3, "--workers", 1)
+    expected = expected_streams(paragraphs, 0.3, gpt2.encode_ordinary, GPT2_EOT)
+    for split in token_data.SPLITS:
+        tokens = token_data.open_split(out, split)
+        assert tokens.dtype == np.uint32 and tokens.max() > 65_535
+        assert (tokens - gpt2_shifted).tolist() == expected[split]
+    facts = meta(out)
+    assert (facts["vocab_size"], facts["eot_id"], facts["token_dtype"]) == (150_257, 150_256, "uint32")
+    assert "one 1-D uint32 tensor `tokens`" in (out / "README.md").read_text()
+    assert f"train: {len(expected['train']):,} tokens (uint32)" in token_data.describe_dataset(out)
+
+
+# ---------------------------------------------------------------- refusing bad input
 
 
 def write_parquet_with_column(path, column):

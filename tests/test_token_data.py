@@ -10,12 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tiktoken
-from safetensors.numpy import save_file
+import torch
+from safetensors.numpy import load_file, save_file
 
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
 import token_data  # noqa: E402
-from errors import UserError  # noqa: E402
+from batching import Microbatches  # noqa: E402
+from errors import RankLocalUserError, UserError  # noqa: E402
 from token_data import ByteTokenizer, TokenFileWriter, get_tokenizer, open_tokens  # noqa: E402
 
 VERDICT = PROJECT.parent / "shared" / "data" / "the-verdict.txt"
@@ -60,13 +62,16 @@ def test_byte_tokenizer_round_trip():
     assert tokenizer.decode(tokenizer.encode_to_array(text).tolist() + [tokenizer.eot_id]) == text
 
 
-def test_tokenizer_with_ids_beyond_uint16_is_refused(monkeypatch):
-    # A real tiktoken encoding whose end-of-text id is 70,000: its ids cannot be stored as uint16.
+def test_a_tokenizer_stores_uint16_when_its_ids_fit_and_uint32_beyond(monkeypatch):
+    assert get_tokenizer("gpt2").token_dtype == np.uint16 and ByteTokenizer.token_dtype == np.uint16
+    # A real tiktoken encoding whose end-of-text id is 70,000: its ids do not fit uint16.
     big = tiktoken.Encoding(name="big", pat_str=r"\S+|\s+", mergeable_ranks={bytes([i]): i for i in range(256)},
                             special_tokens={"<|endoftext|>": 70_000})
     monkeypatch.setattr(tiktoken, "get_encoding", lambda name: big)
-    with pytest.raises(UserError, match="70,001 token ids.*uint16"):
-        get_tokenizer("big")
+    tokenizer = get_tokenizer("big")
+    assert tokenizer.vocab_size == 70_001 and tokenizer.token_dtype == np.uint32
+    assert tokenizer.encode_to_array("ab c").dtype == np.uint32
+    assert tokenizer.encode_to_array("ab c").tolist() == big.encode_ordinary("ab c")
 
 
 def test_unknown_tokenizer_is_refused():
@@ -92,10 +97,10 @@ def test_writer_output_reads_back_with_safetensors_and_our_reader(tmp_path):
         assert f.get_tensor("tokens").tolist() == expected
 
 
-@pytest.mark.parametrize("bad_id", [65536, -1])
-def test_writer_refuses_ids_beyond_uint16(tmp_path, bad_id):
-    with TokenFileWriter(tmp_path / "t.safetensors") as writer:
-        with pytest.raises(UserError, match=f"{bad_id} does not fit"):
+@pytest.mark.parametrize("dtype, bad_id", [(np.uint16, 65536), (np.uint16, -1), (np.uint32, 2**32), (np.uint32, -1)])
+def test_writer_refuses_ids_that_do_not_fit_its_dtype(tmp_path, dtype, bad_id):
+    with TokenFileWriter(tmp_path / "t.safetensors", dtype) as writer:
+        with pytest.raises(UserError, match=f"{bad_id} does not fit in {np.dtype(dtype).name}"):
             writer.write([1, bad_id])
 
 
@@ -143,10 +148,74 @@ def test_reads_the_end_of_a_multi_gigabyte_file_without_loading_it(tmp_path):
     assert resident_bytes() - rss_before < 50 * 2**20
 
 
+# ---------------------------------------------------------------- uint32 token files, and uint16 ones unchanged
+
+def test_a_u32_file_written_by_safetensors_reads_back_memory_mapped_and_through_microbatches(tmp_path):
+    # Ids a uint16 reader would wrap around, the largest uint32 among them.
+    expected = np.random.default_rng(0).integers(65_536, 200_000, size=200, dtype=np.uint32)
+    expected[30] = 2**32 - 1
+    path = tmp_path / "train.safetensors"
+    save_file({"tokens": expected}, str(path))
+    tokens = open_tokens(path)
+    assert isinstance(tokens, np.memmap) and tokens.dtype == np.uint32
+    assert np.array_equal(tokens, expected)
+
+    microbatches = Microbatches(tokens, 5, 3, 2, 8, vocab_size=2**32, path=path)
+    for index in range(len(microbatches)):
+        inputs, targets = microbatches[index]
+        window = expected[5 + 16 * index:5 + 16 * index + 17].astype(np.int64)
+        assert inputs.dtype == targets.dtype == torch.int64
+        assert np.array_equal(inputs.numpy(), window[:-1].reshape(2, 8))
+        assert np.array_equal(targets.numpy(), window[1:].reshape(2, 8))
+    # The host-side id check sees the whole 32-bit id.
+    with pytest.raises(RankLocalUserError, match=f"token 30 is id {2**32 - 1}, but the model's vocab_size is 200000"):
+        Microbatches(tokens, 5, 3, 2, 8, vocab_size=200_000, path=path)[1]
+
+
+def test_writer_uint32_output_loads_with_safetensors(tmp_path):
+    expected = np.array([0, 65_535, 65_536, 150_256, 2**32 - 1], dtype=np.uint32)
+    path = tmp_path / "train.safetensors"
+    with TokenFileWriter(path, np.uint32) as writer:
+        writer.write(expected[:2].astype(np.uint16))
+        writer.write(expected[2:].tolist())
+        writer.commit()
+    loaded = load_file(str(path))
+    assert list(loaded) == ["tokens"] and loaded["tokens"].dtype == np.uint32
+    assert np.array_equal(loaded["tokens"], expected)
+    assert np.array_equal(open_tokens(path), expected)
+
+
+def test_uint16_files_are_what_they_were(tmp_path):
+    """Byte for byte the files written before uint32 existed: safetensors' own layout but for the
+    header's padding (ours reserves 120 bytes, to write the header once the tokens are counted)."""
+    tokens = np.arange(1002, dtype=np.uint16) * 65
+    with TokenFileWriter(tmp_path / "ours.safetensors") as writer:
+        writer.write(tokens)
+        writer.commit()
+    save_file({"tokens": tokens}, str(tmp_path / "theirs.safetensors"))
+    ours, theirs = (tmp_path / "ours.safetensors").read_bytes(), (tmp_path / "theirs.safetensors").read_bytes()
+    header = b'{"tokens":{"dtype":"U16","shape":[1002],"data_offsets":[0,2004]}}'
+    assert ours == struct.pack("<Q", 120) + header.ljust(120) + tokens.astype("<u2").tobytes()
+    (their_header_length,) = struct.unpack("<Q", theirs[:8])
+    assert theirs[8:8 + their_header_length].rstrip() == header and theirs[8 + their_header_length:] == ours[128:]
+
+
+@pytest.mark.parametrize("dtype, found", [(np.int32, "I32"), (np.float32, "F32"), (np.uint64, "U64")])
+def test_a_token_file_of_another_dtype_is_one_error_line_naming_the_valid_ones(tmp_path, dtype, found):
+    path = tmp_path / "train.safetensors"
+    save_file({"tokens": np.arange(4, dtype=dtype)}, str(path))
+    with pytest.raises(UserError) as error:
+        open_tokens(path)
+    assert str(error.value) == f"{path}: tensor 'tokens' has dtype {found}, expected U16 (uint16) or U32 (uint32)"
+
+
 # ---------------------------------------------------------------- meta.json, staging, the demo corpus
 
 def test_meta_defaults_to_gpt2_and_rejects_a_broken_file(tmp_path):
     assert token_data.read_meta(tmp_path) == token_data.DatasetMeta("gpt2", 50257, 50256)
+    # As written before meta.json recorded the token dtype.
+    (tmp_path / "meta.json").write_text('{"tokenizer": "bytes", "vocab_size": 257, "eot_id": 256}')
+    assert token_data.read_meta(tmp_path) == token_data.DatasetMeta("bytes", 257, 256)
     (tmp_path / "meta.json").write_text('{"tokenizer": "bytes"}')
     with pytest.raises(UserError, match="not a valid dataset meta.json"):
         token_data.read_meta(tmp_path)
