@@ -4,6 +4,7 @@ launching ddp_train.py for real (torchrun with gloo on CPU, or a plain process).
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -114,6 +115,22 @@ def train_in_process(args):
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         stderr += "".join(traceback.format_exception(result.exception))  # as a crashed process would print it
     return SimpleNamespace(returncode=result.exit_code, stdout=result.stdout, stderr=stderr)
+
+
+def rewind_to_checkpoint(run_dir, step, copy_to):
+    """A copy of a finished run as it was right after its checkpoint of `step`: later
+    checkpoints gone, `latest` and `best` on that one (metrics rows stay: the resumed run
+    appends from step + 1)."""
+    shutil.copytree(run_dir, copy_to, symlinks=True)
+    checkpoints = copy_to / "checkpoints"
+    kept = next(p.name for p in checkpoints.iterdir() if p.name.endswith(f"-iteration-{step}"))
+    for later in [p for p in checkpoints.iterdir() if not p.is_symlink() and p.name != kept]:
+        if int(later.name.rsplit("-", 1)[1]) > step:
+            shutil.rmtree(later)
+    for link in ("latest", "best"):
+        (checkpoints / link).unlink(missing_ok=True)
+        (checkpoints / link).symlink_to(kept)
+    return copy_to
 
 
 def read_rows(run_dir):

@@ -1,0 +1,150 @@
+"""parallelism "fsdp" (FSDP2) for real: torchrun with 2 CPU processes over gloo, and a
+world of one in this process. It must train as DDP does, and its sharded checkpoints
+must resume exactly, on another number of ranks, and across DDP and FSDP."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import (TRAINER_WITH_FAULTS, make_run, read_rows, rewind_to_checkpoint, run_training, tokens_for,
+                      train_env)
+from evalkit import run_script
+from gpt import GPTModel
+
+STEPS = 6
+GLOBAL_BATCH_TOKENS = 2 * 2 * 4 * 32  # 2 ranks x accumulation 2 x microbatch 4 x context 32; 1 rank: accumulation 4
+# No dropout: a checkpoint holds each rank's RNG state, which another world size cannot
+# continue, so only without dropout can a run resumed on 1 rank match 2 (tests/test_ddp_train.py
+# checks the RNG states resume on the same world size).
+MODEL = {"drop_rate": 0.0, "tie_weights": True, "init_std": 0.02}
+TRAIN = dict(global_batch_tokens=GLOBAL_BATCH_TOKENS, min_train_tokens=STEPS * GLOBAL_BATCH_TOKENS,
+             checkpoint_interval=3, clipping_max_norm=0.5, validation_interval=3, validation_batches=3,
+             schedule_learning_rate=True, warmup_period_percent=20)
+
+
+def losses(run_dir):
+    return [row["loss"] for row in read_rows(run_dir)]
+
+
+def final_weights(run_dir):
+    return load_file(run_dir / "checkpoints" / "latest" / "model.safetensors")
+
+
+def assert_weights_close(actual, expected, exact=False):
+    assert actual.keys() == expected.keys()
+    for key in expected:
+        if exact:
+            assert torch.equal(actual[key], expected[key]), key
+        else:
+            torch.testing.assert_close(actual[key], expected[key], rtol=1e-4, atol=1e-6)
+
+
+def with_parallelism(run_dir, parallelism):
+    train_json = run_dir / "train.json"
+    train_json.write_text(json.dumps({**json.loads(train_json.read_text()), "parallelism": parallelism}))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory, verdict_dataset):
+    """The same run under DDP and under FSDP on 2 ranks, checkpointed at steps 0, 3 and 5."""
+    runs = tmp_path_factory.mktemp("runs")
+    ddp = make_run(runs / "ddp", verdict_dataset, model=MODEL, **TRAIN)
+    fsdp = make_run(runs / "fsdp", verdict_dataset, model=MODEL, parallelism="fsdp", **TRAIN)
+    run_training([ddp, "datasets"], nproc=2)
+    run_training([fsdp, "datasets"], nproc=2)
+    return ddp, fsdp
+
+
+@pytest.mark.e2e
+def test_fsdp_trains_as_ddp_does(two_rank_runs):
+    ddp, fsdp = two_rank_runs
+    assert len(losses(fsdp)) == STEPS
+    assert losses(fsdp) == pytest.approx(losses(ddp), rel=1e-4)
+    validation = [[r["val_loss"] for r in read_rows(run) if r.get("val_loss") is not None] for run in (fsdp, ddp)]
+    assert len(validation[0]) == 3 and validation[0] == pytest.approx(validation[1], rel=1e-4)
+    assert_weights_close(final_weights(fsdp), final_weights(ddp))
+    latest = fsdp / "checkpoints" / "latest"
+    meta = json.loads((latest / "meta.json").read_text())
+    assert meta["parallelism"] == "fsdp" and meta["world_size"] == 2
+    assert {"sharded/__0_0.distcp", "sharded/__1_0.distcp", "model.safetensors"} <= meta["files"].keys()
+    assert "optimizer.pt" not in meta["files"]
+
+
+@pytest.mark.e2e
+def test_fsdp_resumes_exactly_after_a_checkpoint(two_rank_runs, tmp_path):
+    _, fsdp = two_rank_runs
+    resumed = rewind_to_checkpoint(fsdp, 3, tmp_path / "resumed")
+    result = run_training([resumed, "datasets", "latest"], nproc=2)
+    assert "global step 4" in result.stdout
+    assert losses(resumed) == losses(fsdp)
+    assert_weights_close(final_weights(resumed), final_weights(fsdp), exact=True)
+
+
+@pytest.mark.e2e
+def test_a_two_rank_checkpoint_resumes_on_one_rank_and_across_ddp_and_fsdp(two_rank_runs, tmp_path):
+    ddp, fsdp = two_rank_runs
+    for source, parallelism in ((fsdp, "fsdp"), (fsdp, "ddp"), (ddp, "fsdp")):
+        resumed = with_parallelism(rewind_to_checkpoint(source, 3, tmp_path / f"{source.name}-as-{parallelism}"),
+                                   parallelism)
+        run_training([resumed, "datasets", "latest"])  # a world of one, accumulation 4
+        assert losses(resumed) == pytest.approx(losses(source), rel=1e-4), (source.name, parallelism)
+        assert_weights_close(final_weights(resumed), final_weights(source))
+
+
+@pytest.mark.e2e
+def test_a_one_rank_checkpoint_resumes_on_two_ranks(two_rank_runs, tmp_path):
+    _, fsdp = two_rank_runs
+    one_rank = make_run(tmp_path / "one-rank", json.loads((fsdp / "train.json").read_text())["dataset"],
+                        model=MODEL, parallelism="fsdp", **TRAIN)
+    run_training([one_rank, "datasets"])
+    assert losses(one_rank) == pytest.approx(losses(fsdp), rel=1e-4)
+    resumed = rewind_to_checkpoint(one_rank, 3, tmp_path / "resumed")
+    run_training([resumed, "datasets", "latest"], nproc=2)
+    assert losses(resumed) == pytest.approx(losses(fsdp), rel=1e-4)
+    assert_weights_close(final_weights(resumed), final_weights(fsdp))
+
+
+@pytest.mark.e2e
+def test_consolidated_weights_are_the_sharded_model(two_rank_runs, tmp_path):
+    """The model.safetensors rank 0 gathered equals what consolidate_checkpoint.py reads
+    from the shards alone (no process group), and gives the same logits."""
+    _, fsdp = two_rank_runs
+    copy = rewind_to_checkpoint(fsdp, 5, tmp_path / "copy") / "checkpoints" / "latest"
+    gathered = load_file(copy / "model.safetensors")
+    (copy / "model.safetensors").unlink()
+    meta = json.loads((copy / "meta.json").read_text())
+    del meta["files"]["model.safetensors"]  # as a run with consolidated_weights false writes it
+    (copy / "meta.json").write_text(json.dumps(meta))
+
+    result = run_script("consolidate_checkpoint.py", copy)
+    assert result.returncode == 0, result.stderr
+    from_shards = load_file(copy / "model.safetensors")
+    assert_weights_close(from_shards, gathered, exact=True)
+    assert json.loads((copy / "meta.json").read_text())["files"]["model.safetensors"] == \
+        (copy / "model.safetensors").stat().st_size
+    models = []
+    for weights in (gathered, from_shards):
+        model = GPTModel(meta["model_config"]).eval()
+        model.load_state_dict(weights)
+        models.append(model)
+    idx = torch.randint(0, 257, (2, 32))
+    torch.testing.assert_close(models[0](idx), models[1](idx), rtol=0, atol=0)
+
+
+@pytest.mark.e2e
+def test_a_shard_write_failing_on_one_rank_stops_every_rank_and_keeps_the_checkpoints(tmp_path,
+                                                                                        verdict_dataset):
+    run_dir = make_run(tmp_path / "run", verdict_dataset, model=MODEL, parallelism="fsdp", **TRAIN)
+    env = {**train_env(), "FAULT_SHARD_WRITE": "1:3"}
+    result = run_training([run_dir, "datasets"], nproc=2, env=env, script=TRAINER_WITH_FAULTS, check=False)
+    assert result.returncode != 0
+    assert "could not write checkpoint" in result.stderr and "rank 1: OSError" in result.stderr
+    assert "earlier checkpoints are untouched" in result.stderr
+    checkpoints = run_dir / "checkpoints"
+    assert sorted(p.name.split("-")[-1] for p in checkpoints.iterdir() if not p.is_symlink()) == ["iteration-0"]
+    assert (checkpoints / "latest").resolve().name.endswith("iteration-0")
+    result = run_training([run_dir, "datasets", "auto"], nproc=2)
+    assert "global step 1" in result.stdout and len(losses(run_dir)) == STEPS
