@@ -7,9 +7,11 @@
 `from-hf` turns a `GPT2LMHeadModel` or `LlamaForCausalLM` checkpoint (a directory
 or a Hub repo id) into model.json + model.safetensors for gpt.py; `load_hf_checkpoint`
 is the same conversion without the files, for other importers. `to-hf` writes a
-directory that `transformers.GPT2LMHeadModel.from_pretrained` loads with no custom code.
-Both give the same logits. transformers itself is not needed: the files are
-read and written with json and safetensors.
+directory that transformers loads with no custom code: a `LlamaForCausalLM` for a
+Llama-shaped model.json (pos_emb "rope", norm "rmsnorm", mlp "swiglu"), a
+`GPT2LMHeadModel` for a GPT-2-shaped one. Both directions give the same logits.
+transformers itself is not needed: the files are read and written with json and
+safetensors.
 
 GPT-2's layout differs from ours in two ways. Hugging Face's GPT-2 uses Conv1D
 layers, whose weights are stored [in, out] where nn.Linear's are [out, in]. And it
@@ -137,6 +139,32 @@ def llama_hf_to_ours(hf, cfg):
     return {key: value.contiguous() for key, value in ours.items()}
 
 
+def llama_attention_bias(cfg):
+    """LlamaConfig's attention_bias, one switch for the q, k, v and o projections, which
+    ours splits between qkv_bias and bias (o's, with the MLP's): on when either is, since
+    zero biases stand in for the ones we lack."""
+    return cfg.qkv_bias or cfg.bias
+
+
+def llama_ours_to_hf(ours, cfg):
+    """A Hugging Face LlamaForCausalLM state dict from ours (`cfg` a ModelConfig)."""
+    attention_bias = llama_attention_bias(cfg)
+    if attention_bias:
+        ours = with_zero_biases(ours, [f"trf_blocks.{i}.att.{name}.weight"
+                                       for i in range(cfg.n_layers) for name in (*QKV, "out_proj")])
+    hf = {"model." + hf_name: ours[name] for hf_name, name in llama_name_pairs(cfg.n_layers, attention_bias, cfg.bias)}
+    if not cfg.tie_weights:  # transformers ties lm_head to embed_tokens on load
+        hf["lm_head.weight"] = ours["out_head.weight"]
+    return {key: value.contiguous() for key, value in hf.items()}
+
+
+def with_zero_biases(ours, weight_keys):
+    """`ours` plus a zero bias for each Linear weight in `weight_keys` that has none: what a
+    transformers class with a bias there computes when it is zero is what ours does."""
+    zeros = {key.removesuffix(".weight") + ".bias": ours[key].new_zeros(ours[key].shape[0]) for key in weight_keys}
+    return {**zeros, **ours}
+
+
 # ---------------------------------------------------------------- config.json -> model.json
 
 def requirement(source):
@@ -228,6 +256,65 @@ def llama_rope_theta(hf_config, require):
     return (hf_config.get("rope_parameters") or {}).get("rope_theta", hf_config.get("rope_theta", 10000.0))
 
 
+# ---------------------------------------------------------------- model.json -> config.json
+
+def gpt2_hf_config(cfg, eot_id):
+    """transformers' GPT2Config (config.json) for our ModelConfig."""
+    config = {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.context_length,
+        "n_ctx": cfg.context_length,
+        "n_embd": cfg.emb_dim,
+        "n_head": cfg.n_heads,
+        "n_layer": cfg.n_layers,
+        "n_inner": None,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": LAYER_NORM_EPSILON,
+        "resid_pdrop": cfg.drop_rate,
+        "embd_pdrop": cfg.drop_rate,
+        "attn_pdrop": cfg.drop_rate,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "tie_word_embeddings": cfg.tie_weights,
+    }
+    if eot_id is not None:
+        config["bos_token_id"] = config["eos_token_id"] = eot_id
+    return config
+
+
+def llama_hf_config(cfg, eot_id):
+    """transformers' LlamaConfig (config.json) for our ModelConfig. Llama has no residual
+    or embedding dropout for our drop_rate, and leaves its attention dropout at 0."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.context_length,
+        "hidden_size": cfg.emb_dim,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.head_dim,
+        "num_hidden_layers": cfg.n_layers,
+        "intermediate_size": cfg.ff_hidden_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.norm_eps,
+        # transformers 5 reads rope_parameters; transformers 4, which other tools still
+        # run, reads rope_theta and rope_scaling.
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": None,
+        "attention_bias": llama_attention_bias(cfg),
+        "mlp_bias": cfg.bias,
+        "initializer_range": cfg.init_std or 0.02,
+        "tie_word_embeddings": cfg.tie_weights,
+        # Written even when unknown: LlamaConfig's defaults (1, 2) are Llama's own tokenizer's.
+        "bos_token_id": eot_id,
+        "eos_token_id": eot_id,
+    }
+
+
 # ---------------------------------------------------------------- the two families
 
 @dataclass(frozen=True)
@@ -236,18 +323,26 @@ class Family:
     name: str
     hf_class: str
     model_type: str  # config.json's
+    shape: dict  # model.json's architecture choices that the class has
+    grouped_query_attention: bool  # whether n_kv_heads may be below n_heads
     key_prefix: str  # before every Hugging Face key but lm_head's
     buffers: re.Pattern  # what older checkpoints store besides the weights
     model_config: Callable  # (config.json's dict, source) -> ModelConfig
+    hf_config: Callable  # (ModelConfig, end-of-text id or None) -> config.json's dict
     hf_to_ours: Callable  # (Hugging Face state dict without key_prefix, ModelConfig) -> ours
+    ours_to_hf: Callable  # (our state dict, ModelConfig) -> Hugging Face state dict
 
 
-GPT2 = Family(name="GPT-2", hf_class="GPT2LMHeadModel", model_type="gpt2", key_prefix="transformer.",
-              buffers=re.compile(r"(^|\.)attn\.(bias|masked_bias)$"),  # causal masks
-              model_config=gpt2_model_config, hf_to_ours=gpt2_hf_to_ours)
-LLAMA = Family(name="Llama", hf_class="LlamaForCausalLM", model_type="llama", key_prefix="model.",
-               buffers=re.compile(r"\.rotary_emb\.inv_freq$"),  # RoPE's frequencies
-               model_config=llama_model_config, hf_to_ours=llama_hf_to_ours)
+GPT2 = Family(name="GPT-2", hf_class="GPT2LMHeadModel", model_type="gpt2",
+              shape={"pos_emb": "learned", "norm": "layernorm", "mlp": "gelu"}, grouped_query_attention=False,
+              key_prefix="transformer.", buffers=re.compile(r"(^|\.)attn\.(bias|masked_bias)$"),  # causal masks
+              model_config=gpt2_model_config, hf_config=gpt2_hf_config,
+              hf_to_ours=gpt2_hf_to_ours, ours_to_hf=gpt2_ours_to_hf)
+LLAMA = Family(name="Llama", hf_class="LlamaForCausalLM", model_type="llama",
+               shape={"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu"}, grouped_query_attention=True,
+               key_prefix="model.", buffers=re.compile(r"\.rotary_emb\.inv_freq$"),  # RoPE's frequencies
+               model_config=llama_model_config, hf_config=llama_hf_config,
+               hf_to_ours=llama_hf_to_ours, ours_to_hf=llama_ours_to_hf)
 FAMILIES = (GPT2, LLAMA)
 
 
@@ -261,6 +356,23 @@ def hf_family(hf_config, source):
             return family
     known = ", ".join(f"{json.dumps(f.model_type)} ({f.hf_class})" for f in FAMILIES)
     raise UserError(f"{source}: model_type {json.dumps(model_type)}: convert_gpt2.py converts {known}")
+
+
+
+def family_for(cfg, source):
+    """The family whose transformers class holds a model of this ModelConfig; UserError
+    for the mixtures that neither does."""
+    shape = {key: getattr(cfg, key) for key in GPT2.shape}
+    family = next((family for family in FAMILIES if family.shape == shape), None)
+    if family is None:
+        def spelled(choices):
+            return ", ".join(f"{key} {json.dumps(value)}" for key, value in choices.items())
+        known = " nor ".join(f"{f.name} ({spelled(f.shape)})" for f in FAMILIES)
+        raise UserError(f"{source}: {spelled(shape)} is neither {known}: no transformers class has it")
+    if cfg.kv_heads != cfg.n_heads and not family.grouped_query_attention:
+        raise UserError(f"{source}: n_kv_heads {cfg.n_kv_heads} below n_heads {cfg.n_heads}: "
+                        f"{family.hf_class} has no grouped-query attention")
+    return family
 
 
 # ---------------------------------------------------------------- from-hf
@@ -351,32 +463,6 @@ def convert_from_hf(source, out_dir):
 
 # ---------------------------------------------------------------- to-hf
 
-def hf_config_for(cfg, eot_id):
-    """transformers' config.json for our ModelConfig."""
-    config = {
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        "vocab_size": cfg.vocab_size,
-        "n_positions": cfg.context_length,
-        "n_ctx": cfg.context_length,
-        "n_embd": cfg.emb_dim,
-        "n_head": cfg.n_heads,
-        "n_layer": cfg.n_layers,
-        "n_inner": None,
-        "activation_function": "gelu_new",
-        "layer_norm_epsilon": LAYER_NORM_EPSILON,
-        "resid_pdrop": cfg.drop_rate,
-        "embd_pdrop": cfg.drop_rate,
-        "attn_pdrop": cfg.drop_rate,
-        "initializer_range": 0.02,
-        "scale_attn_weights": True,
-        "tie_word_embeddings": cfg.tie_weights,
-    }
-    if eot_id is not None:
-        config["bos_token_id"] = config["eos_token_id"] = eot_id
-    return config
-
-
 def write_gpt2_tokenizer(out_dir, context_length):
     """vocab.json, merges.txt and their configs, from tiktoken's cache (or its
     download). Returns why not when the files cannot be had."""
@@ -395,13 +481,13 @@ def write_gpt2_tokenizer(out_dir, context_length):
     return None
 
 
-def model_card(title, location, cfg, model_json, tokenizer_name):
+def model_card(title, location, cfg, family, model_json, tokenizer_name):
     """README.md for the Hub: what the model is, its config, how to load it."""
     lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags:",
-             "- gpt2", "---", "", f"# {title}", "",
-             "A GPT-2-architecture base model pre-trained from scratch with PyTorch DDP "
+             f"- {family.model_type}", "---", "", f"# {title}", "",
+             f"A {family.name}-architecture base model pre-trained from scratch with PyTorch DDP "
              "(in the manner of gpjt/ddp-base-model-from-scratch), converted to transformers' "
-             "`GPT2LMHeadModel` format by `convert_gpt2.py to-hf`.", "",
+             f"`{family.hf_class}` format by `convert_gpt2.py to-hf`.", "",
              f"Tokenizer: `{tokenizer_name}`.", "",
              "## Model config (model.json)", "", "| key | value |", "| --- | --- |"]
     lines += [f"| {key} | {json.dumps(value)} |" for key, value in cfg.to_dict().items()]
@@ -412,8 +498,8 @@ def model_card(title, location, cfg, model_json, tokenizer_name):
             lines += ["", "## Training config (train.json)", "", "| key | value |", "| --- | --- |"]
             lines += [f"| {key} | {json.dumps(value)} |" for key, value in raw.items()]
     lines += ["", "## Usage", "", "```python",
-              "from transformers import AutoTokenizer, GPT2LMHeadModel", "",
-              f'model = GPT2LMHeadModel.from_pretrained("{location}")',
+              f"from transformers import AutoTokenizer, {family.hf_class}", "",
+              f'model = {family.hf_class}.from_pretrained("{location}")',
               f'tokenizer = AutoTokenizer.from_pretrained("{location}")',
               'ids = tokenizer("Every effort moves you", return_tensors="pt").input_ids',
               "print(tokenizer.decode(model.generate(ids, max_new_tokens=20)[0]))", "```", ""]
@@ -422,11 +508,12 @@ def model_card(title, location, cfg, model_json, tokenizer_name):
 
 def convert_to_hf(model_json, weights, out_dir, tokenizer_name, datasets_dir, repo_id=None):
     cfg = load_model_config(model_json)  # with its real drop_rate for the HF config
+    family = family_for(cfg, model_json)
     model = load_model(model_json, weights, "cpu")
     if tokenizer_name is None:
         tokenizer_name, _ = tokenizer_name_for(model_json, datasets_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_safetensors(gpt2_ours_to_hf(model.state_dict(), cfg), out_dir / "model.safetensors",
+    save_safetensors(family.ours_to_hf(model.state_dict(), cfg), out_dir / "model.safetensors",
                      metadata={"format": "pt"})  # transformers requires the format tag
     eot_id = EOT_IDS.get(tokenizer_name)
     if eot_id is not None and eot_id >= cfg.vocab_size:
@@ -437,10 +524,10 @@ def convert_to_hf(model_json, weights, out_dir, tokenizer_name, datasets_dir, re
         missing = f"transformers has no tokenizer matching '{tokenizer_name}'"
     if missing:
         print(f"note: no tokenizer files written: {missing}")
-    (out_dir / "config.json").write_text(json.dumps(hf_config_for(cfg, eot_id), indent=2) + "\n")
+    (out_dir / "config.json").write_text(json.dumps(family.hf_config(cfg, eot_id), indent=2) + "\n")
     title = repo_id or Path(model_json).resolve().parent.name
     (out_dir / "README.md").write_text(
-        model_card(title, repo_id or str(out_dir), cfg, model_json, tokenizer_name))
+        model_card(title, repo_id or str(out_dir), cfg, family, model_json, tokenizer_name))
 
 
 # ---------------------------------------------------------------- the CLI
@@ -472,7 +559,9 @@ def from_hf(hf_dir_or_repo, out_dir):
 @tokenizer_options
 @report_user_errors
 def to_hf(model_json, model_safetensors, out_dir, repo_id, tokenizer_name, datasets_dir):
-    """MODEL_JSON + MODEL_SAFETENSORS -> OUT_DIR loadable by GPT2LMHeadModel.from_pretrained."""
+    """MODEL_JSON + MODEL_SAFETENSORS -> OUT_DIR loadable by transformers' from_pretrained:
+    as LlamaForCausalLM when model.json is Llama-shaped (pos_emb "rope", norm "rmsnorm",
+    mlp "swiglu"), as GPT2LMHeadModel when it is GPT-2-shaped (the defaults)."""
     out_dir = Path(out_dir)
     convert_to_hf(model_json, model_safetensors, out_dir, tokenizer_name, datasets_dir, repo_id)
     print(f"wrote {out_dir}")
@@ -480,7 +569,7 @@ def to_hf(model_json, model_safetensors, out_dir, repo_id, tokenizer_name, datas
         api = HfApi()
         api.create_repo(repo_id, repo_type="model", exist_ok=True)
         api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=out_dir,
-                          commit_message="Upload GPT-2 model converted by convert_gpt2.py")
+                          commit_message="Upload model converted by convert_gpt2.py")
         print(f"uploaded to https://huggingface.co/{repo_id}")
 
 
