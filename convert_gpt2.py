@@ -42,7 +42,6 @@ from eval_common import load_model, load_model_config, one_line, tokenizer_name_
 from gpt import GPTModel
 from token_data import ByteTokenizer
 
-LAYER_NORM_EPSILON = 1e-5  # gpt.py's LayerNorm
 # gpt.py's GELU is the tanh approximation; these are its names in transformers.
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
 SILUS = ("silu", "swish")  # SwiGLU's activation; transformers has both names for it
@@ -51,6 +50,22 @@ EOT_IDS = {"gpt2": 50256, "bytes": ByteTokenizer.eot_id}
 # merges.txt, byte for byte.
 GPT2_ENCODER_JSON_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json"
 GPT2_VOCAB_BPE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe"
+
+
+# ---------------------------------------------------------------- key mapping
+
+BIAS_OF = {"weight": "bias", "scale": "shift"}  # our names: a Linear's, a LayerNorm's
+
+
+def with_zero_biases(ours, keys):
+    """`ours` plus zeros for the bias of each Linear weight (`.weight`) or LayerNorm scale
+    (`.scale`) in `keys` that has none: a transformers class with a bias there computes,
+    when it is zero, what ours does."""
+    zeros = {}
+    for key in keys:
+        layer, kind = key.rsplit(".", 1)
+        zeros[f"{layer}.{BIAS_OF[kind]}"] = ours[key].new_zeros(ours[key].shape[0])
+    return {**zeros, **ours}
 
 
 # ---------------------------------------------------------------- key mapping: GPT-2
@@ -95,14 +110,16 @@ def gpt2_hf_to_ours(hf, cfg):
 
 def gpt2_ours_to_hf(ours, cfg):
     """A Hugging Face GPT2LMHeadModel state dict from ours (`cfg` a ModelConfig)."""
+    # transformers' GPT-2 has a bias on every Linear layer (all are in the blocks) and a
+    # shift on every LayerNorm, whatever qkv_bias and bias say.
+    ours = with_zero_biases(ours, [key for key in ours if key.endswith(".scale")
+                                   or (key.startswith("trf_blocks.") and key.endswith(".weight"))])
     hf = {"transformer." + hf_name: ours[name].t() if transposed else ours[name]
           for hf_name, name, transposed in gpt2_name_pairs(cfg.n_layers)}
     for i in range(cfg.n_layers):
         h, b = f"transformer.h.{i}.", f"trf_blocks.{i}."
         hf[h + "attn.c_attn.weight"] = torch.cat([ours[b + f"att.{n}.weight"].t() for n in QKV], dim=1)
-        # transformers' GPT-2 always has QKV biases: zeros are the same as none.
-        hf[h + "attn.c_attn.bias"] = (torch.cat([ours[b + f"att.{n}.bias"] for n in QKV])
-                                      if cfg.qkv_bias else torch.zeros(3 * cfg.emb_dim))
+        hf[h + "attn.c_attn.bias"] = torch.cat([ours[b + f"att.{n}.bias"] for n in QKV])
     # transformers re-ties lm_head to wte on load, so a tied head is not stored.
     if not cfg.tie_weights:
         hf["lm_head.weight"] = ours["out_head.weight"]
@@ -158,13 +175,6 @@ def llama_ours_to_hf(ours, cfg):
     return {key: value.contiguous() for key, value in hf.items()}
 
 
-def with_zero_biases(ours, weight_keys):
-    """`ours` plus a zero bias for each Linear weight in `weight_keys` that has none: what a
-    transformers class with a bias there computes when it is zero is what ours does."""
-    zeros = {key.removesuffix(".weight") + ".bias": ours[key].new_zeros(ours[key].shape[0]) for key in weight_keys}
-    return {**zeros, **ours}
-
-
 # ---------------------------------------------------------------- config.json -> model.json
 
 def requirement(source):
@@ -183,10 +193,6 @@ def gpt2_model_config(hf_config, source):
     activation = hf_config.get("activation_function", "gelu_new")
     require(activation in TANH_GELUS, f"activation_function {activation!r}: gpt.py only has "
                                       f"the tanh-approximated GELU ({', '.join(TANH_GELUS)})")
-    require(abs(hf_config.get("layer_norm_epsilon", 1e-5) - LAYER_NORM_EPSILON) < 1e-12,
-            f"layer_norm_epsilon must be {LAYER_NORM_EPSILON}")
-    require(hf_config.get("n_inner") in (None, 4 * hf_config["n_embd"]),
-            "n_inner must be 4 * n_embd (gpt.py's feed-forward width)")
     require(hf_config.get("scale_attn_weights", True)
             and not hf_config.get("scale_attn_by_inverse_layer_idx", False),
             "only standard 1/sqrt(head_dim) attention scaling is supported")
@@ -200,6 +206,8 @@ def gpt2_model_config(hf_config, source):
         "drop_rate": hf_config.get("resid_pdrop", 0.1),
         "qkv_bias": True,
         "tie_weights": hf_config.get("tie_word_embeddings", True),
+        "norm_eps": hf_config.get("layer_norm_epsilon", 1e-5),  # GPT2Config's default
+        "mlp_hidden_dim": hf_config.get("n_inner"),  # None: 4 x n_embd, in both
     }, source=source)
 
 
@@ -269,13 +277,13 @@ def gpt2_hf_config(cfg, eot_id):
         "n_embd": cfg.emb_dim,
         "n_head": cfg.n_heads,
         "n_layer": cfg.n_layers,
-        "n_inner": None,
+        "n_inner": cfg.mlp_hidden_dim,
         "activation_function": "gelu_new",
-        "layer_norm_epsilon": LAYER_NORM_EPSILON,
+        "layer_norm_epsilon": cfg.norm_eps,
         "resid_pdrop": cfg.drop_rate,
         "embd_pdrop": cfg.drop_rate,
         "attn_pdrop": cfg.drop_rate,
-        "initializer_range": 0.02,
+        "initializer_range": cfg.init_std or 0.02,
         "scale_attn_weights": True,
         "tie_word_embeddings": cfg.tie_weights,
     }
