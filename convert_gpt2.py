@@ -36,7 +36,7 @@ from safetensors.torch import load_file
 from tiktoken.load import read_file_cached
 
 from checkpointing import save_safetensors
-from config import ModelConfig, load_json
+from config import ARCHITECTURE_CHOICES, ModelConfig, load_json
 from errors import UserError, report_user_errors
 from eval_common import load_model, load_model_config, one_line, tokenizer_name_for, tokenizer_options
 from gpt import GPTModel
@@ -148,19 +148,18 @@ def llama_name_pairs(n_layers, attention_bias, mlp_bias):
                                     for i in range(n_layers) for hf, ours in block]
 
 
-def llama_hf_to_ours(hf, cfg):
-    """Our state dict from a Hugging Face Llama one (keys without `model.`). from-hf only
-    accepts checkpoints whose biases are all on or all off, so `bias` says both."""
-    ours = {name: hf[hf_name] for hf_name, name in llama_name_pairs(cfg.n_layers, cfg.bias, cfg.bias)}
-    ours["out_head.weight"] = hf["embed_tokens.weight"].clone() if cfg.tie_weights else hf["lm_head.weight"]
-    return {key: value.contiguous() for key, value in ours.items()}
-
-
 def llama_attention_bias(cfg):
     """LlamaConfig's attention_bias, one switch for the q, k, v and o projections, which
     ours splits between qkv_bias and bias (o's, with the MLP's): on when either is, since
     zero biases stand in for the ones we lack."""
     return cfg.qkv_bias or cfg.bias
+
+
+def llama_hf_to_ours(hf, cfg):
+    """Our state dict from a Hugging Face Llama one (keys without `model.`)."""
+    ours = {name: hf[hf_name] for hf_name, name in llama_name_pairs(cfg.n_layers, llama_attention_bias(cfg), cfg.bias)}
+    ours["out_head.weight"] = hf["embed_tokens.weight"].clone() if cfg.tie_weights else hf["lm_head.weight"]
+    return {key: value.contiguous() for key, value in ours.items()}
 
 
 def llama_ours_to_hf(ours, cfg):
@@ -236,7 +235,7 @@ def llama_model_config(hf_config, source):
         "emb_dim": emb_dim,
         "n_heads": n_heads,
         "n_layers": hf_config["num_hidden_layers"],
-        "drop_rate": 0.0,  # Llama has no dropout but on attention weights, which is off in every release
+        "drop_rate": 0.0,  # as Llama is pre-trained: its one dropout, attention_dropout, is 0
         "qkv_bias": attention_bias,
         "tie_weights": hf_config.get("tie_word_embeddings", False),
         "pos_emb": "rope",
@@ -366,21 +365,23 @@ def hf_family(hf_config, source):
     raise UserError(f"{source}: model_type {json.dumps(model_type)}: convert_gpt2.py converts {known}")
 
 
-
 def family_for(cfg, source):
     """The family whose transformers class holds a model of this ModelConfig; UserError
     for the mixtures that neither does."""
-    shape = {key: getattr(cfg, key) for key in GPT2.shape}
+    shape = {key: getattr(cfg, key) for key in ARCHITECTURE_CHOICES}
     family = next((family for family in FAMILIES if family.shape == shape), None)
     if family is None:
-        def spelled(choices):
-            return ", ".join(f"{key} {json.dumps(value)}" for key, value in choices.items())
         known = " nor ".join(f"{f.name} ({spelled(f.shape)})" for f in FAMILIES)
         raise UserError(f"{source}: {spelled(shape)} is neither {known}: no transformers class has it")
     if cfg.kv_heads != cfg.n_heads and not family.grouped_query_attention:
         raise UserError(f"{source}: n_kv_heads {cfg.n_kv_heads} below n_heads {cfg.n_heads}: "
                         f"{family.hf_class} has no grouped-query attention")
     return family
+
+
+def spelled(choices):
+    """model.json keys and values as a message names them: `pos_emb "rope", norm "rmsnorm"`."""
+    return ", ".join(f"{key} {json.dumps(value)}" for key, value in choices.items())
 
 
 # ---------------------------------------------------------------- from-hf
