@@ -1,5 +1,6 @@
 """Helpers shared by the tests of the evaluation and conversion scripts
-(test_smoke_script.py, test_loss_script.py, test_ift_script.py, test_convert_gpt2.py)."""
+(test_smoke_script.py, test_loss_script.py, test_ift_script.py, test_convert_gpt2.py,
+test_convert_llama.py)."""
 
 import contextlib
 import importlib

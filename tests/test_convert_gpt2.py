@@ -117,6 +117,24 @@ def test_to_hf_gives_the_same_logits(tmp_path, qkv_bias, tie):
         assert not stored["transformer.h.1.attn.c_attn.bias"].any()
 
 
+def test_gpt2_shaped_options_round_trip(tmp_path):
+    # gpt.py's options that GPT2LMHeadModel also has: no biases (zeros there), a LayerNorm
+    # epsilon, a feed-forward width, an initialisation scale.
+    cfg = tiny_config(vocab_size=100, context_length=32, bias=False, norm_eps=1e-3, mlp_hidden_dim=48, init_std=0.05)
+    model_json, weights, ours = write_model(tmp_path / "run", cfg)
+    convert("to-hf", model_json, weights, tmp_path / "hf")
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    torch.testing.assert_close(hf_logits(hf), ours_logits(ours), atol=1e-5, rtol=0)
+    assert not load_file(tmp_path / "hf" / "model.safetensors")["transformer.h.0.ln_1.bias"].any()
+    assert hf.config.initializer_range == 0.05
+
+    convert("from-hf", tmp_path / "hf", tmp_path / "back")
+    config = json.loads((tmp_path / "back" / "model.json").read_text())
+    assert (config["norm_eps"], config["mlp_hidden_dim"]) == (1e-3, 48)
+    back = load_model(tmp_path / "back" / "model.json", tmp_path / "back" / "model.safetensors", "cpu")
+    torch.testing.assert_close(ours_logits(back), ours_logits(ours), atol=1e-5, rtol=0)
+
+
 def test_to_hf_writes_gpt2_tokenizer_and_model_card(tmp_path):
     cfg = tiny_config(vocab_size=50257, emb_dim=16, qkv_bias=True, tie_weights=True)
     model_json, weights, _ = write_model(tmp_path / "my-run", cfg)
