@@ -200,6 +200,8 @@ class TrainConfig:
     parallelism: str = "ddp"  # or "fsdp" / "hsdp": shard weights, gradients and AdamW state (parallelism.py)
     fsdp_reshard_after_forward: bool = True  # free each block's gathered weights after its forward (less memory)
     consolidated_weights: bool = True  # fsdp/hsdp checkpoints also get a full model.safetensors (gathered on rank 0)
+    init_from: str | None = None  # start from these weights: a checkpoint directory or a HF model (initial_weights.py)
+    extend_positions: bool = False  # with init_from: allow a longer context than the source's learned positions
     activation_checkpointing: bool = False  # recompute each block in the backward pass: less memory, ~1/3 more compute
     loss_chunk_tokens: int | None = None  # compute the loss over this many tokens' logits at a time
     # Instead of gradient_accumulation_steps: tokens per optimizer step, the same on any world size

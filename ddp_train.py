@@ -37,6 +37,7 @@ from config import ModelConfig, load_run
 from distributed import StopSignals, check_connectivity, init_distributed, run_and_share_errors, share_from_main
 from errors import RankLost, UserError, report_user_errors
 from gpt import GPTModel
+from initial_weights import apply_initial_weights, load_initial_weights
 from parallelism import (ParallelModel, autocast_dtype_for, check_supported, clip_gradients, local_tensor,
                          shard, shard_count, wrap_for_training)
 from metrics import IntervalStats, TrainingLog, read_metrics, require_tensorboard
@@ -220,6 +221,7 @@ class Progress:
     best_loss: float | None = None  # the score of the `best` checkpoint
     last_checkpoint: str | None = None  # the newest checkpoint of this run, for messages
     skipped_in_a_row: int = 0
+    init_from: dict | None = None  # where a run that started from existing weights started
 
 
 def check_resumable(run, ctx, checkpoint_dir, meta, accumulation):
@@ -274,7 +276,7 @@ def restore(run, ctx, checkpoint_dir, state, data):
     return Progress(start_step=start_step,
                     tokens_seen=meta.get("tokens_seen", start_step * data.global_batch_tokens),
                     elapsed_before=meta.get("elapsed_s", 0.0), best_loss=best_loss,
-                    last_checkpoint=checkpoint_dir.name)
+                    last_checkpoint=checkpoint_dir.name, init_from=meta.get("init_from"))
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -295,7 +297,8 @@ def checkpoint_meta(run, ctx, data, log, interval, progress):
             "gradient_accumulation_steps": data.gradient_accumulation_steps,
             "pad_vocab_to_multiple_of": train_cfg.pad_vocab_to_multiple_of,
             "parallelism": train_cfg.parallelism,
-            "model_config": run.model.to_dict()}
+            "model_config": run.model.to_dict(),
+            **({"init_from": progress.init_from} if progress.init_from else {})}
 
 
 def save(run, ctx, state, meta, is_best):
@@ -367,9 +370,10 @@ class Trainer:
     stop_flags: torch.Tensor  # [0., 1.] on the device
 
 
-def build_model(run, ctx):
-    """The model on this rank's device (sharded under fsdp/hsdp), its compute dtype,
-    optimizer and gradient scaler, as training and the -f search use them."""
+def build_model(run, ctx, initial=None):
+    """The model on this rank's device (sharded under fsdp/hsdp), from `initial` weights
+    if given, its compute dtype, optimizer and gradient scaler, as training and the -f
+    search use them."""
     model_json, train_json = run.run_dir / "model.json", run.run_dir / "train.json"
     check_model_fits(run.model, ctx.device, model_json, shard_count(run.train, ctx))
     amp_dtype = amp_dtype_for(run.train, ctx.device)
@@ -377,7 +381,12 @@ def build_model(run, ctx):
     torch.manual_seed(run.train.random_seed)  # identical initial weights on every rank
     model = GPTModel(run.model, pad_vocab_to_multiple_of=run.train.pad_vocab_to_multiple_of,
                      activation_checkpointing=run.train.activation_checkpointing,
-                     loss_chunk_tokens=run.train.loss_chunk_tokens).to(ctx.device)
+                     loss_chunk_tokens=run.train.loss_chunk_tokens)
+    if initial is not None:
+        note = apply_initial_weights(model, initial)
+        if ctx.is_main:
+            print(f"init_from: weights of {initial.origin['source']}" + (f" ({note})" if note else ""))
+    model.to(ctx.device)
     if run.train.parallelism != "ddp":
         shard(model, run.train, ctx, amp_dtype)
     if amp_dtype is not None:
@@ -388,14 +397,17 @@ def build_model(run, ctx):
 
 
 def build_trainer(run, ctx, datasets_dir, checkpoint_dir):
-    model, amp_dtype, optimizer, scaler = build_model(run, ctx)
+    # A resumed run's weights come from its checkpoint, whatever init_from says.
+    initial = (load_initial_weights(run.train, run.model, run.run_dir / "train.json")
+               if run.train.init_from and not checkpoint_dir else None)
+    model, amp_dtype, optimizer, scaler = build_model(run, ctx, initial)
     data = load_data(run, ctx, datasets_dir)
     state = checkpointing.TrainingState(model, optimizer, scaler,
                                         make_lr_scheduler(optimizer, run.train, data.total_steps))
     if checkpoint_dir:
         progress = restore(run, ctx, checkpoint_dir, state, data)
     else:
-        progress = Progress()
+        progress = Progress(init_from=initial.origin if initial else None)
         set_rank_rng(ctx, run.train.random_seed)
     parallel = wrap_for_training(model, run.train, ctx, amp_dtype)
     stop_flags = torch.tensor([0.0, 1.0], device=ctx.device)

@@ -8,8 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import (TRAINER_WITH_FAULTS, make_run, read_rows, rewind_to_checkpoint, run_training, tokens_for,
-                      train_env)
+from conftest import TRAINER_WITH_FAULTS, make_run, read_rows, rewind_to_checkpoint, run_training, train_env
 from evalkit import run_script
 from gpt import GPTModel
 
