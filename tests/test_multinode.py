@@ -29,27 +29,48 @@ def launch_node(run_dir, datasets_dir, port, env, *extra_args):
         cwd=PROJECT_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-@pytest.mark.e2e
-def test_two_nodes_equal_one_node_with_two_processes(tmp_path):
-    """Uses the demo corpus with shared_filesystem: both nodes see one DATASETS_DIR, so only
-    global rank 0 may build it (two builders would race on the same files)."""
-    datasets_dir = tmp_path / "datasets"
-    common = dict(min_train_tokens=tokens_for(STEPS, 2), checkpoint_interval=100, shared_filesystem=True,
-                  tensorboard=True)
-    two_nodes = make_run(tmp_path / "two-nodes", "demo", **common)
-    one_node = make_run(tmp_path / "one-node", "demo", **common)
+COMMON = dict(min_train_tokens=tokens_for(STEPS, 2), checkpoint_interval=100, shared_filesystem=True)
 
+
+@pytest.fixture(scope="module")
+def one_node_run(tmp_path_factory):
+    """Two processes on one node, the reference for the two-node runs (the demo corpus)."""
+    base = tmp_path_factory.mktemp("one-node")
+    one_node = make_run(base / "run", "demo", **COMMON)
+    run_training([one_node, base / "datasets"], nproc=2)
+    return one_node
+
+
+def train_on_two_nodes(run_dir, datasets_dir):
     port = free_port()
-    nodes = [launch_node(two_nodes, datasets_dir, port, train_env()) for _ in range(2)]
+    nodes = [launch_node(run_dir, datasets_dir, port, train_env()) for _ in range(2)]
     outputs = [node.communicate(timeout=300)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], "\n".join(outputs)
     assert sum("Training complete" in output for output in outputs) == 1  # global rank 0 only
 
-    run_training([one_node, datasets_dir], nproc=2)
+
+@pytest.mark.e2e
+def test_two_nodes_equal_one_node_with_two_processes(tmp_path, one_node_run):
+    """Uses the demo corpus with shared_filesystem: both nodes see one DATASETS_DIR, so only
+    global rank 0 may build it (two builders would race on the same files)."""
+    two_nodes = make_run(tmp_path / "two-nodes", "demo", tensorboard=True, **COMMON)
+    train_on_two_nodes(two_nodes, tmp_path / "datasets")
     two_node_losses = [row["loss"] for row in read_rows(two_nodes)]
     assert len(two_node_losses) == STEPS
-    assert two_node_losses == pytest.approx([row["loss"] for row in read_rows(one_node)], rel=1e-6)
+    assert two_node_losses == pytest.approx([row["loss"] for row in read_rows(one_node_run)], rel=1e-6)
     assert len(list((two_nodes / "checkpoints").iterdir())) == 4  # after step 0 and the last; latest, best
+
+
+@pytest.mark.e2e
+def test_hybrid_sharding_across_two_nodes_trains_as_ddp(tmp_path, one_node_run):
+    """hsdp with one process per node: each node holds the whole (one-shard) state and the
+    nodes replicate it, all-reducing gradients across the node boundary, as DDP does."""
+    two_nodes = make_run(tmp_path / "two-nodes", "demo", parallelism="hsdp", **COMMON)
+    train_on_two_nodes(two_nodes, tmp_path / "datasets")
+    assert [row["loss"] for row in read_rows(two_nodes)] == pytest.approx(
+        [row["loss"] for row in read_rows(one_node_run)], rel=1e-5)
+    meta = json.loads((two_nodes / "checkpoints" / "latest" / "meta.json").read_text())
+    assert meta["parallelism"] == "hsdp" and "sharded/.metadata" in meta["files"]
 
 
 @pytest.mark.e2e
