@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import traceback
 from pathlib import Path
 from types import SimpleNamespace
@@ -90,6 +91,36 @@ def run_training(args, nproc=None, check=True, timeout=240, env=None, script=TRA
     if check and result.returncode != 0:
         raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def start_torchrun(args, env):
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(PROJECT_DIR / "ddp_train.py"), *map(str, args)],
+        cwd=PROJECT_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def worker_pid(torchrun_pid, rank):
+    """The pid of torchrun's worker process with that RANK, found through /proc."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError):
+            continue  # a process that ended meanwhile
+        if parent == torchrun_pid and f"RANK={rank}".encode() in environ:
+            return int(stat.parent.name)
+    raise AssertionError(f"no worker with RANK={rank} under pid {torchrun_pid}")
+
+
+def wait_for(condition, job, timeout=120):
+    deadline = time.time() + timeout
+    while not condition():
+        if job.poll() is not None:
+            output = job.stdout.read() if job.stdout else ""
+            raise AssertionError(f"job ended ({job.returncode}) before the condition held:\n{output}")
+        assert time.time() < deadline, "timed out waiting"
+        time.sleep(0.05)
 
 
 def train_in_process(args):

@@ -7,14 +7,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import (PROJECT_DIR, SHARED_DATA, TRAINER_WITH_FAULTS, make_run, read_rows, run_training,
-                      tokens_for, train_env, write_byte_dataset)
+                      start_torchrun, tokens_for, train_env, wait_for, worker_pid, write_byte_dataset)
 
 STEPS = 8
 
@@ -26,36 +25,6 @@ def checkpoint_steps(run_dir):
 
 def latest_step(run_dir):
     return json.loads((run_dir / "checkpoints" / "latest" / "meta.json").read_text())["global_step"]
-
-
-def start_torchrun(args, env):
-    return subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(PROJECT_DIR / "ddp_train.py"), *map(str, args)],
-        cwd=PROJECT_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def worker_pid(torchrun_pid, rank):
-    """The pid of torchrun's worker process with that RANK, found through /proc."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            environ = (stat.parent / "environ").read_bytes().split(b"\0")
-        except (OSError, IndexError):
-            continue  # a process that ended meanwhile
-        if parent == torchrun_pid and f"RANK={rank}".encode() in environ:
-            return int(stat.parent.name)
-    raise AssertionError(f"no worker with RANK={rank} under pid {torchrun_pid}")
-
-
-def wait_for(condition, job, timeout=120):
-    deadline = time.time() + timeout
-    while not condition():
-        if job.poll() is not None:
-            output = job.stdout.read() if job.stdout else ""
-            raise AssertionError(f"job ended ({job.returncode}) before the condition held:\n{output}")
-        assert time.time() < deadline, "timed out waiting"
-        time.sleep(0.05)
 
 
 # ---------------------------------------------------------------- restart policies
