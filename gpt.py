@@ -21,6 +21,9 @@ and TransformerBlock is the one place a block is assembled from them:
 (grouped-query attention) and `bias` false (no biases, LayerNorm without shift).
 All of them set as Llama does, it is a Llama-3-style model; their defaults are
 GPT-2, bit for bit.
+
+`generate` keeps each layer's keys and values (KVCache) through
+GPTModel.next_token_logits, an inference-only pass that leaves `forward` as training uses it.
 """
 
 import math
@@ -93,7 +96,8 @@ class MultiHeadAttention(nn.Module):
     The parameters stay three separate Linear layers, so state dicts and the
     optimizer's parameter list are exactly the reference harness's; the
     concatenation copies 3 * emb^2 weights per layer, which is small next to the
-    matmul over every token (docs/performance.md has the measurements).
+    matmul over every token (docs/performance.md has the measurements), but not
+    next to one token's: generate's cached steps run the three matmuls.
 
     With `n_kv_heads` below `n_heads` (grouped-query attention) the key and value
     projections have n_kv_heads heads, each shared by n_heads / n_kv_heads
@@ -121,13 +125,24 @@ class MultiHeadAttention(nn.Module):
         bias = torch.cat([p.bias for p in projections]) if self.W_query.bias is not None else None
         return F.linear(x, weight, bias).split([p.out_features for p in projections], dim=-1)
 
-    def forward(self, x):
+    def _project_qkv_separately(self, x):
+        return [projection(x) for projection in (self.W_query, self.W_key, self.W_value)]
+
+    def forward(self, x, kv_cache=None):
+        """With `kv_cache` (a KVCache; eval mode only, see GPTModel.next_token_logits) `x` holds
+        the positions after the cached ones, whose keys and values it attends to and extends."""
         batch, seq_len, emb_dim = x.shape
-        queries, keys, values = self._project_qkv(x)
+        start_position = 0 if kv_cache is None else kv_cache.length
+        # A cached step runs one token, whose matmul reads each weight once: concatenating
+        # them first would copy as much again (22% of a GPT-2 small step on CPU, measured).
+        project_qkv = self._project_qkv if kv_cache is None else self._project_qkv_separately
+        queries, keys, values = project_qkv(x)
         queries = self._split_heads(queries, self.n_heads)
         keys, values = self._split_heads(keys, self.n_kv_heads), self._split_heads(values, self.n_kv_heads)
         if self.rope is not None:
-            queries, keys = self.rope(queries), self.rope(keys)
+            queries, keys = self.rope(queries, start_position), self.rope(keys, start_position)
+        if kv_cache is not None:
+            keys, values = kv_cache.extend(keys, values)
         dropout_p = self.drop_rate if self.training else 0.0
         if dropout_p > 0 and x.device.type == "cpu":
             # PyTorch's CPU flash-attention kernel has no dropout, and SDPA's
@@ -137,10 +152,53 @@ class MultiHeadAttention(nn.Module):
             context = _causal_attention_with_dropout(queries, keys.repeat_interleave(group, dim=1),
                                                      values.repeat_interleave(group, dim=1), dropout_p)
         else:
-            context = F.scaled_dot_product_attention(queries, keys, values, dropout_p=dropout_p, is_causal=True,
-                                                     enable_gqa=self.n_kv_heads != self.n_heads)
+            attn_mask, is_causal = _causal_mask(seq_len, keys.shape[-2], x.device)
+            context = F.scaled_dot_product_attention(queries, keys, values, attn_mask=attn_mask, dropout_p=dropout_p,
+                                                     is_causal=is_causal, enable_gqa=self.n_kv_heads != self.n_heads)
         context = context.transpose(1, 2).reshape(batch, seq_len, emb_dim)
         return self.out_proj(context)
+
+
+def _causal_mask(query_len, key_len, device):
+    """scaled_dot_product_attention's (attn_mask, is_causal) for queries at the last `query_len`
+    of `key_len` positions, each attending to the keys up to its own position.
+
+    is_causal=True aligns its mask to the top left, which is right only when the lengths are
+    equal (no cache, or a prefill into an empty one); a single new token sees every key; a
+    chunk of new tokens after cached ones needs the mask aligned to the bottom right."""
+    if query_len == key_len:
+        return None, True
+    if query_len == 1:
+        return None, False
+    mask = torch.ones(query_len, key_len, dtype=torch.bool, device=device).tril(diagonal=key_len - query_len)
+    return mask, False
+
+
+class KVCache:
+    """One attention layer's keys and values for the positions processed so far, for generate.
+
+    Keys are stored rotated (RoPE) and with n_kv_heads heads, so grouped-query attention's
+    smaller cache is kept. The buffers hold `max_length` positions, allocated on first use
+    with the keys' batch size, dtype and device, so that a step writes only its new position
+    instead of copying the whole cache."""
+
+    def __init__(self, max_length):
+        self.max_length = max_length
+        self.length = 0
+        self.keys = self.values = None
+
+    def extend(self, keys, values):
+        """Append keys and values [batch, kv_heads, new positions, head_dim]; return all held."""
+        if self.keys is None:
+            shape = (*keys.shape[:2], self.max_length, keys.shape[-1])
+            self.keys, self.values = keys.new_empty(shape), values.new_empty(shape)
+        start, self.length = self.length, self.length + keys.shape[-2]
+        self.keys[:, :, start:self.length] = keys
+        self.values[:, :, start:self.length] = values
+        return self.keys[:, :, :self.length], self.values[:, :, :self.length]
+
+    def clear(self):
+        self.length = 0  # the buffers stay, to be overwritten
 
 
 # Query rows per block in _causal_attention_with_dropout. Block i needs keys up to
@@ -214,13 +272,13 @@ class TransformerBlock(nn.Module):
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
         self.activation_checkpointing = activation_checkpointing
 
-    def forward(self, x):
+    def forward(self, x, kv_cache=None):
         if self.activation_checkpointing and torch.is_grad_enabled():
             return checkpoint(self._residual_layers, x, use_reentrant=False)
-        return self._residual_layers(x)
+        return self._residual_layers(x, kv_cache)
 
-    def _residual_layers(self, x):
-        x = x + self.drop_shortcut(self.att(self.norm1(x)))
+    def _residual_layers(self, x, kv_cache=None):
+        x = x + self.drop_shortcut(self.att(self.norm1(x), kv_cache))
         x = x + self.drop_shortcut(self.ff(self.norm2(x)))
         return x
 
@@ -286,6 +344,29 @@ class GPTModel(nn.Module):
             return self._logits(x)
         return self._loss(x.flatten(0, 1), targets.flatten())
 
+    @torch.no_grad()
+    def next_token_logits(self, idx, kv_caches):
+        """Inference only (generate): the logits [batch, vocab_size] for the token after `idx`,
+        the positions that follow those held in `kv_caches` (one KVCache per layer), which
+        take their keys and values.
+
+        Only the last position goes through the output head: it is all sampling needs, and at
+        a vocabulary of 50,257 the head is a prompt's biggest matmul. Eval mode only, so that
+        no dropout mask is drawn once and then kept in the cache; without gradients, because
+        activation checkpointing would recompute a block and extend its cache twice."""
+        if self.training:
+            raise RuntimeError("next_token_logits needs eval mode (model.eval())")
+        start = kv_caches[0].length
+        end = start + idx.shape[1]
+        if end > self.cfg.context_length:
+            raise ValueError(f"sequence length {end} exceeds context_length {self.cfg.context_length}")
+        x = self.tok_emb(idx)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(start, end, device=idx.device))
+        for block, kv_cache in zip(self.trf_blocks, kv_caches, strict=True):
+            x = block(x, kv_cache)
+        return self._logits(self.final_norm(x[:, -1]))
+
     def _logits(self, x):
         return self.out_head(x)[..., :self.cfg.vocab_size]  # without pad columns
 
@@ -342,25 +423,31 @@ def _add_vocab_padding(model, state_dict, prefix, local_metadata, strict, missin
 
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=None,
-             generator=None):
+             generator=None, use_cache=True):
     """Extend `idx` ([batch, T] token ids) by up to `max_new_tokens` tokens.
 
     temperature 0 is greedy decoding. The context is cropped to the model's
     context_length. Generation stops once every row has produced `eos_id`
     (which is kept in the output); rows that finished early are padded with it.
+
+    With `use_cache` (in eval mode) each layer keeps its keys and values in a KVCache:
+    the prompt goes through the model once, then each step only the new token. Without
+    it every step recomputes every position (bench_generate.py measures both). Both give
+    the same tokens, to floating-point rounding: see _next_logits_with_cache for the
+    context window. In train mode the cache is never used: recomputing every position
+    draws new dropout masks for all of them at each step, and a cache would instead keep
+    each position's first mask, a different distribution of samples.
     """
     context_length = model.cfg.context_length
+    kv_caches = ([KVCache(context_length) for _ in model.trf_blocks]
+                 if use_cache and not model.training else None)
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
     for _ in range(max_new_tokens):
-        logits = model(idx[:, -context_length:])[:, -1, :].float()
-        if temperature > 0:
-            if top_k is not None:
-                kth_largest = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                logits = logits.masked_fill(logits < kth_largest, float("-inf"))
-            probs = torch.softmax(logits / temperature, dim=-1)
-            next_id = torch.multinomial(probs, num_samples=1, generator=generator)
+        if kv_caches is None:
+            logits = model(idx[:, -context_length:])[:, -1, :]
         else:
-            next_id = logits.argmax(dim=-1, keepdim=True)
+            logits = _next_logits_with_cache(model, idx, kv_caches)
+        next_id = _pick_next_token(logits.float(), temperature, top_k, generator)
         if eos_id is not None:
             next_id = next_id.masked_fill(finished.unsqueeze(1), eos_id)
             finished |= next_id.squeeze(1) == eos_id
@@ -368,3 +455,29 @@ def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=Non
         if eos_id is not None and bool(finished.all()):
             break
     return idx
+
+
+def _next_logits_with_cache(model, idx, kv_caches):
+    """The next-token logits for `idx`, running only the tokens `kv_caches` does not hold.
+
+    Past context_length the cache-free path crops `idx` to its last context_length
+    tokens, which then sit at positions 0, 1, ...: every cached key was computed at
+    another position, attending to a token now cropped. So, to stay identical, the
+    cache is refilled from the cropped window: once the window slides, each step is a
+    full pass over context_length tokens, as without the cache."""
+    if idx.shape[1] > model.cfg.context_length:
+        for kv_cache in kv_caches:
+            kv_cache.clear()
+        idx = idx[:, -model.cfg.context_length:]
+    return model.next_token_logits(idx[:, kv_caches[0].length:], kv_caches)
+
+
+def _pick_next_token(logits, temperature, top_k, generator):
+    """[batch, 1] token ids: the argmax at temperature 0, else a sample from the top_k."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    if top_k is not None:
+        kth_largest = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    probs = torch.softmax(logits / temperature, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)

@@ -170,7 +170,7 @@ class SeparateQKVAttention(MultiHeadAttention):
     as the book computes them: what the fused matmul is measured and tested against."""
 
     def _project_qkv(self, x):
-        return [projection(x) for projection in (self.W_query, self.W_key, self.W_value)]
+        return self._project_qkv_separately(x)
 
 
 def separate_qkv(model):

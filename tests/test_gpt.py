@@ -6,14 +6,18 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from evalkit import one_torch_thread  # noqa: F401  (autouse fixture: tiny models run fastest on one thread)
 from plain_gpt import PlainGPT
 from checkpointing import load_model_weights
 from config import ModelConfig
 from errors import UserError
-from gpt import GPTModel, generate
+from gpt import GPTModel, KVCache, generate
 
 SMALL = dict(vocab_size=61, context_length=16, emb_dim=24, n_heads=3, n_layers=2, drop_rate=0.0,
              qkv_bias=True)
+LLAMA_SMALL = dict(vocab_size=61, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0,
+                   pos_emb="rope", norm="rmsnorm", mlp="swiglu", n_kv_heads=2, bias=False, tie_weights=True)
+GENERATION_CONFIGS = {"gpt2": SMALL, "llama": LLAMA_SMALL}
 
 
 def plain_gpt_like(model):
@@ -106,17 +110,87 @@ def test_sequence_longer_than_context_is_refused():
 
 # ---------------------------------------------------------------- generate
 
-def test_greedy_generation_is_repeated_argmax_with_context_cropping():
-    model = randomized(SMALL)
-    prompt = torch.randint(0, SMALL["vocab_size"], (1, 12))
-    out = generate(model, prompt, max_new_tokens=10, temperature=0.0)
-    plain = plain_gpt_like(model)
-    expected = prompt.clone()
-    for _ in range(10):
-        window = expected[:, -SMALL["context_length"]:]
-        next_id = plain(window)[0, -1].argmax()
-        expected = torch.cat([expected, next_id.view(1, 1)], dim=1)
-    assert torch.equal(out, expected)
+def reference_generate(plain, context_length, prompt, steps, temperature=0.0, top_k=None, eos_id=None,
+                       generator=None):
+    """generate's loop without a cache, written plainly: every step runs PlainGPT over the whole
+    window (the last context_length tokens, at positions from 0)."""
+    ids, finished = prompt.clone(), torch.zeros(len(prompt), dtype=torch.bool)
+    for _ in range(steps):
+        logits = plain(ids[:, -context_length:])[:, -1]
+        if temperature == 0:
+            next_ids = logits.argmax(dim=-1)
+        else:
+            threshold = torch.topk(logits, top_k).values[:, -1:]
+            probs = torch.softmax(torch.where(logits < threshold, float("-inf"), logits) / temperature, dim=-1)
+            next_ids = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        if eos_id is not None:
+            next_ids = torch.where(finished, eos_id, next_ids)
+            finished |= next_ids == eos_id
+        ids = torch.cat([ids, next_ids[:, None]], dim=1)
+        if finished.all():
+            break
+    return ids
+
+
+def generated_both_ways(model, prompt, steps, **sampling):
+    """(generate's output with the KV cache, without it, the plain reference's), each sampling
+    from its own generator with the same seed."""
+    def generator():
+        return torch.Generator().manual_seed(7)
+    cached = generate(model, prompt, steps, generator=generator(), **sampling)
+    uncached = generate(model, prompt, steps, generator=generator(), use_cache=False, **sampling)
+    reference = reference_generate(plain_gpt_like(model), model.cfg.context_length, prompt, steps,
+                                   generator=generator(), **sampling)
+    return cached, uncached, reference
+
+
+# Past context_length (16) the window slides: 5 prompt tokens + 20 new ones.
+@pytest.mark.parametrize("cfg", GENERATION_CONFIGS.values(), ids=GENERATION_CONFIGS.keys())
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 1.4, "top_k": 25}], ids=["greedy", "top-k"])
+def test_cached_generation_is_token_for_token_the_full_recomputation(cfg, sampling):
+    model = randomized(cfg)
+    prompts = torch.randint(0, cfg["vocab_size"], (2, 5))
+    cached, uncached, reference = generated_both_ways(model, prompts, 20, **sampling)
+    assert cached.shape == (2, 25)
+    assert torch.equal(cached, uncached) and torch.equal(cached, reference)
+
+
+@pytest.mark.parametrize("cfg", GENERATION_CONFIGS.values(), ids=GENERATION_CONFIGS.keys())
+def test_cached_generation_stops_at_end_of_text_as_the_full_recomputation(cfg):
+    model = randomized(cfg)
+    prompts = torch.randint(0, cfg["vocab_size"], (2, 5))
+    eos_id = generate(model, prompts, 3)[0, -1].item()  # row 0's third token
+    cached, uncached, reference = generated_both_ways(model, prompts, 10, eos_id=eos_id)
+    assert cached[0, -1] == eos_id
+    assert torch.equal(cached, uncached) and torch.equal(cached, reference)
+
+
+@pytest.mark.parametrize("cfg", GENERATION_CONFIGS.values(), ids=GENERATION_CONFIGS.keys())
+def test_chunks_after_cached_positions_attend_causally(cfg):
+    """Prefill, a chunk of 3 tokens (each must see the cache and its own predecessors only),
+    then one token: each time the logits of a full forward pass over everything so far."""
+    model = randomized(cfg)
+    idx = torch.randint(0, cfg["vocab_size"], (2, 9))
+    kv_caches = [KVCache(cfg["context_length"]) for _ in range(cfg["n_layers"])]
+    for start, end in ((0, 5), (5, 8), (8, 9)):
+        logits = model.next_token_logits(idx[:, start:end], kv_caches)
+        torch.testing.assert_close(logits, model(idx[:, :end])[:, -1], rtol=1e-5, atol=1e-5)
+    # Grouped-query attention caches its n_kv_heads heads, not n_heads copies.
+    assert kv_caches[0].keys.shape == (2, model.cfg.kv_heads, cfg["context_length"], model.cfg.head_dim)
+
+
+def test_train_mode_generates_without_the_cache():
+    """In train mode each step recomputes every position under fresh dropout masks."""
+    model = randomized({**SMALL, "drop_rate": 0.5}).train()
+    prompt = torch.randint(0, SMALL["vocab_size"], (1, 4))
+    outputs = []
+    for use_cache in (True, False):
+        torch.manual_seed(3)  # dropout masks come from the global generator
+        outputs.append(generate(model, prompt, 8, temperature=1.0, use_cache=use_cache,
+                                generator=torch.Generator().manual_seed(7)))
+    assert torch.equal(*outputs)
+    with pytest.raises(RuntimeError, match="eval mode"):
+        model.next_token_logits(prompt, [KVCache(SMALL["context_length"]) for _ in range(SMALL["n_layers"])])
 
 
 def test_generation_stops_at_end_of_text():

@@ -1,5 +1,5 @@
 """perf.py's FLOP counts and GPU peaks against hand-computed values, PlainGPT as a
-like-for-like baseline, and bench.py's output table."""
+like-for-like baseline, and the output tables of bench.py and bench_generate.py."""
 
 import json
 import subprocess
@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 
 import bench
+import bench_generate
+from evalkit import one_torch_thread  # noqa: F401  (autouse fixture: also restores what --threads sets)
 from plain_gpt import PlainGPT
 import perf
 from config import ModelConfig
@@ -149,3 +152,17 @@ def test_bench_takes_the_peak_from_the_gpu_name(monkeypatch):
     assert peak == pytest.approx(989.5e12) and "H100 SXM" in text
     assert bench.device_peak(torch.device("cuda"), bench.Precision(torch.bfloat16), 100.0)[0] == 100e12
     assert bench.device_peak(torch.device("cpu"), bench.Precision(torch.bfloat16), None)[0] is None
+
+
+def test_bench_generate_prints_both_paths_their_ratio_and_that_they_agree(tmp_path):
+    (tmp_path / "model.json").write_text(json.dumps(TINY))
+    result = CliRunner().invoke(bench_generate.main, [str(tmp_path), "--prompt-tokens", "4", "--new-tokens", "20",
+                                                      "--batch", "2", "--repeats", "1", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("machine: CPU ") and "1 threads" in lines[0]
+    assert "the window slides from new token 14 on: from there the cache is refilled at every step" in lines
+    header = lines.index("path         tokens/s  call p50 s  call mean s")
+    assert [line.split()[:2] for line in lines[header + 1:header + 3]] == [["KV", "cache"], ["no", "cache"]]
+    assert lines[-1].startswith("KV cache / no cache tokens/s = ")
+    assert lines[-1].endswith("x; outputs identical token for token: yes")
