@@ -197,13 +197,6 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (off until proven on your GPU)
     peak_tflops: float | None = None  # the device's peak for MFU, when it is not in perf.py's table
     pad_vocab_to_multiple_of: int = 1  # pad the output layer's vocabulary (64 suits GPUs); checkpoints unpadded
-    parallelism: str = "ddp"  # or "fsdp" / "hsdp": shard weights, gradients and AdamW state (parallelism.py)
-    fsdp_reshard_after_forward: bool = True  # free each block's gathered weights after its forward (less memory)
-    consolidated_weights: bool = True  # fsdp/hsdp checkpoints also get a full model.safetensors (gathered on rank 0)
-    init_from: str | None = None  # start from these weights: a checkpoint directory or a HF model (initial_weights.py)
-    extend_positions: bool = False  # with init_from: allow a longer context than the source's learned positions
-    activation_checkpointing: bool = False  # recompute each block in the backward pass: less memory, ~1/3 more compute
-    loss_chunk_tokens: int | None = None  # compute the loss over this many tokens' logits at a time
     # Instead of gradient_accumulation_steps: tokens per optimizer step, the same on any world size
     # (the accumulation is derived at start-up: batching.gradient_accumulation_for).
     global_batch_tokens: int | None = None
@@ -211,6 +204,13 @@ class TrainConfig:
     # (batching.token_budget turns either into tokens).
     train_tokens_per_parameter: float | None = None
     train_flops: float | None = None
+    parallelism: str = "ddp"  # or "fsdp" / "hsdp": shard weights, gradients and AdamW state (parallelism.py)
+    fsdp_reshard_after_forward: bool = True  # free each block's gathered weights after its forward (less memory)
+    consolidated_weights: bool = True  # fsdp/hsdp checkpoints also get a full model.safetensors (gathered on rank 0)
+    init_from: str | None = None  # start from these weights: a checkpoint directory or a HF model (initial_weights.py)
+    extend_positions: bool = False  # with init_from: allow a longer context than the source's learned positions
+    activation_checkpointing: bool = False  # recompute each block in the backward pass: less memory, ~1/3 more compute
+    loss_chunk_tokens: int | None = None  # compute the loss over this many tokens' logits at a time
 
     def __post_init__(self):
         # With global_batch_tokens the accumulation depends on the world size, so it stays None
