@@ -88,11 +88,12 @@ def load_model_config(run_or_model_json):
     return ModelConfig.from_dict(load_json(model_json), source=str(model_json))
 
 
-def build(implementation, cfg, device, pad_vocab, fused_qkv, compile_model):
+def build(implementation, cfg, device, gpt_options, fused_qkv, compile_model):
     """A freshly initialised model; the same seed gives every implementation the same
-    weights. PlainGPT is never compiled: it is the eager baseline."""
+    weights. PlainGPT is never compiled: it is the eager baseline. `gpt_options`:
+    GPTModel's keyword arguments (padding, activation checkpointing, chunked loss)."""
     torch.manual_seed(0)
-    model = GPTModel(cfg, pad_vocab_to_multiple_of=pad_vocab)
+    model = GPTModel(cfg, **gpt_options)
     model = (model if fused_qkv else separate_qkv(model)).to(device).train()
     if implementation == "PlainGPT":
         plain = PlainGPT(cfg).to(device).train()
@@ -259,6 +260,10 @@ def parse_microbatches(text):
               help="GPTModel's query/key/value projections as one matmul or three.")
 @click.option("--pad-vocab", default=1, show_default=True, type=click.IntRange(min=1),
               help="GPTModel's pad_vocab_to_multiple_of (64: 50257 -> 50304).")
+@click.option("--activation-checkpointing", is_flag=True,
+              help="Recompute each block in the backward pass, as the train.json key does.")
+@click.option("--loss-chunk-tokens", type=click.IntRange(min=1), default=None,
+              help="Compute the output head and loss this many tokens at a time, as the train.json key does.")
 @click.option("--compile", "compile_model", is_flag=True,
               help="torch.compile GPTModel, as \"compile\": true in train.json does (the warm-up "
                    "steps then include compiling).")
@@ -269,7 +274,7 @@ def parse_microbatches(text):
               help="Peak TFLOPS per device for MFU, instead of perf.py's table (which has no CPUs).")
 @report_user_errors
 def main(run_or_model_json, microbatch_text, steps, warmup, compare, amp, dtype, fused_qkv, pad_vocab,
-         compile_model, threads, peak_tflops):
+         activation_checkpointing, loss_chunk_tokens, compile_model, threads, peak_tflops):
     cfg = load_model_config(run_or_model_json)
     if threads:
         torch.set_num_threads(threads)
@@ -278,13 +283,15 @@ def main(run_or_model_json, microbatch_text, steps, warmup, compare, amp, dtype,
     precision = Precision(getattr(torch, dtype) if amp else None)
     peak, peak_text = device_peak(device, precision, peak_tflops)
     implementations = ["GPTModel", "PlainGPT"] if compare else ["GPTModel"]
+    options = dict(pad_vocab_to_multiple_of=pad_vocab, activation_checkpointing=activation_checkpointing,
+                   loss_chunk_tokens=loss_chunk_tokens)
     measurements = []
     for microbatch in microbatches:
-        models = {name: build(name, cfg, device, pad_vocab, fused_qkv, compile_model) for name in implementations}
+        models = {name: build(name, cfg, device, options, fused_qkv, compile_model) for name in implementations}
         measurements += measure(models, cfg, microbatch, steps, warmup, precision, device)
         del models
         release(device)
-    gpt_options = (f"fused_qkv={fused_qkv}, pad_vocab_to_multiple_of={pad_vocab}"
+    gpt_options = (f"fused_qkv={fused_qkv}, " + ", ".join(f"{key}={value}" for key, value in options.items())
                    + (", torch.compile" if compile_model else ""))
     print_report(measurements, cfg, gpt_options, device, precision, peak, peak_text, steps, warmup)
 
