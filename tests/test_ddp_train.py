@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import make_run, read_rows, run_training, tokens_for
+from conftest import make_run, read_rows, rewind_to_checkpoint, run_training, tokens_for
 from ddp_train import capture_rng_state, set_rank_rng
 
 STEPS = 8  # optimizer steps in each run below
@@ -87,21 +87,6 @@ def test_checkpoints_links_meta_and_charts(two_rank_run):
 
 
 @pytest.mark.e2e
-def test_two_ranks_equal_one_process_with_accumulation_two(tmp_path, verdict_dataset):
-    """Same tokens per optimizer step, so the same losses step by step."""
-    common = dict(min_train_tokens=tokens_for(STEPS, 2), checkpoint_interval=100, clipping_max_norm=0.8)
-    ranks = make_run(tmp_path / "ranks", verdict_dataset, **common)
-    accumulate = make_run(tmp_path / "accumulate", verdict_dataset, gradient_accumulation_steps=2, **common)
-    run_training([ranks, "datasets"], nproc=2)
-    run_training([accumulate, "datasets"])  # plain process, no torchrun: world size 1
-    ranks_losses = [r["loss"] for r in read_rows(ranks)]
-    accumulate_losses = [r["loss"] for r in read_rows(accumulate)]
-    assert len(ranks_losses) == STEPS
-    assert accumulate_losses == pytest.approx(ranks_losses, rel=1e-5)
-    assert read_rows(accumulate)[-1]["tokens"] == read_rows(ranks)[-1]["tokens"]
-
-
-@pytest.mark.e2e
 def test_resume_from_latest_continues_bit_for_bit_with_dropout_and_schedule(tmp_path, verdict_dataset):
     """A 12-step run, and the same run stopped after step 5 and resumed from `latest`:
     identical losses for steps 6-11 and identical final weights."""
@@ -110,16 +95,8 @@ def test_resume_from_latest_continues_bit_for_bit_with_dropout_and_schedule(tmp_
                     min_train_tokens=tokens_for(steps, 2), checkpoint_interval=5,
                     schedule_learning_rate=True, warmup_period_percent=25, clipping_max_norm=1.0)
     run_training([full, "datasets"], nproc=2)
-    # The run as it was right after its step-5 checkpoint: later checkpoints gone, latest on step 5.
-    resumed = tmp_path / "resumed"
-    shutil.copytree(full, resumed, symlinks=True)
+    resumed = rewind_to_checkpoint(full, 5, tmp_path / "resumed")
     checkpoints = resumed / "checkpoints"
-    for later in [p for p in checkpoints.iterdir() if not p.is_symlink() and "iteration-5" not in p.name]:
-        shutil.rmtree(later)
-    step_5 = next(p.name for p in checkpoints.iterdir() if "iteration-5" in p.name)
-    for link in ("latest", "best"):
-        (checkpoints / link).unlink()
-        (checkpoints / link).symlink_to(step_5)
 
     result = run_training([resumed, "datasets", "latest"], nproc=2)
     assert "Resuming from" in result.stdout and "global step 6" in result.stdout
@@ -130,28 +107,6 @@ def test_resume_from_latest_continues_bit_for_bit_with_dropout_and_schedule(tmp_
     final_full = load_file(full / "checkpoints" / "latest" / "model.safetensors")
     final_resumed = load_file(checkpoints / "latest" / "model.safetensors")
     assert all(torch.equal(final_full[k], final_resumed[k]) for k in final_full)
-
-
-@pytest.mark.e2e
-def test_resume_with_another_split_of_the_same_global_batch(tmp_path, verdict_dataset):
-    """2 ranks x accumulation 1, resumed as 1 process x accumulation 2: allowed, said, and the
-    losses continue as the 2-rank run's would (same tokens per step). Another global batch is refused."""
-    two_ranks = make_run(tmp_path / "two-ranks", verdict_dataset, min_train_tokens=tokens_for(6, 2),
-                         checkpoint_interval=3)
-    run_training([two_ranks, "datasets"], nproc=2)
-    one_rank = tmp_path / "one-rank"
-    shutil.copytree(two_ranks, one_rank, symlinks=True)
-    first = next(p.name for p in (one_rank / "checkpoints").iterdir() if "iteration-3" in p.name)
-    train = json.loads((one_rank / "train.json").read_text())
-    (one_rank / "train.json").write_text(json.dumps({**train, "gradient_accumulation_steps": 2}))
-    result = run_training([one_rank, "datasets", first])
-    assert "note: resuming with world_size 2 -> 1, gradient_accumulation_steps 1 -> 2" in result.stdout
-    assert [r["loss"] for r in read_rows(one_rank)] == pytest.approx([r["loss"] for r in read_rows(two_ranks)],
-                                                                     rel=1e-5)
-
-    (one_rank / "train.json").write_text(json.dumps({**train, "gradient_accumulation_steps": 3}))
-    refused = run_training([one_rank, "datasets", first], check=False)
-    assert refused.returncode == 2 and "global batch of 8 sequences" in refused.stderr
 
 
 @pytest.mark.e2e
@@ -179,6 +134,13 @@ def test_global_batch_tokens_trains_alike_on_two_ranks_and_one_and_resumes_acros
     result = run_training([resumed, "datasets", step_3])
     assert "note: resuming with world_size 2 -> 1, gradient_accumulation_steps 1 -> 2" in result.stdout
     assert [r["loss"] for r in read_rows(resumed)] == pytest.approx([r["loss"] for r in ranks_rows], rel=1e-5)
+
+    # Another global batch (1 rank x 4 x 3 sequences instead of 8) is refused.
+    explicit = {**json.loads((resumed / "train.json").read_text()), "gradient_accumulation_steps": 3}
+    del explicit["global_batch_tokens"]
+    (resumed / "train.json").write_text(json.dumps(explicit))
+    refused = run_training([resumed, "datasets", step_3], check=False)
+    assert refused.returncode == 2 and "global batch of 8 sequences" in refused.stderr
 
 
 @pytest.mark.e2e

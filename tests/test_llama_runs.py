@@ -3,13 +3,14 @@ through the whole harness in tiny form: it trains, its memory levers train the s
 it resumes exactly, and the evaluation scripts read its checkpoints."""
 
 import math
-import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY_MODEL, make_run, read_rows, run_training, tokens_for
+import perf
+from config import ModelConfig
+from conftest import TINY_MODEL, make_run, read_rows, rewind_to_checkpoint, run_training, tokens_for
 from evalkit import run_script
 from gpt import GPTModel
 from plain_gpt import PlainGPT
@@ -37,17 +38,18 @@ def test_memory_levers_train_like_the_plain_path(tmp_path, verdict_dataset):
 
 
 def test_llama_run_resumes_exactly_and_the_scripts_read_its_checkpoint(tmp_path, verdict_dataset):
-    steps = 6
-    full = make_run(tmp_path / "full", verdict_dataset, model=TINY_LLAMA, min_train_tokens=tokens_for(steps, 1),
-                    checkpoint_interval=3, schedule_learning_rate=True, warmup_period_percent=20)
-    run_training([full, "datasets"])
-    resumed = tmp_path / "resumed"
-    shutil.copytree(full, resumed, symlinks=True)
+    """The two new presets in tiny form at once: the Llama-style model, trained on a fixed
+    global batch in tokens for a budget in tokens per parameter."""
+    steps, global_batch_tokens = 6, tokens_for(1, 1, accumulation=2)
+    parameters = perf.parameter_count(ModelConfig.from_dict(TINY_LLAMA))
+    tokens_per_parameter = round((steps - 0.5) * global_batch_tokens / parameters, 6)  # rounds up to 6 steps
+    full = make_run(tmp_path / "full", verdict_dataset, model=TINY_LLAMA, global_batch_tokens=global_batch_tokens,
+                    train_tokens_per_parameter=tokens_per_parameter, checkpoint_interval=3,
+                    schedule_learning_rate=True, warmup_period_percent=20)
+    assert f"budget: train_tokens_per_parameter {tokens_per_parameter}" in run_training([full, "datasets"]).stdout
+    assert len(losses(full)) == steps
+    resumed = rewind_to_checkpoint(full, 3, tmp_path / "resumed")
     checkpoints = resumed / "checkpoints"
-    for later in [p for p in checkpoints.iterdir() if not p.is_symlink() and "iteration-3" not in p.name]:
-        shutil.rmtree(later)
-    (checkpoints / "latest").unlink()
-    (checkpoints / "latest").symlink_to(next(p.name for p in checkpoints.iterdir() if "iteration-3" in p.name))
     run_training([resumed, "datasets", "latest"])
     assert losses(resumed)[4:] == losses(full)[4:]
     final = full / "checkpoints" / "latest" / "model.safetensors"

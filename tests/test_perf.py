@@ -139,7 +139,8 @@ def test_bench_reports_mfu_given_a_peak(tmp_path):
     (tmp_path / "model.json").write_text(json.dumps(TINY))
     lines = run_bench(tmp_path / "model.json", "--microbatch", "1", "--steps", "2", "--warmup", "0",
                       "--no-amp", "--separate-qkv", "--pad-vocab", "64", "--peak-tflops", "1", "--threads", "1")
-    assert "GPTModel built with: fused_qkv=False, pad_vocab_to_multiple_of=64" in lines
+    assert ("GPTModel built with: fused_qkv=False, pad_vocab_to_multiple_of=64, activation_checkpointing=False, "
+            "loss_chunk_tokens=None") in lines
     header = next(line for line in lines if line.startswith("model "))
     assert "precision: fp32 (no autocast)" in next(line for line in lines if line.startswith("precision:"))
     row = lines[lines.index(header) + 1].split()
