@@ -120,16 +120,21 @@ def download(url, out):
                         f"{size:,} bytes; try again, or pass --data with a local copy")
 
 
+def cache_path(url, cache_dir):
+    """Where `url`'s copy lives in `cache_dir`: the name carries a hash of the URL, so two
+    URLs never share a copy."""
+    url_hash = hashlib.sha256(url.encode()).hexdigest()[:12]
+    return Path(cache_dir) / f"{url_hash}-{Path(urllib.parse.urlparse(url).path).name}"
+
+
 def fetch(url, cache_dir):
     """The local copy of `url` in `cache_dir`, downloaded on first use.
 
     The download goes to a temporary file that is renamed into place only once it
     is complete and holds valid items, so an interrupted download or an error page
-    is never taken for the data. The name carries a hash of the URL, so two URLs
-    never share a copy.
+    is never taken for the data.
     """
-    url_hash = hashlib.sha256(url.encode()).hexdigest()[:12]
-    cached = Path(cache_dir) / f"{url_hash}-{Path(urllib.parse.urlparse(url).path).name}"
+    cached = cache_path(url, cache_dir)
     if cached.is_file():
         return cached
     cached.parent.mkdir(parents=True, exist_ok=True)
@@ -211,17 +216,22 @@ class ItemScores:
         return min(range(ENDINGS), key=self.mean_losses.__getitem__)
 
 
+def scores_in_batches(model, items, batch_size, autocast_dtype):
+    """ItemScores for each EncodedItem, a list per forward pass of `model` on its device,
+    `batch_size` items (4 x batch_size rows) at a time."""
+    for start in range(0, len(items), batch_size):
+        batch = items[start:start + batch_size]
+        sum_logprobs, mean_losses = score_batch(model, batch, autocast_dtype)
+        yield [ItemScores(item.label, s, m) for item, s, m in zip(batch, sum_logprobs.tolist(), mean_losses.tolist())]
+
+
 def score_items(model, items, batch_size, autocast_dtype=None):
-    """ItemScores for each EncodedItem, `batch_size` items (4 x batch_size rows) per
-    forward pass of `model` (in eval mode) on its device."""
+    """ItemScores for each EncodedItem, `batch_size` items per forward pass of `model` (in eval mode)."""
     scores = []
     with torch.inference_mode(), tqdm(total=len(items), desc="hellaswag", unit="item") as bar:
-        for start in range(0, len(items), batch_size):
-            batch = items[start:start + batch_size]
-            sum_logprobs, mean_losses = score_batch(model, batch, autocast_dtype)
-            scores += [ItemScores(item.label, s, m)
-                       for item, s, m in zip(batch, sum_logprobs.tolist(), mean_losses.tolist())]
-            bar.update(len(batch))
+        for batch_scores in scores_in_batches(model, items, batch_size, autocast_dtype):
+            scores += batch_scores
+            bar.update(len(batch_scores))
     return scores
 
 
