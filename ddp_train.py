@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 import charts
 import checkpointing
+import eval_hellaswag
 import token_data
 from batching import (Microbatches, check_validation_length, count_optimizer_steps, gradient_accumulation_for,
                       prefetch_to_device, rank_microbatch_indices, sequences_per_rank, token_budget)
@@ -57,6 +58,7 @@ class Data:
     total_steps: int
     global_batch_tokens: int
     gradient_accumulation_steps: int  # train.json's, or derived from its global_batch_tokens for this world size
+    tokenizer: str  # the dataset's (its meta.json), for evaluations that tokenize text
 
 
 def load_data(run, ctx, datasets_dir):
@@ -93,7 +95,7 @@ def load_data(run, ctx, datasets_dir):
         validation = Microbatches(val_tokens, train_cfg.start_val_token, train_cfg.validation_batches,
                                   train_cfg.microbatch_size, context_length, vocab_size=run.model.vocab_size,
                                   path=dataset_dir / "validation.safetensors")
-    return Data(train, validation, total_steps, global_batch_tokens, accumulation)
+    return Data(train, validation, total_steps, global_batch_tokens, accumulation, meta.tokenizer)
 
 
 # ---------------------------------------------------------------- RNG state
@@ -368,6 +370,7 @@ class Trainer:
     data: Data
     amp_dtype: torch.dtype | None  # the precision the model computes in
     stop_flags: torch.Tensor  # [0., 1.] on the device
+    hellaswag: eval_hellaswag.RankShare | None  # this rank's HellaSwag items, with hellaswag_interval
 
 
 def build_model(run, ctx, initial=None):
@@ -411,7 +414,9 @@ def build_trainer(run, ctx, datasets_dir, checkpoint_dir):
         set_rank_rng(ctx, run.train.random_seed)
     parallel = wrap_for_training(model, run.train, ctx, amp_dtype)
     stop_flags = torch.tensor([0.0, 1.0], device=ctx.device)
-    return Trainer(state, parallel, data, amp_dtype, stop_flags), progress
+    hellaswag = (eval_hellaswag.training_share(run, ctx, datasets_dir, data.tokenizer)
+                 if run.train.hellaswag_interval else None)
+    return Trainer(state, parallel, data, amp_dtype, stop_flags, hellaswag), progress
 
 
 def read_window(pending):
@@ -481,14 +486,22 @@ def train(run, ctx, datasets_dir, checkpoint_dir):
                 # Checkpoint steps are validated too, so every checkpoint's "best" is judged on a fresh number.
                 is_validation_step = trainer.data.validation is not None and (
                     global_step % train_cfg.validation_interval == 0 or is_checkpoint_step)
-                if not (is_checkpoint_step or is_validation_step or stop_requested
+                # HellaSwag at the last step too, so the final weights always have a score.
+                is_hellaswag_step = trainer.hellaswag is not None and (
+                    global_step % train_cfg.hellaswag_interval == 0 or global_step == trainer.data.total_steps - 1)
+                if not (is_checkpoint_step or is_validation_step or is_hellaswag_step or stop_requested
                         or (global_step + 1) % log_interval == 0):
                     continue
-                val_loss = (evaluate(trainer.state.model, trainer.data.validation, ctx, trainer.parallel.autocast_dtype)
-                            if is_validation_step else None)
+                evaluations = {}
+                if is_validation_step:
+                    evaluations["val_loss"] = evaluate(trainer.state.model, trainer.data.validation, ctx,
+                                                       trainer.parallel.autocast_dtype)
+                if is_hellaswag_step:
+                    evaluations |= eval_hellaswag.distributed_scores(trainer.state.model, trainer.hellaswag,
+                                                                     trainer.parallel.autocast_dtype)
                 window = read_window(pending)
                 pending = []
-                rows = log.record(window, val_loss)
+                rows = log.record(window, evaluations)
                 for row in rows:
                     interval.add(row)
                 count_skipped_steps(rows, run, progress)

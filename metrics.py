@@ -5,7 +5,8 @@ metrics.jsonl has one JSON object per optimizer step: step, loss (mean over rank
 and microsteps), lr, grad_norm (before clipping), clipped, skipped (a non-finite
 step not applied), tokens (cumulative, all ranks), tokens_per_sec (all ranks) and
 tokens_per_sec_per_device, mfu (null when the device's peak is unknown), eta_s and
-elapsed_s; validated steps also carry val_loss. Non-finite values are null.
+elapsed_s; validated steps also carry val_loss, and steps with a HellaSwag evaluation
+hellaswag_acc and hellaswag_acc_norm. Non-finite values are null.
 Throughput, ETA and elapsed time are measured over each log window (log_interval
 steps, read from the device in one transfer) and interpolated within it.
 """
@@ -28,7 +29,8 @@ from jsonfiles import finite_or_none, strict_json
 # metrics.jsonl keys written to TensorBoard, under these tags.
 TENSORBOARD_TAGS = {"loss": "train/loss", "val_loss": "validation/loss", "lr": "train/learning_rate",
                     "grad_norm": "train/grad_norm", "tokens_per_sec": "throughput/tokens_per_sec",
-                    "mfu": "throughput/mfu"}
+                    "mfu": "throughput/mfu", "hellaswag_acc": "hellaswag/acc",
+                    "hellaswag_acc_norm": "hellaswag/acc_norm"}
 
 
 def read_metrics(path):
@@ -128,8 +130,8 @@ class IntervalStats:
 class TrainingLog:
     """Turns the step statistics of each log window into metrics.jsonl rows on every rank
     (the training loop decides from them); rank 0 also writes them to metrics.jsonl,
-    TensorBoard and the progress bar. It records only: stopping, skipping and what
-    counts as best are the training loop's decisions.
+    TensorBoard and the progress bar. It records only: stopping, skipping, what
+    counts as best and when to evaluate are the training loop's decisions.
     """
 
     def __init__(self, run, ctx, total_steps, global_batch_tokens, amp_dtype, start_step, tokens_seen,
@@ -153,10 +155,11 @@ class TrainingLog:
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not ctx.is_main,
                         unit="step", dynamic_ncols=True)
 
-    def record(self, window, val_loss):
+    def record(self, window, evaluations):
         """`window`: (step, lr, statistics) for each step since the last call, statistics
-        being a dict with the step's loss, grad_norm and nonfinite_ranks. `val_loss`
-        belongs to the window's last step. Returns the rows."""
+        being a dict with the step's loss, grad_norm and nonfinite_ranks. `evaluations`:
+        the keys the evaluations at the window's last step add to its row (val_loss,
+        hellaswag_acc, hellaswag_acc_norm). Returns the rows."""
         now = time.time()
         window_seconds = max(now - self.last_record, 1e-9)
         tokens_per_sec = len(window) * self.global_batch_tokens / window_seconds
@@ -176,8 +179,9 @@ class TrainingLog:
                    "eta_s": (self.total_steps - step - 1) * window_seconds / len(window),
                    "elapsed_s": self.elapsed_before + (self.last_record - self.session_start)
                    + window_seconds * (position + 1) / len(window)}
-            if position == len(window) - 1 and val_loss is not None:
-                row["val_loss"] = self.last_val_loss = finite_or_none(val_loss)
+            if position == len(window) - 1:
+                row |= {key: finite_or_none(value) for key, value in evaluations.items()}
+                self.last_val_loss = row.get("val_loss", self.last_val_loss)
             self._write(row)
             rows.append(row)
         self.last_row = rows[-1]

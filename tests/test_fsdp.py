@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from conftest import (SHARED_DATA, TRAINER_WITH_FAULTS, make_run, read_rows, rewind_to_checkpoint, run_training,
                       start_torchrun, train_env, wait_for, worker_pid, write_byte_dataset)
-from evalkit import run_script
+from evalkit import run_script, write_items
 from gpt import GPTModel
 
 STEPS = 6
@@ -30,8 +30,12 @@ def losses(run_dir):
     return [row["loss"] for row in read_rows(run_dir)]
 
 
+def final_weights_path(run_dir):
+    return run_dir / "checkpoints" / "latest" / "model.safetensors"
+
+
 def final_weights(run_dir):
-    return load_file(run_dir / "checkpoints" / "latest" / "model.safetensors")
+    return load_file(final_weights_path(run_dir))
 
 
 def assert_weights_close(actual, expected, exact=False):
@@ -51,10 +55,12 @@ def with_parallelism(run_dir, parallelism):
 
 @pytest.fixture(scope="module")
 def two_rank_runs(tmp_path_factory, verdict_dataset):
-    """The same run under DDP and under FSDP on 2 ranks, checkpointed at steps 0, 3 and 5."""
+    """The same run under DDP and under FSDP on 2 ranks, checkpointed at steps 0, 3 and 5; the
+    FSDP run also scores 7 HellaSwag items (an odd count) at the same steps."""
     runs = tmp_path_factory.mktemp("runs")
     ddp = make_run(runs / "ddp", verdict_dataset, model=MODEL, **TRAIN)
-    fsdp = make_run(runs / "fsdp", verdict_dataset, model=MODEL, parallelism="fsdp", **TRAIN)
+    fsdp = make_run(runs / "fsdp", verdict_dataset, model=MODEL, parallelism="fsdp", hellaswag_interval=3,
+                    hellaswag_data=str(write_items(runs / "hellaswag_val.jsonl")), **TRAIN)
     run_training([ddp, "datasets"], nproc=2)
     run_training([fsdp, "datasets"], nproc=2)
     return ddp, fsdp
@@ -73,6 +79,22 @@ def test_fsdp_trains_as_ddp_does(two_rank_runs):
     assert meta["parallelism"] == "fsdp" and meta["world_size"] == 2
     assert {"sharded/__0_0.distcp", "sharded/__1_0.distcp", "model.safetensors"} <= meta["files"].keys()
     assert "optimizer.pt" not in meta["files"]
+
+
+@pytest.mark.e2e
+def test_hellaswag_under_fsdp_counts_as_the_script_does_on_one_rank(two_rank_runs, tmp_path):
+    """Rank 1 scores one item again without counting it, so both ranks run as many forward
+    passes (all-gathers): the run did not hang, and its counts are the script's."""
+    _, fsdp = two_rank_runs
+    evaluated = {row["step"]: row for row in read_rows(fsdp) if "hellaswag_acc" in row}
+    assert sorted(evaluated) == [0, 3, 5]
+    items = json.loads((fsdp / "train.json").read_text())["hellaswag_data"]
+    result = run_script("eval_hellaswag.py", fsdp, final_weights_path(fsdp), "--data", items, "--json",
+                        tmp_path / "hellaswag.json")
+    assert result.returncode == 0, result.stderr
+    written = json.loads((tmp_path / "hellaswag.json").read_text())
+    assert written["items"] == 7 and written["tokenizer"] == "bytes"
+    assert (evaluated[5]["hellaswag_acc"], evaluated[5]["hellaswag_acc_norm"]) == (written["acc"], written["acc_norm"])
 
 
 @pytest.mark.e2e
