@@ -216,6 +216,10 @@ class TrainConfig:
     hellaswag_interval: int | None = None
     hellaswag_items: int | None = None
     hellaswag_data: str | None = None  # a local JSONL file or a URL (downloaded into DATASETS_DIR/hellaswag/)
+    # Log every metrics row and the config to this Weights & Biases project (rank 0; needs the wandb extra).
+    wandb_project: str | None = None
+    wandb_entity: str | None = None  # default: the W&B account's default entity
+    wandb_run_name: str | None = None  # default: the run directory's name
 
     def __post_init__(self):
         # With global_batch_tokens the accumulation depends on the world size, so it stays None
@@ -260,7 +264,8 @@ class TrainConfig:
                     "train_flops", "loss_chunk_tokens", "hellaswag_interval", "hellaswag_items"):
             value = getattr(self, key)
             _require(value is None or value > 0, source, key, f"must be positive, got {value}")
-        _require(self.hellaswag_data != "", source, "hellaswag_data", "must be a non-empty string or null, got \"\"")
+        for key in ("hellaswag_data", "wandb_project", "wandb_entity", "wandb_run_name"):
+            _require(getattr(self, key) != "", source, key, "must be a non-empty string or null, got \"\"")
         if self.gradient_accumulation_steps is not None and self.global_batch_tokens is not None:
             raise UserError(f"{source}: keys 'gradient_accumulation_steps' and 'global_batch_tokens' are alternatives "
                             "(global_batch_tokens derives the accumulation from the world size); give one of them")

@@ -41,7 +41,7 @@ from gpt import GPTModel
 from initial_weights import apply_initial_weights, load_initial_weights
 from parallelism import (ParallelModel, autocast_dtype_for, check_supported, clip_gradients, local_tensor,
                          shard, shard_count, wrap_for_training)
-from metrics import IntervalStats, TrainingLog, read_metrics, require_tensorboard
+from metrics import IntervalStats, TrainingLog, read_metrics, require_tensorboard, require_wandb
 from run_lock import lock_run_dir
 from training import (amp_dtype_for, check_model_fits, compute_loss, make_lr_scheduler, make_optimizer,
                       move_lr_scheduler_to)
@@ -224,6 +224,7 @@ class Progress:
     last_checkpoint: str | None = None  # the newest checkpoint of this run, for messages
     skipped_in_a_row: int = 0
     init_from: dict | None = None  # where a run that started from existing weights started
+    wandb_run_id: str | None = None  # the W&B run a resumed run continues
 
 
 def check_resumable(run, ctx, checkpoint_dir, meta, accumulation):
@@ -278,7 +279,8 @@ def restore(run, ctx, checkpoint_dir, state, data):
     return Progress(start_step=start_step,
                     tokens_seen=meta.get("tokens_seen", start_step * data.global_batch_tokens),
                     elapsed_before=meta.get("elapsed_s", 0.0), best_loss=best_loss,
-                    last_checkpoint=checkpoint_dir.name, init_from=meta.get("init_from"))
+                    last_checkpoint=checkpoint_dir.name, init_from=meta.get("init_from"),
+                    wandb_run_id=meta.get("wandb_run_id"))
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -300,7 +302,8 @@ def checkpoint_meta(run, ctx, data, log, interval, progress):
             "pad_vocab_to_multiple_of": train_cfg.pad_vocab_to_multiple_of,
             "parallelism": train_cfg.parallelism,
             "model_config": run.model.to_dict(),
-            **({"init_from": progress.init_from} if progress.init_from else {})}
+            **({"init_from": progress.init_from} if progress.init_from else {}),
+            **({"wandb_run_id": log.wandb_run_id} if log.wandb_run_id else {})}
 
 
 def save(run, ctx, state, meta, is_best):
@@ -453,8 +456,10 @@ def print_batch_and_budget(run, ctx, data):
 def train(run, ctx, datasets_dir, checkpoint_dir):
     train_cfg = run.train
     trainer, progress = build_trainer(run, ctx, datasets_dir, checkpoint_dir)
-    log = TrainingLog(run, ctx, trainer.data.total_steps, trainer.data.global_batch_tokens, trainer.amp_dtype,
-                      progress.start_step, progress.tokens_seen, progress.elapsed_before)
+    # Every rank hears of a W&B run that rank 0 cannot start (no login, no network).
+    log = run_and_share_errors(True, lambda: TrainingLog(
+        run, ctx, trainer.data.total_steps, trainer.data.global_batch_tokens, trainer.amp_dtype, progress.start_step,
+        progress.tokens_seen, progress.elapsed_before, progress.wandb_run_id))
     interval = IntervalStats()  # for the next checkpoint's meta.json
     if ctx.is_main:
         print(f"{run.name}: {trainer.state.model.num_parameters():,} parameters, world size {ctx.world_size}, "
@@ -468,7 +473,7 @@ def train(run, ctx, datasets_dir, checkpoint_dir):
     log_interval = train_cfg.log_interval or (10 if ctx.device.type == "cuda" else 1)
     checkpoint_interval = train_cfg.effective_checkpoint_interval
     pending = []  # (global_step, lr, statistics on the device) not yet recorded
-    with StopSignals() as stop_signals:
+    with StopSignals() as stop_signals, log:
         try:
             for global_step in range(progress.start_step, trainer.data.total_steps):
                 lr = trainer.state.scheduler.get_last_lr()[0]
@@ -524,8 +529,6 @@ def train(run, ctx, datasets_dir, checkpoint_dir):
             raise RankLost(f"rank {ctx.rank}: another rank was lost ({reason}); no checkpoint can be written now. "
                            f"A restart with `auto` resumes from "
                            f"{progress.last_checkpoint or 'the start (this run has no checkpoint yet)'}") from e
-        finally:
-            log.close()
     if ctx.is_main:
         print(log.summary())
 
@@ -650,8 +653,11 @@ def main(run, datasets_dir, checkpoint, force, find_max, target_global_batch, wr
     """Train RUN (a name under runs/ or a run directory) on datasets under DATASETS_DIR,
     resuming from CHECKPOINT (a checkpoint name, `latest`, `best`, or `auto`) if given."""
     run = load_run(run)
+    # Optional packages: fail before any rank starts, not on rank 0 alone.
     if run.train.tensorboard:
-        require_tensorboard()  # fail before any rank starts, not on rank 0 alone
+        require_tensorboard()
+    if run.train.wandb_project:
+        require_wandb()
     ctx = init_distributed(run.train.dist_timeout_minutes)
     run_lock = None  # rank 0's lock on the run directory
     try:
