@@ -2,7 +2,8 @@
 the reference harness's file names (so the auto-refreshing chart page people keep in
 their run directories shows them): loss-chart.png, grad-norm-chart.png and
 learning-rate-chart.png, plus charts.html, a page that shows all three and reloads
-them every few seconds."""
+them every few seconds. The loss chart also shows HellaSwag acc_norm, on a second axis,
+when the run evaluates it."""
 
 import matplotlib
 
@@ -50,7 +51,18 @@ def plot_loss(rows, path, best_step=None):
     if best_step is not None:
         ax.axvline(best_step, color="red", linestyle="--", linewidth=1.2, label=f"best (step {best_step})")
     ax.set(title="Loss", xlabel="global step", ylabel="loss")
-    ax.legend()
+    hellaswag = [r for r in rows if r.get("hellaswag_acc_norm") is not None]
+    if hellaswag:
+        # An accuracy, on its own axis on the right; the legend, on top of both, lists every curve.
+        accuracy_ax = ax.twinx()
+        accuracy_ax.plot([r["step"] for r in hellaswag], [r["hellaswag_acc_norm"] for r in hellaswag],
+                         color="tab:purple", marker="s", label="HellaSwag acc_norm")
+        accuracy_ax.set(ylabel="HellaSwag acc_norm")
+        handles, labels = ax.get_legend_handles_labels()
+        more_handles, more_labels = accuracy_ax.get_legend_handles_labels()
+        accuracy_ax.legend(handles + more_handles, labels + more_labels)
+    else:
+        ax.legend()
     _save(fig, path)
 
 

@@ -211,6 +211,15 @@ class TrainConfig:
     extend_positions: bool = False  # with init_from: allow a longer context than the source's learned positions
     activation_checkpointing: bool = False  # recompute each block in the backward pass: less memory, ~1/3 more compute
     loss_chunk_tokens: int | None = None  # compute the loss over this many tokens' logits at a time
+    # HellaSwag during training (eval_hellaswag.training_share): every hellaswag_interval steps and
+    # the last, on the first hellaswag_items items (null: all) of hellaswag_data (null: the public validation file).
+    hellaswag_interval: int | None = None
+    hellaswag_items: int | None = None
+    hellaswag_data: str | None = None  # a local JSONL file or a URL (downloaded into DATASETS_DIR/hellaswag/)
+    # Log every metrics row and the config to this Weights & Biases project (rank 0; needs the wandb extra).
+    wandb_project: str | None = None
+    wandb_entity: str | None = None  # default: the W&B account's default entity
+    wandb_run_name: str | None = None  # default: the run directory's name
 
     def __post_init__(self):
         # With global_batch_tokens the accumulation depends on the world size, so it stays None
@@ -252,9 +261,11 @@ class TrainConfig:
                  f"must be \"bfloat16\" or \"float16\", got {json.dumps(self.amp_dtype)}")
         for key in ("gradient_accumulation_steps", "keep_last_checkpoints", "max_skipped_steps", "log_interval",
                     "peak_tflops", "pad_vocab_to_multiple_of", "global_batch_tokens", "train_tokens_per_parameter",
-                    "train_flops", "loss_chunk_tokens"):
+                    "train_flops", "loss_chunk_tokens", "hellaswag_interval", "hellaswag_items"):
             value = getattr(self, key)
             _require(value is None or value > 0, source, key, f"must be positive, got {value}")
+        for key in ("hellaswag_data", "wandb_project", "wandb_entity", "wandb_run_name"):
+            _require(getattr(self, key) != "", source, key, "must be a non-empty string or null, got \"\"")
         if self.gradient_accumulation_steps is not None and self.global_batch_tokens is not None:
             raise UserError(f"{source}: keys 'gradient_accumulation_steps' and 'global_batch_tokens' are alternatives "
                             "(global_batch_tokens derives the accumulation from the world size); give one of them")

@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 import charts
 import checkpointing
+import eval_hellaswag
 import token_data
 from batching import (Microbatches, check_validation_length, count_optimizer_steps, gradient_accumulation_for,
                       prefetch_to_device, rank_microbatch_indices, sequences_per_rank, token_budget)
@@ -40,7 +41,7 @@ from gpt import GPTModel
 from initial_weights import apply_initial_weights, load_initial_weights
 from parallelism import (ParallelModel, autocast_dtype_for, check_supported, clip_gradients, local_tensor,
                          shard, shard_count, wrap_for_training)
-from metrics import IntervalStats, TrainingLog, read_metrics, require_tensorboard
+from metrics import IntervalStats, TrainingLog, read_metrics, require_tensorboard, require_wandb
 from run_lock import lock_run_dir
 from training import (amp_dtype_for, check_model_fits, compute_loss, make_lr_scheduler, make_optimizer,
                       move_lr_scheduler_to)
@@ -57,6 +58,7 @@ class Data:
     total_steps: int
     global_batch_tokens: int
     gradient_accumulation_steps: int  # train.json's, or derived from its global_batch_tokens for this world size
+    tokenizer: str  # the dataset's (its meta.json), for evaluations that tokenize text
 
 
 def load_data(run, ctx, datasets_dir):
@@ -93,7 +95,7 @@ def load_data(run, ctx, datasets_dir):
         validation = Microbatches(val_tokens, train_cfg.start_val_token, train_cfg.validation_batches,
                                   train_cfg.microbatch_size, context_length, vocab_size=run.model.vocab_size,
                                   path=dataset_dir / "validation.safetensors")
-    return Data(train, validation, total_steps, global_batch_tokens, accumulation)
+    return Data(train, validation, total_steps, global_batch_tokens, accumulation, meta.tokenizer)
 
 
 # ---------------------------------------------------------------- RNG state
@@ -222,6 +224,7 @@ class Progress:
     last_checkpoint: str | None = None  # the newest checkpoint of this run, for messages
     skipped_in_a_row: int = 0
     init_from: dict | None = None  # where a run that started from existing weights started
+    wandb_run_id: str | None = None  # the W&B run a resumed run continues
 
 
 def check_resumable(run, ctx, checkpoint_dir, meta, accumulation):
@@ -276,7 +279,8 @@ def restore(run, ctx, checkpoint_dir, state, data):
     return Progress(start_step=start_step,
                     tokens_seen=meta.get("tokens_seen", start_step * data.global_batch_tokens),
                     elapsed_before=meta.get("elapsed_s", 0.0), best_loss=best_loss,
-                    last_checkpoint=checkpoint_dir.name, init_from=meta.get("init_from"))
+                    last_checkpoint=checkpoint_dir.name, init_from=meta.get("init_from"),
+                    wandb_run_id=meta.get("wandb_run_id"))
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -298,7 +302,8 @@ def checkpoint_meta(run, ctx, data, log, interval, progress):
             "pad_vocab_to_multiple_of": train_cfg.pad_vocab_to_multiple_of,
             "parallelism": train_cfg.parallelism,
             "model_config": run.model.to_dict(),
-            **({"init_from": progress.init_from} if progress.init_from else {})}
+            **({"init_from": progress.init_from} if progress.init_from else {}),
+            **({"wandb_run_id": log.wandb_run_id} if log.wandb_run_id else {})}
 
 
 def save(run, ctx, state, meta, is_best):
@@ -368,6 +373,7 @@ class Trainer:
     data: Data
     amp_dtype: torch.dtype | None  # the precision the model computes in
     stop_flags: torch.Tensor  # [0., 1.] on the device
+    hellaswag: eval_hellaswag.RankShare | None  # this rank's HellaSwag items, with hellaswag_interval
 
 
 def build_model(run, ctx, initial=None):
@@ -411,7 +417,9 @@ def build_trainer(run, ctx, datasets_dir, checkpoint_dir):
         set_rank_rng(ctx, run.train.random_seed)
     parallel = wrap_for_training(model, run.train, ctx, amp_dtype)
     stop_flags = torch.tensor([0.0, 1.0], device=ctx.device)
-    return Trainer(state, parallel, data, amp_dtype, stop_flags), progress
+    hellaswag = (eval_hellaswag.training_share(run, ctx, datasets_dir, data.tokenizer)
+                 if run.train.hellaswag_interval else None)
+    return Trainer(state, parallel, data, amp_dtype, stop_flags, hellaswag), progress
 
 
 def read_window(pending):
@@ -448,8 +456,10 @@ def print_batch_and_budget(run, ctx, data):
 def train(run, ctx, datasets_dir, checkpoint_dir):
     train_cfg = run.train
     trainer, progress = build_trainer(run, ctx, datasets_dir, checkpoint_dir)
-    log = TrainingLog(run, ctx, trainer.data.total_steps, trainer.data.global_batch_tokens, trainer.amp_dtype,
-                      progress.start_step, progress.tokens_seen, progress.elapsed_before)
+    # Every rank hears of a W&B run that rank 0 cannot start (no login, no network).
+    log = run_and_share_errors(True, lambda: TrainingLog(
+        run, ctx, trainer.data.total_steps, trainer.data.global_batch_tokens, trainer.amp_dtype, progress.start_step,
+        progress.tokens_seen, progress.elapsed_before, progress.wandb_run_id))
     interval = IntervalStats()  # for the next checkpoint's meta.json
     if ctx.is_main:
         print(f"{run.name}: {trainer.state.model.num_parameters():,} parameters, world size {ctx.world_size}, "
@@ -463,7 +473,7 @@ def train(run, ctx, datasets_dir, checkpoint_dir):
     log_interval = train_cfg.log_interval or (10 if ctx.device.type == "cuda" else 1)
     checkpoint_interval = train_cfg.effective_checkpoint_interval
     pending = []  # (global_step, lr, statistics on the device) not yet recorded
-    with StopSignals() as stop_signals:
+    with StopSignals() as stop_signals, log:
         try:
             for global_step in range(progress.start_step, trainer.data.total_steps):
                 lr = trainer.state.scheduler.get_last_lr()[0]
@@ -481,14 +491,22 @@ def train(run, ctx, datasets_dir, checkpoint_dir):
                 # Checkpoint steps are validated too, so every checkpoint's "best" is judged on a fresh number.
                 is_validation_step = trainer.data.validation is not None and (
                     global_step % train_cfg.validation_interval == 0 or is_checkpoint_step)
-                if not (is_checkpoint_step or is_validation_step or stop_requested
+                # HellaSwag at the last step too, so the final weights always have a score.
+                is_hellaswag_step = trainer.hellaswag is not None and (
+                    global_step % train_cfg.hellaswag_interval == 0 or global_step == trainer.data.total_steps - 1)
+                if not (is_checkpoint_step or is_validation_step or is_hellaswag_step or stop_requested
                         or (global_step + 1) % log_interval == 0):
                     continue
-                val_loss = (evaluate(trainer.state.model, trainer.data.validation, ctx, trainer.parallel.autocast_dtype)
-                            if is_validation_step else None)
+                evaluations = {}
+                if is_validation_step:
+                    evaluations["val_loss"] = evaluate(trainer.state.model, trainer.data.validation, ctx,
+                                                       trainer.parallel.autocast_dtype)
+                if is_hellaswag_step:
+                    evaluations |= eval_hellaswag.distributed_scores(trainer.state.model, trainer.hellaswag,
+                                                                     trainer.parallel.autocast_dtype)
                 window = read_window(pending)
                 pending = []
-                rows = log.record(window, val_loss)
+                rows = log.record(window, evaluations)
                 for row in rows:
                     interval.add(row)
                 count_skipped_steps(rows, run, progress)
@@ -511,8 +529,6 @@ def train(run, ctx, datasets_dir, checkpoint_dir):
             raise RankLost(f"rank {ctx.rank}: another rank was lost ({reason}); no checkpoint can be written now. "
                            f"A restart with `auto` resumes from "
                            f"{progress.last_checkpoint or 'the start (this run has no checkpoint yet)'}") from e
-        finally:
-            log.close()
     if ctx.is_main:
         print(log.summary())
 
@@ -637,8 +653,11 @@ def main(run, datasets_dir, checkpoint, force, find_max, target_global_batch, wr
     """Train RUN (a name under runs/ or a run directory) on datasets under DATASETS_DIR,
     resuming from CHECKPOINT (a checkpoint name, `latest`, `best`, or `auto`) if given."""
     run = load_run(run)
+    # Optional packages: fail before any rank starts, not on rank 0 alone.
     if run.train.tensorboard:
-        require_tensorboard()  # fail before any rank starts, not on rank 0 alone
+        require_tensorboard()
+    if run.train.wandb_project:
+        require_wandb()
     ctx = init_distributed(run.train.dist_timeout_minutes)
     run_lock = None  # rank 0's lock on the run directory
     try:

@@ -21,12 +21,16 @@ window. The count of items cut so is reported.
 
 lm-evaluation-harness's HellaSwag (multiple-choice style, with its own text
 preprocessing and normalization by length in characters) reports different numbers.
+
+ddp_train.py scores the model this way during training (train.json `hellaswag_interval`),
+every rank its share: `training_share` and `distributed_scores`.
 """
 
 import datetime
 import hashlib
 import http.client
 import json
+import math
 import os
 import sys
 import tempfile
@@ -37,13 +41,16 @@ from pathlib import Path
 
 import click
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from config import resolve_run_dir
+from distributed import run_and_share_errors
 from errors import UserError, report_user_errors
 from eval_common import load_model, load_tokenizer, one_line, pick_device, threads_option, tokenizer_options
 from jsonfiles import strict_json
+from token_data import get_tokenizer
 
 DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{}.jsonl"
 # The test split's labels are not public, so it cannot be scored here.
@@ -113,11 +120,19 @@ def download(url, out):
                     received += len(chunk)
                     bar.update(len(chunk))
     except (OSError, http.client.HTTPException) as e:  # urllib's errors are OSErrors
-        raise UserError(f"could not download {url} ({one_line(e)}); pass --data with a local copy")
+        raise UserError(f"could not download {url} ({one_line(e)}); use a local copy (--data, or train.json's "
+                        "hellaswag_data)")
     # http.client ends a body that stops short of its Content-Length without an error.
     if size is not None and received != size:
         raise UserError(f"could not download {url}: the connection closed after {received:,} of "
-                        f"{size:,} bytes; try again, or pass --data with a local copy")
+                        f"{size:,} bytes; try again, or use a local copy (--data, or train.json's hellaswag_data)")
+
+
+def cache_path(url, cache_dir):
+    """Where `url`'s copy lives in `cache_dir`: the name carries a hash of the URL, so two
+    URLs never share a copy."""
+    url_hash = hashlib.sha256(url.encode()).hexdigest()[:12]
+    return Path(cache_dir) / f"{url_hash}-{Path(urllib.parse.urlparse(url).path).name}"
 
 
 def fetch(url, cache_dir):
@@ -125,11 +140,9 @@ def fetch(url, cache_dir):
 
     The download goes to a temporary file that is renamed into place only once it
     is complete and holds valid items, so an interrupted download or an error page
-    is never taken for the data. The name carries a hash of the URL, so two URLs
-    never share a copy.
+    is never taken for the data.
     """
-    url_hash = hashlib.sha256(url.encode()).hexdigest()[:12]
-    cached = Path(cache_dir) / f"{url_hash}-{Path(urllib.parse.urlparse(url).path).name}"
+    cached = cache_path(url, cache_dir)
     if cached.is_file():
         return cached
     cached.parent.mkdir(parents=True, exist_ok=True)
@@ -211,17 +224,22 @@ class ItemScores:
         return min(range(ENDINGS), key=self.mean_losses.__getitem__)
 
 
+def scores_in_batches(model, items, batch_size, autocast_dtype):
+    """ItemScores for each EncodedItem, a list per forward pass of `model` on its device,
+    `batch_size` items (4 x batch_size rows) at a time."""
+    for start in range(0, len(items), batch_size):
+        batch = items[start:start + batch_size]
+        sum_logprobs, mean_losses = score_batch(model, batch, autocast_dtype)
+        yield [ItemScores(item.label, s, m) for item, s, m in zip(batch, sum_logprobs.tolist(), mean_losses.tolist())]
+
+
 def score_items(model, items, batch_size, autocast_dtype=None):
-    """ItemScores for each EncodedItem, `batch_size` items (4 x batch_size rows) per
-    forward pass of `model` (in eval mode) on its device."""
+    """ItemScores for each EncodedItem, `batch_size` items per forward pass of `model` (in eval mode)."""
     scores = []
     with torch.inference_mode(), tqdm(total=len(items), desc="hellaswag", unit="item") as bar:
-        for start in range(0, len(items), batch_size):
-            batch = items[start:start + batch_size]
-            sum_logprobs, mean_losses = score_batch(model, batch, autocast_dtype)
-            scores += [ItemScores(item.label, s, m)
-                       for item, s, m in zip(batch, sum_logprobs.tolist(), mean_losses.tolist())]
-            bar.update(len(batch))
+        for batch_scores in scores_in_batches(model, items, batch_size, autocast_dtype):
+            scores += batch_scores
+            bar.update(len(batch_scores))
     return scores
 
 
@@ -229,6 +247,62 @@ def tally(scores):
     """(correct by acc, correct by acc_norm, items): counts that add up across ranks,
     so each rank of a distributed evaluation can score its share and all-reduce them."""
     return (sum(s.choice == s.label for s in scores), sum(s.choice_norm == s.label for s in scores), len(scores))
+
+
+# ---------------------------------------------------------------- during training (ddp_train.py)
+
+@dataclass(frozen=True)
+class RankShare:
+    """One rank's part of the HellaSwag evaluations during training."""
+    items: list  # EncodedItems, as many on every rank
+    counted: int  # how many of them, from the first, count: the rest repeat an item to keep the ranks in step
+    batch_size: int  # items per forward pass
+
+
+def rank_share(items, rank, world_size):
+    """(this rank's items, how many of them count): items rank, rank + world_size, ...
+
+    Every rank gets ceil(len(items) / world_size) of them, because a sharded model's
+    forward passes are collective (each one all-gathers weights): a rank past the end
+    repeats the last item and does not count it, as ddp_train.evaluate does."""
+    per_rank = math.ceil(len(items) / world_size)
+    indices = range(rank, per_rank * world_size, world_size)
+    return [items[min(index, len(items) - 1)] for index in indices], sum(index < len(items) for index in indices)
+
+
+def training_share(run, ctx, datasets_dir, tokenizer_name):
+    """At start-up: this rank's share of train.json's HellaSwag items, encoded with the
+    run's tokenizer (the dataset's). A URL is downloaded once per node, or once in all
+    with shared_filesystem, into DATASETS_DIR/hellaswag/, as the datasets are."""
+    train_cfg = run.train
+    data = train_cfg.hellaswag_data or DATA_URL.format(SPLIT_FILES["validation"])
+    source = f"{run.run_dir / 'train.json'} key 'hellaswag_data' ({data})"
+    path = Path(data)
+    if data.startswith(("http://", "https://")):
+        cache_dir = Path(datasets_dir) / "hellaswag"
+        fetches = ctx.is_main if train_cfg.shared_filesystem else ctx.is_local_main
+        run_and_share_errors(fetches, lambda: fetch(data, cache_dir))
+        path = cache_path(data, cache_dir)
+    items, counted = rank_share(read_items(path, source, train_cfg.hellaswag_items), ctx.rank, ctx.world_size)
+    tokenizer = get_tokenizer(tokenizer_name)
+    # Rows of at most context_length tokens, four per item: a forward pass of no more tokens than a microbatch.
+    batch_size = max(1, train_cfg.microbatch_size // ENDINGS)
+    return RankShare([encode_item(item, tokenizer, run.model.context_length) for item in items], counted, batch_size)
+
+
+@torch.no_grad()
+def distributed_scores(model, share, autocast_dtype):
+    """hellaswag_acc and hellaswag_acc_norm of the training `model` over all ranks' shares:
+    each rank scores its share in eval mode, in as many forward passes of as many items
+    as every other rank, then one all-reduce adds up the counts."""
+    model.eval()
+    scores = [score for batch in scores_in_batches(model, share.items, share.batch_size, autocast_dtype)
+              for score in batch]
+    model.train()
+    counts = torch.tensor(tally(scores[:share.counted]), device=next(model.parameters()).device)
+    dist.all_reduce(counts)
+    correct, correct_norm, count = counts.tolist()
+    return {"hellaswag_acc": correct / count, "hellaswag_acc_norm": correct_norm / count}
 
 
 # ---------------------------------------------------------------- the CLI

@@ -5,12 +5,15 @@ metrics.jsonl has one JSON object per optimizer step: step, loss (mean over rank
 and microsteps), lr, grad_norm (before clipping), clipped, skipped (a non-finite
 step not applied), tokens (cumulative, all ranks), tokens_per_sec (all ranks) and
 tokens_per_sec_per_device, mfu (null when the device's peak is unknown), eta_s and
-elapsed_s; validated steps also carry val_loss. Non-finite values are null.
+elapsed_s; validated steps also carry val_loss, and steps with a HellaSwag evaluation
+hellaswag_acc and hellaswag_acc_norm. Non-finite values are null. With train.json
+`wandb_project` rank 0 also logs every row to Weights & Biases.
 Throughput, ETA and elapsed time are measured over each log window (log_interval
 steps, read from the device in one transfer) and interpolated within it.
 """
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -28,7 +31,8 @@ from jsonfiles import finite_or_none, strict_json
 # metrics.jsonl keys written to TensorBoard, under these tags.
 TENSORBOARD_TAGS = {"loss": "train/loss", "val_loss": "validation/loss", "lr": "train/learning_rate",
                     "grad_norm": "train/grad_norm", "tokens_per_sec": "throughput/tokens_per_sec",
-                    "mfu": "throughput/mfu"}
+                    "mfu": "throughput/mfu", "hellaswag_acc": "hellaswag/acc",
+                    "hellaswag_acc_norm": "hellaswag/acc_norm"}
 
 
 def read_metrics(path):
@@ -100,6 +104,47 @@ class TensorBoardLog:
         self.writer.close()
 
 
+def require_wandb():
+    """The wandb module, or one clear error when the optional package is missing."""
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("train.json: key 'wandb_project' is set but the wandb package is not installed; "
+                        "run `uv sync --extra wandb`")
+    return wandb
+
+
+class WandbLog:
+    """The same rows, at the same steps, and the run's config, to a Weights & Biases run
+    (train.json `wandb_project`). `run_id`: the W&B run to continue (a resumed run's, from
+    its checkpoint); W&B's local files go to WANDB_DIR, or else the run directory."""
+
+    def __init__(self, run, run_id=None):
+        wandb = require_wandb()
+        config = {"model": dataclasses.asdict(run.model), "train": dataclasses.asdict(run.train)}
+        try:
+            self.run = wandb.init(project=run.train.wandb_project, entity=run.train.wandb_entity,
+                                  name=run.train.wandb_run_name or run.name, id=run_id, resume="allow",
+                                  dir=os.environ.get("WANDB_DIR", run.run_dir), config=config)
+        except wandb.Error as e:
+            reason = " ".join(str(e).split())  # error output is one line
+            raise UserError(f"could not start the W&B run of train.json's wandb_project "
+                            f"'{run.train.wandb_project}' ({reason}); `wandb login`, or WANDB_MODE=offline "
+                            "to keep it local")
+
+    @property
+    def run_id(self):
+        return self.run.id
+
+    def append(self, row):
+        # W&B charts a key from the steps that have it: null values (a skipped step's loss) are left out.
+        self.run.log({key: value for key, value in row.items() if key != "step" and value is not None},
+                     step=row["step"])
+
+    def close(self, failed=False):
+        self.run.finish(exit_code=1 if failed else 0)
+
+
 @dataclass
 class IntervalStats:
     """What happened since the last checkpoint, for its meta.json (the reference harness's key names)."""
@@ -128,12 +173,12 @@ class IntervalStats:
 class TrainingLog:
     """Turns the step statistics of each log window into metrics.jsonl rows on every rank
     (the training loop decides from them); rank 0 also writes them to metrics.jsonl,
-    TensorBoard and the progress bar. It records only: stopping, skipping and what
-    counts as best are the training loop's decisions.
+    TensorBoard, W&B and the progress bar. It records only: stopping, skipping, what
+    counts as best and when to evaluate are the training loop's decisions.
     """
 
     def __init__(self, run, ctx, total_steps, global_batch_tokens, amp_dtype, start_step, tokens_seen,
-                 elapsed_before):
+                 elapsed_before, wandb_run_id=None):
         self.run, self.ctx = run, ctx
         self.total_steps, self.global_batch_tokens = total_steps, global_batch_tokens
         self.tokens_seen, self.elapsed_before = tokens_seen, elapsed_before
@@ -148,15 +193,17 @@ class TrainingLog:
                            perf.peak_flops(torch.cuda.get_device_name(ctx.device), precision, override))
         self.metrics_file = MetricsLog(run.run_dir / "metrics.jsonl") if ctx.is_main else None
         self.tensorboard = TensorBoardLog(run.run_dir / "tb") if ctx.is_main and run.train.tensorboard else None
+        self.wandb = WandbLog(run, wandb_run_id) if ctx.is_main and run.train.wandb_project else None
         if self.metrics_file:
             self.metrics_file.truncate_after(start_step - 1)
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not ctx.is_main,
                         unit="step", dynamic_ncols=True)
 
-    def record(self, window, val_loss):
+    def record(self, window, evaluations):
         """`window`: (step, lr, statistics) for each step since the last call, statistics
-        being a dict with the step's loss, grad_norm and nonfinite_ranks. `val_loss`
-        belongs to the window's last step. Returns the rows."""
+        being a dict with the step's loss, grad_norm and nonfinite_ranks. `evaluations`:
+        the keys the evaluations at the window's last step add to its row (val_loss,
+        hellaswag_acc, hellaswag_acc_norm). Returns the rows."""
         now = time.time()
         window_seconds = max(now - self.last_record, 1e-9)
         tokens_per_sec = len(window) * self.global_batch_tokens / window_seconds
@@ -176,8 +223,9 @@ class TrainingLog:
                    "eta_s": (self.total_steps - step - 1) * window_seconds / len(window),
                    "elapsed_s": self.elapsed_before + (self.last_record - self.session_start)
                    + window_seconds * (position + 1) / len(window)}
-            if position == len(window) - 1 and val_loss is not None:
-                row["val_loss"] = self.last_val_loss = finite_or_none(val_loss)
+            if position == len(window) - 1:
+                row |= {key: finite_or_none(value) for key, value in evaluations.items()}
+                self.last_val_loss = row.get("val_loss", self.last_val_loss)
             self._write(row)
             rows.append(row)
         self.last_row = rows[-1]
@@ -190,16 +238,31 @@ class TrainingLog:
         self.metrics_file.append(row)
         if self.tensorboard:
             self.tensorboard.append(row)
+        if self.wandb:
+            self.wandb.append(row)
         self.bar.update(1)
         mfu = "n/a" if row["mfu"] is None else f"{row['mfu']:.1%}"
         loss = "nan" if row["loss"] is None else f"{row['loss']:.3f}"
         self.bar.set_postfix(loss=loss, tok_per_s=f"{row['tokens_per_sec']:,.0f}",
                              per_dev=f"{row['tokens_per_sec_per_device']:,.0f}", mfu=mfu)
 
-    def close(self):
+    @property
+    def wandb_run_id(self):
+        """The W&B run this log writes to (rank 0's; None elsewhere or without W&B), for checkpoints."""
+        return self.wandb.run_id if self.wandb else None
+
+    def close(self, failed=False):
         self.bar.close()
         if self.tensorboard:
             self.tensorboard.close()
+        if self.wandb:
+            self.wandb.close(failed)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, traceback):
+        self.close(failed=exc_type is not None)
 
     def summary(self):
         seconds = time.time() - self.session_start

@@ -1,6 +1,6 @@
 """Helpers shared by the tests of the evaluation and conversion scripts
 (test_smoke_script.py, test_loss_script.py, test_ift_script.py, test_convert_gpt2.py,
-test_convert_llama.py)."""
+test_convert_llama.py, the HellaSwag tests)."""
 
 import contextlib
 import importlib
@@ -95,3 +95,59 @@ def assert_one_error_line(result, *fragments):
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     for fragment in fragments:
         assert fragment in lines[0]
+
+
+# Items in the real file's format (hellaswag_val.jsonl), with text of the same kind.
+ITEMS = [
+    {"ind": 4, "activity_label": "Washing dishes", "ctx_a": "A woman stands at a kitchen sink full of plates.",
+     "ctx_b": "she", "ctx": "A woman stands at a kitchen sink full of plates. she",
+     "endings": ["turns on the tap and scrubs a plate with a yellow sponge.", "rides a horse across the field.",
+                 "throws the plates onto the roof of the house.", "sings into a microphone on a stage."],
+     "label": 0},
+    {"ind": 17, "activity_label": "Playing guitar", "ctx_a": "A young man sits on a couch holding an acoustic guitar.",
+     "ctx_b": "he", "ctx": "A young man sits on a couch holding an acoustic guitar. he",
+     "endings": ["eats a sandwich while walking the dog.", "strums the strings and sings along to the tune.",
+                 "paints the guitar bright red.", "dives into a swimming pool."],
+     "label": 1},
+    {"ind": 23, "activity_label": "Home and Garden",
+     "ctx_a": "[header] How to repot a houseplant [title] Choose a slightly larger pot. [step] The new pot "
+              "should be one or two inches wider than the old one, with a hole in the bottom so that "
+              "water can drain away from the roots.",
+     "ctx_b": "",
+     "ctx": "[header] How to repot a houseplant [title] Choose a slightly larger pot. [step] The new pot "
+            "should be one or two inches wider than the old one, with a hole in the bottom so that water "
+            "can drain away from the roots.",
+     "endings": ["[title] Water the plant a day before you repot it. [step] Moist soil holds together and "
+                 "slides out of the old pot more easily.",
+                 "[title] Paint the pot with nail polish. [step] The plant will enjoy the colour.",
+                 "[title] Put the plant in the freezer. [step] Cold roots are easier to move.",
+                 "[title] Read the plant a story. [step] Plants like to be spoken to."],
+     "label": 0},
+    {"ind": 31, "activity_label": "Shoveling snow", "ctx_a": "A man in a red coat walks out of his house.",
+     "ctx_b": "he", "ctx": "A man in a red coat walks out of his house. he",
+     "endings": ["picks up a shovel and clears the snow from the driveway.", "starts swimming in the snow.",
+                 "bakes a cake on the porch.", "climbs into the chimney."],
+     "label": 0},
+    {"ind": 40, "activity_label": "Making a sandwich", "ctx_a": "A girl lays two slices of bread on a board.",
+     "ctx_b": "she", "ctx": "A girl lays two slices of bread on a board. she",
+     "endings": ["plays tennis with the bread.", "mails the bread to a friend.",
+                 "spreads peanut butter on one slice and jam on the other.", "wears the bread as a hat."],
+     "label": 2},
+    {"ind": 52, "activity_label": "Walking the dog",
+     "ctx_a": "A dog waits by the front door with a leash in its mouth.",
+     "ctx_b": "the owner", "ctx": "A dog waits by the front door with a leash in its mouth. the owner",
+     "endings": ["drives away in a car.", "reads a newspaper upside down.", "teaches the dog to fly.",
+                 "clips the leash to its collar and opens the door."],
+     "label": 3},
+    {"ind": 66, "activity_label": "Brushing teeth", "ctx_a": "A boy stands in front of a bathroom mirror.",
+     "ctx_b": "he", "ctx": "A boy stands in front of a bathroom mirror. he",
+     "endings": ["squeezes toothpaste onto a brush and brushes his teeth.", "mows the lawn in the mirror.",
+                 "sleeps in the bathtub.", "throws the mirror out of the window."],
+     "label": 0},
+]
+
+
+def write_items(path, items=ITEMS):
+    path.write_text("".join(json.dumps({**item, "split": "val", "split_type": "indomain",
+                                        "source_id": f"activitynet~v_{item['ind']}"}) + "\n" for item in items))
+    return path

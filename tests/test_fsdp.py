@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from conftest import (SHARED_DATA, TRAINER_WITH_FAULTS, make_run, read_rows, rewind_to_checkpoint, run_training,
                       start_torchrun, train_env, wait_for, worker_pid, write_byte_dataset)
-from evalkit import run_script
 from checkpointing import verify_checkpoint
+from evalkit import run_script, write_items
 from gpt import GPTModel
 
 STEPS = 6
@@ -32,8 +32,12 @@ def losses(run_dir):
     return [row["loss"] for row in read_rows(run_dir)]
 
 
+def final_weights_path(run_dir):
+    return run_dir / "checkpoints" / "latest" / "model.safetensors"
+
+
 def final_weights(run_dir):
-    return load_file(run_dir / "checkpoints" / "latest" / "model.safetensors")
+    return load_file(final_weights_path(run_dir))
 
 
 def assert_weights_close(actual, expected, exact=False):
@@ -54,9 +58,11 @@ def with_parallelism(run_dir, parallelism):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, verdict_dataset):
     """One train.json trained three ways: FSDP on 2 ranks, and FSDP and DDP in a world of
-    one (accumulation 4 instead of 2, the same tokens per step), checkpointed at steps 0, 3, 5."""
+    one (accumulation 4 instead of 2, the same tokens per step), checkpointed at steps 0, 3, 5.
+    The 2-rank run also scores 7 HellaSwag items (an odd count) at the same steps."""
     base = tmp_path_factory.mktemp("runs")
-    fsdp = make_run(base / "fsdp", verdict_dataset, model=MODEL, parallelism="fsdp", **TRAIN)
+    fsdp = make_run(base / "fsdp", verdict_dataset, model=MODEL, parallelism="fsdp", hellaswag_interval=3,
+                    hellaswag_data=str(write_items(base / "hellaswag_val.jsonl")), **TRAIN)
     fsdp_one = make_run(base / "fsdp-one-rank", verdict_dataset, model=MODEL, parallelism="fsdp", **TRAIN)
     ddp_one = make_run(base / "ddp-one-rank", verdict_dataset, model=MODEL, **TRAIN)
     run_training([fsdp, "datasets"], nproc=2)
@@ -79,6 +85,22 @@ def test_fsdp_trains_as_ddp_does(runs):
     assert meta["parallelism"] == "fsdp" and meta["world_size"] == 2
     assert {"sharded/__0_0.distcp", "sharded/__1_0.distcp", "model.safetensors"} <= meta["files"].keys()
     assert "optimizer.pt" not in meta["files"]
+
+
+@pytest.mark.e2e
+def test_hellaswag_under_fsdp_counts_as_the_script_does_on_one_rank(runs, tmp_path):
+    """Rank 1 scores one item again without counting it, so both ranks run as many forward
+    passes (all-gathers): the run did not hang, and its counts are the script's."""
+    fsdp = runs.fsdp
+    evaluated = {row["step"]: row for row in read_rows(fsdp) if "hellaswag_acc" in row}
+    assert sorted(evaluated) == [0, 3, 5]
+    items = json.loads((fsdp / "train.json").read_text())["hellaswag_data"]
+    result = run_script("eval_hellaswag.py", fsdp, final_weights_path(fsdp), "--data", items, "--json",
+                        tmp_path / "hellaswag.json")
+    assert result.returncode == 0, result.stderr
+    written = json.loads((tmp_path / "hellaswag.json").read_text())
+    assert written["items"] == 7 and written["tokenizer"] == "bytes"
+    assert (evaluated[5]["hellaswag_acc"], evaluated[5]["hellaswag_acc_norm"]) == (written["acc"], written["acc_norm"])
 
 
 @pytest.mark.e2e

@@ -10,69 +10,15 @@ import torch
 from transformers import AutoTokenizer, GPT2LMHeadModel
 
 from evalkit import one_torch_thread  # noqa: F401  (autouse fixture)
-from evalkit import assert_one_error_line, run_script, tiny_config, write_model
+from evalkit import ITEMS, assert_one_error_line, run_script, tiny_config, write_items, write_model
 
 import eval_hellaswag
 from eval_common import load_model
 from token_data import get_tokenizer
 
-# Items in the real file's format (hellaswag_val.jsonl), with text of the same kind.
-ITEMS = [
-    {"ind": 4, "activity_label": "Washing dishes", "ctx_a": "A woman stands at a kitchen sink full of plates.",
-     "ctx_b": "she", "ctx": "A woman stands at a kitchen sink full of plates. she",
-     "endings": ["turns on the tap and scrubs a plate with a yellow sponge.", "rides a horse across the field.",
-                 "throws the plates onto the roof of the house.", "sings into a microphone on a stage."],
-     "label": 0},
-    {"ind": 17, "activity_label": "Playing guitar", "ctx_a": "A young man sits on a couch holding an acoustic guitar.",
-     "ctx_b": "he", "ctx": "A young man sits on a couch holding an acoustic guitar. he",
-     "endings": ["eats a sandwich while walking the dog.", "strums the strings and sings along to the tune.",
-                 "paints the guitar bright red.", "dives into a swimming pool."],
-     "label": 1},
-    {"ind": 23, "activity_label": "Home and Garden",
-     "ctx_a": "[header] How to repot a houseplant [title] Choose a slightly larger pot. [step] The new pot "
-              "should be one or two inches wider than the old one, with a hole in the bottom so that "
-              "water can drain away from the roots.",
-     "ctx_b": "",
-     "ctx": "[header] How to repot a houseplant [title] Choose a slightly larger pot. [step] The new pot "
-            "should be one or two inches wider than the old one, with a hole in the bottom so that water "
-            "can drain away from the roots.",
-     "endings": ["[title] Water the plant a day before you repot it. [step] Moist soil holds together and "
-                 "slides out of the old pot more easily.",
-                 "[title] Paint the pot with nail polish. [step] The plant will enjoy the colour.",
-                 "[title] Put the plant in the freezer. [step] Cold roots are easier to move.",
-                 "[title] Read the plant a story. [step] Plants like to be spoken to."],
-     "label": 0},
-    {"ind": 31, "activity_label": "Shoveling snow", "ctx_a": "A man in a red coat walks out of his house.",
-     "ctx_b": "he", "ctx": "A man in a red coat walks out of his house. he",
-     "endings": ["picks up a shovel and clears the snow from the driveway.", "starts swimming in the snow.",
-                 "bakes a cake on the porch.", "climbs into the chimney."],
-     "label": 0},
-    {"ind": 40, "activity_label": "Making a sandwich", "ctx_a": "A girl lays two slices of bread on a board.",
-     "ctx_b": "she", "ctx": "A girl lays two slices of bread on a board. she",
-     "endings": ["plays tennis with the bread.", "mails the bread to a friend.",
-                 "spreads peanut butter on one slice and jam on the other.", "wears the bread as a hat."],
-     "label": 2},
-    {"ind": 52, "activity_label": "Walking the dog",
-     "ctx_a": "A dog waits by the front door with a leash in its mouth.",
-     "ctx_b": "the owner", "ctx": "A dog waits by the front door with a leash in its mouth. the owner",
-     "endings": ["drives away in a car.", "reads a newspaper upside down.", "teaches the dog to fly.",
-                 "clips the leash to its collar and opens the door."],
-     "label": 3},
-    {"ind": 66, "activity_label": "Brushing teeth", "ctx_a": "A boy stands in front of a bathroom mirror.",
-     "ctx_b": "he", "ctx": "A boy stands in front of a bathroom mirror. he",
-     "endings": ["squeezes toothpaste onto a brush and brushes his teeth.", "mows the lawn in the mirror.",
-                 "sleeps in the bathtub.", "throws the mirror out of the window."],
-     "label": 0},
-]
 # GPT-2-tokenized, with a context short enough that the third item is cut.
 GPT2_CFG = tiny_config(vocab_size=50257, context_length=48, emb_dim=32)
 BYTES_CFG = tiny_config(context_length=64)  # byte-level: most items are cut
-
-
-def write_items(path, items=ITEMS):
-    path.write_text("".join(json.dumps({**item, "split": "val", "split_type": "indomain",
-                                        "source_id": f"activitynet~v_{item['ind']}"}) + "\n" for item in items))
-    return path
 
 
 def run_eval(model_json, weights, *args):
