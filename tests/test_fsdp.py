@@ -172,25 +172,18 @@ def test_a_shard_write_failing_on_one_rank_stops_every_rank_and_keeps_the_checkp
 
 
 @pytest.mark.e2e
-def test_sigterm_checkpoints_and_a_killed_rank_ends_the_others_under_fsdp(tmp_path):
+def test_a_killed_rank_ends_the_others_under_fsdp(tmp_path):
+    """Rank 0, inside an all-gather when rank 1 dies, must not wait forever. (A SIGTERM's
+    stop-and-checkpoint path is the same code under DDP and FSDP: test_reliability.py.)"""
     dataset = write_byte_dataset(tmp_path / "dataset", (SHARED_DATA / "the-verdict.txt").read_text() * 12)
     run_dir = make_run(tmp_path / "run", dataset, model=MODEL, parallelism="fsdp",
                        **{**TRAIN, "min_train_tokens": 400 * GLOBAL_BATCH_TOKENS, "checkpoint_interval": 1000,
                           "validation_interval": None})
     job = start_torchrun([run_dir, "datasets"], train_env())
     wait_for(lambda: (run_dir / "metrics.jsonl").exists() and len(read_rows(run_dir)) >= 3, job)
-    job.send_signal(signal.SIGTERM)
-    output, _ = job.communicate(timeout=120)
-    assert "Stopped by SIGTERM" in output, output  # (torchrun itself exits 1 on a SIGTERM of its own)
-    latest = run_dir / "checkpoints" / "latest"
-    stopped_at = json.loads((latest / "meta.json").read_text())["global_step"]
-    assert stopped_at >= 2 and (latest / "sharded" / "__1_0.distcp").is_file()
-    assert not list((run_dir / "checkpoints").glob(".partial-*"))
-
-    # Resume, then kill rank 1: rank 0, inside an all-gather, must not wait forever.
-    job = start_torchrun([run_dir, "datasets", "latest"], train_env())
-    wait_for(lambda: read_rows(run_dir)[-1]["step"] >= stopped_at + 2, job)
     os.kill(worker_pid(job.pid, rank=1), signal.SIGKILL)
     output, _ = job.communicate(timeout=120)
     assert job.returncode != 0
-    assert "another rank was lost" in output and f"resumes from {latest.resolve().name}" in output
+    step_0 = (run_dir / "checkpoints" / "latest").resolve()
+    assert "another rank was lost" in output and f"resumes from {step_0.name}" in output
+    assert (step_0 / "sharded" / "__1_0.distcp").is_file()

@@ -1,5 +1,5 @@
 """Two "nodes" on one machine: two torchrun launches joined by c10d rendezvous on 127.0.0.1,
-one process each, must train exactly like one node with two processes."""
+one process each, must train as one process with the same tokens per step does."""
 
 import json
 import re
@@ -33,12 +33,13 @@ COMMON = dict(min_train_tokens=tokens_for(STEPS, 2), checkpoint_interval=100, sh
 
 
 @pytest.fixture(scope="module")
-def one_node_run(tmp_path_factory):
-    """Two processes on one node, the reference for the two-node runs (the demo corpus)."""
-    base = tmp_path_factory.mktemp("one-node")
-    one_node = make_run(base / "run", "demo", **COMMON)
-    run_training([one_node, base / "datasets"], nproc=2)
-    return one_node
+def one_process_run(tmp_path_factory):
+    """The reference for the two-node runs: one process with accumulation 2, the same tokens
+    per optimizer step (the demo corpus)."""
+    base = tmp_path_factory.mktemp("one-process")
+    one_process = make_run(base / "run", "demo", gradient_accumulation_steps=2, **COMMON)
+    run_training([one_process, base / "datasets"])
+    return one_process
 
 
 def train_on_two_nodes(run_dir, datasets_dir):
@@ -50,25 +51,25 @@ def train_on_two_nodes(run_dir, datasets_dir):
 
 
 @pytest.mark.e2e
-def test_two_nodes_equal_one_node_with_two_processes(tmp_path, one_node_run):
+def test_two_nodes_train_as_one_process_does(tmp_path, one_process_run):
     """Uses the demo corpus with shared_filesystem: both nodes see one DATASETS_DIR, so only
     global rank 0 may build it (two builders would race on the same files)."""
     two_nodes = make_run(tmp_path / "two-nodes", "demo", tensorboard=True, **COMMON)
     train_on_two_nodes(two_nodes, tmp_path / "datasets")
     two_node_losses = [row["loss"] for row in read_rows(two_nodes)]
     assert len(two_node_losses) == STEPS
-    assert two_node_losses == pytest.approx([row["loss"] for row in read_rows(one_node_run)], rel=1e-6)
+    assert two_node_losses == pytest.approx([row["loss"] for row in read_rows(one_process_run)], rel=1e-5)
     assert len(list((two_nodes / "checkpoints").iterdir())) == 4  # after step 0 and the last; latest, best
 
 
 @pytest.mark.e2e
-def test_hybrid_sharding_across_two_nodes_trains_as_ddp(tmp_path, one_node_run):
+def test_hybrid_sharding_across_two_nodes_trains_as_ddp(tmp_path, one_process_run):
     """hsdp with one process per node: each node holds the whole (one-shard) state and the
     nodes replicate it, all-reducing gradients across the node boundary, as DDP does."""
     two_nodes = make_run(tmp_path / "two-nodes", "demo", parallelism="hsdp", **COMMON)
     train_on_two_nodes(two_nodes, tmp_path / "datasets")
     assert [row["loss"] for row in read_rows(two_nodes)] == pytest.approx(
-        [row["loss"] for row in read_rows(one_node_run)], rel=1e-5)
+        [row["loss"] for row in read_rows(one_process_run)], rel=1e-5)
     meta = json.loads((two_nodes / "checkpoints" / "latest" / "meta.json").read_text())
     assert meta["parallelism"] == "hsdp" and "sharded/.metadata" in meta["files"]
 
