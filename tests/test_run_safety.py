@@ -18,15 +18,14 @@ import torch
 
 import checkpointing
 import ddp_train
-from conftest import (PROJECT_DIR, SHARED_DATA, TINY_MODEL, make_run, read_rows, run_training, tokens_for, train_env,
-                      write_byte_dataset)
+from conftest import (PROJECT_DIR, SHARED_DATA, TINY_MODEL, make_run, read_rows, run_training, start_torchrun,
+                      tokens_for, train_env, wait_for, worker_pid, write_byte_dataset)
 from config import ModelConfig, load_run
 from distributed import init_distributed
 from errors import UserError
 from gpt import GPTModel
 from run_lock import lock_run_dir
 from training import check_model_fits
-from test_reliability import worker_pid
 
 
 def checkpoint_steps(run_dir):
@@ -311,13 +310,8 @@ def test_torchruns_failure_summary_carries_the_error_line(tmp_path, verdict_data
 def test_survivors_of_a_lost_rank_say_so_and_name_the_checkpoint_a_restart_uses(tmp_path):
     dataset = write_byte_dataset(tmp_path / "dataset", (SHARED_DATA / "the-verdict.txt").read_text() * 12)
     run_dir = make_run(tmp_path / "run", dataset, min_train_tokens=tokens_for(400, 2), checkpoint_interval=1000)
-    job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                            str(PROJECT_DIR / "ddp_train.py"), str(run_dir), "datasets"], cwd=PROJECT_DIR,
-                           env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    while not ((run_dir / "metrics.jsonl").exists() and len(read_rows(run_dir)) >= 3):
-        assert job.poll() is None and time.time() < deadline
-        time.sleep(0.05)
+    job = start_torchrun([run_dir, "datasets"], train_env())
+    wait_for(lambda: (run_dir / "metrics.jsonl").exists() and len(read_rows(run_dir)) >= 3, job)
     os.kill(worker_pid(job.pid, rank=1), signal.SIGKILL)
     output, _ = job.communicate(timeout=120)
     assert job.returncode != 0
