@@ -149,12 +149,13 @@ def test_checkpoint_errors(tmp_path, dataset):
 
 
 @pytest.mark.e2e
-def test_the_real_cli_prints_one_line_and_debug_shows_the_traceback(tmp_path, dataset):
+def test_the_real_cli_prints_one_line_and_debug_shows_the_traceback(tmp_path, dataset, monkeypatch):
     run_dir = make_run(tmp_path / "run", dataset, model={"emb_dim": 33})
     from conftest import train_env
     result = run_training([run_dir, "datasets"], check=False, env=train_env())  # a process of its own
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
         f"error: {run_dir / 'model.json'}: key 'emb_dim' (33) must be divisible by n_heads (2)"]
-    debug = run_training([run_dir, "datasets"], check=False, env={**train_env(), "DEBUG": "1"})
-    assert debug.returncode == 2 and "Traceback" in debug.stderr
+    monkeypatch.setenv("DEBUG", "1")
+    debug = invoke([run_dir, "datasets"])
+    assert debug.exit_code == 2 and "Traceback" in debug.stderr and "must be divisible by n_heads" in debug.stderr

@@ -17,9 +17,9 @@ STEPS = 8  # optimizer steps in each run below
 
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory, verdict_dataset):
-    """8 steps on 2 ranks with validation, clipping, an LR schedule and the default AMP
-    (bf16 autocast on CPU); checkpoints every 3 steps."""
-    run_dir = make_run(tmp_path_factory.mktemp("runs") / "two-ranks", verdict_dataset,
+    """8 steps on 2 ranks with dropout, validation, clipping, an LR schedule and the default
+    AMP (bf16 autocast on CPU); checkpoints every 3 steps."""
+    run_dir = make_run(tmp_path_factory.mktemp("runs") / "two-ranks", verdict_dataset, model={"drop_rate": 0.2},
                        min_train_tokens=tokens_for(STEPS, 2), checkpoint_interval=3, validation_interval=4,
                        validation_batches=3, clipping_max_norm=0.8, schedule_learning_rate=True,
                        warmup_period_percent=25, use_amp=True, peak_tflops=0.001)
@@ -87,25 +87,20 @@ def test_checkpoints_links_meta_and_charts(two_rank_run):
 
 
 @pytest.mark.e2e
-def test_resume_from_latest_continues_bit_for_bit_with_dropout_and_schedule(tmp_path, verdict_dataset):
-    """A 12-step run, and the same run stopped after step 5 and resumed from `latest`:
-    identical losses for steps 6-11 and identical final weights."""
-    steps = 12
-    full = make_run(tmp_path / "full", verdict_dataset, model={"drop_rate": 0.2},
-                    min_train_tokens=tokens_for(steps, 2), checkpoint_interval=5,
-                    schedule_learning_rate=True, warmup_period_percent=25, clipping_max_norm=1.0)
-    run_training([full, "datasets"], nproc=2)
-    resumed = rewind_to_checkpoint(full, 5, tmp_path / "resumed")
-    checkpoints = resumed / "checkpoints"
-
+def test_resume_from_latest_continues_bit_for_bit_with_dropout_and_schedule(two_rank_run, tmp_path):
+    """The 2-rank run stopped after its step-3 checkpoint and resumed from `latest`:
+    identical losses for steps 4-7 (dropout masks from the saved RNG states, the schedule
+    from the step) and identical final weights."""
+    full, _ = two_rank_run
+    resumed = rewind_to_checkpoint(full, 3, tmp_path / "resumed")
     result = run_training([resumed, "datasets", "latest"], nproc=2)
-    assert "Resuming from" in result.stdout and "global step 6" in result.stdout
+    assert "Resuming from" in result.stdout and "global step 4" in result.stdout
     full_rows, resumed_rows = read_rows(full), read_rows(resumed)
-    assert [r["step"] for r in resumed_rows] == list(range(steps))  # appended after step 5, no duplicates
-    assert [r["loss"] for r in resumed_rows[6:]] == [r["loss"] for r in full_rows[6:]]
+    assert [r["step"] for r in resumed_rows] == list(range(STEPS))  # appended after step 3, no duplicates
+    assert [r["loss"] for r in resumed_rows[4:]] == [r["loss"] for r in full_rows[4:]]
     assert [r["lr"] for r in resumed_rows] == [r["lr"] for r in full_rows]
     final_full = load_file(full / "checkpoints" / "latest" / "model.safetensors")
-    final_resumed = load_file(checkpoints / "latest" / "model.safetensors")
+    final_resumed = load_file(resumed / "checkpoints" / "latest" / "model.safetensors")
     assert all(torch.equal(final_full[k], final_resumed[k]) for k in final_full)
 
 

@@ -125,37 +125,32 @@ def reject_constant(name):
 
 
 @pytest.mark.e2e
-def test_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path, verdict_dataset):
-    run_dir = make_run(tmp_path / "run", verdict_dataset, min_train_tokens=tokens_for(6, 2), checkpoint_interval=1)
-    run_training([run_dir, "datasets"], nproc=2, env={**train_env(), "FAULT_NAN_LOSS": "1:3"},
-                 script=TRAINER_WITH_FAULTS)
+def test_non_finite_steps_are_skipped_on_every_rank_and_a_streak_stops_the_run(tmp_path, verdict_dataset):
+    """A NaN loss on rank 1 at step 3 skips that step on both ranks; NaNs on rank 0 at steps
+    5, 6 and 7 make three skipped steps in a row (max_skipped_steps), which stop the run."""
+    run_dir = make_run(tmp_path / "run", verdict_dataset, min_train_tokens=tokens_for(12, 2), checkpoint_interval=1,
+                       max_skipped_steps=3)
+    result = run_training([run_dir, "datasets"], nproc=2, check=False,
+                          env={**train_env(), "FAULT_NAN_LOSS": "1:3;0:5,6,7"}, script=TRAINER_WITH_FAULTS)
+    assert result.returncode != 0
+    assert ("error: 3 optimizer steps in a row had a non-finite loss or gradient (the last at global step 7)"
+            in result.stderr)
+    # Step 7 ended the run before its checkpoint: step 6's is the last, and it is named.
+    checkpoint = sorted((run_dir / "checkpoints").glob("*-iteration-6"))[0].name
+    assert f"the last good checkpoint is {checkpoint}" in result.stderr
+    assert latest_step(run_dir) == 6 and checkpoint_steps(run_dir) == list(range(7))
+
     rows = read_rows(run_dir)
-    # Strict JSON: the skipped step's loss and gradient norm are null, never a bare NaN.
+    # Strict JSON: a skipped step's loss and gradient norm are null, never a bare NaN.
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         json.loads(line, parse_constant=reject_constant)
-    assert [r["skipped"] for r in rows] == [s == 3 for s in range(6)]
-    assert rows[3]["loss"] is None and all(r["loss"] > 0 for r in rows if r["step"] != 3)
+    assert [r["skipped"] for r in rows] == [s in (3, 5, 6, 7) for s in range(8)]
+    assert rows[3]["loss"] is None and all(r["loss"] > 0 for r in rows if not r["skipped"])
     weights = {int(p.name.split("-iteration-")[1]): load_file(p / "model.safetensors")
                for p in (run_dir / "checkpoints").iterdir() if not p.is_symlink()}
-    unchanged = [all(torch.equal(weights[s][k], weights[s - 1][k]) for k in weights[s]) for s in range(1, 6)]
-    assert unchanged == [False, False, True, False, False]  # only the poisoned step 3 left the weights alone
-
-
-@pytest.mark.e2e
-def test_too_many_non_finite_steps_in_a_row_stop_the_run(tmp_path, verdict_dataset):
-    run_dir = make_run(tmp_path / "run", verdict_dataset, min_train_tokens=tokens_for(STEPS, 2),
-                       checkpoint_interval=2, max_skipped_steps=3)
-    result = run_training([run_dir, "datasets"], nproc=2, check=False,
-                          env={**train_env(), "FAULT_NAN_LOSS": "0:3,4,5"}, script=TRAINER_WITH_FAULTS)
-    assert result.returncode != 0
-    assert ("error: 3 optimizer steps in a row had a non-finite loss or gradient (the last at global step 5)"
-            in result.stderr)
-    # The step-4 checkpoint holds step 2's weights (a skipped step changes nothing); none after it.
-    checkpoint = sorted((run_dir / "checkpoints").glob("*-iteration-4"))[0].name
-    assert f"the last good checkpoint is {checkpoint}" in result.stderr
-    assert latest_step(run_dir) == 4 and checkpoint_steps(run_dir) == [0, 2, 4]
-    weights = load_file(run_dir / "checkpoints" / "latest" / "model.safetensors")
-    assert all(torch.isfinite(t).all() for t in weights.values())
+    unchanged = [all(torch.equal(weights[s][k], weights[s - 1][k]) for k in weights[s]) for s in range(1, 7)]
+    assert unchanged == [False, False, True, False, True, True]  # only the skipped steps left the weights alone
+    assert all(torch.isfinite(t).all() for t in weights[6].values())
 
 
 # ---------------------------------------------------------------- no hangs
@@ -174,6 +169,9 @@ def test_a_failed_download_on_rank_0_ends_every_rank(tmp_path):
     # exited, whichever comes first), long before the 60-minute process-group timeout; no worker
     # prints a traceback (torchrun itself prints one of its own when a worker fails).
     assert "exitcode  : 2" in result.stderr
+    # torchrun's failure summary carries the error line (each worker records it in its error file).
+    root_cause = result.stderr[result.stderr.index("Root Cause"):]
+    assert "error_file: <N/A>" not in root_cause and "error: dataset 'no-such-user/no-such-dataset'" in root_cause
     assert "[rank0]: Traceback" not in result.stderr and "[rank1]: Traceback" not in result.stderr
     assert not (run_dir / "checkpoints").exists()
 

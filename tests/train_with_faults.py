@@ -5,8 +5,8 @@ production code has no test hooks. Run it exactly like ddp_train.py:
     torchrun --nproc_per_node=2 tests/train_with_faults.py RUN DATASETS_DIR ...
 
 Faults, from the environment:
-- FAULT_NAN_LOSS="RANK:STEP,STEP": that rank's training loss is NaN at those optimizer
-  steps, counted from the first step this process trains (0 on a fresh run);
+- FAULT_NAN_LOSS="RANK:STEP,STEP;RANK:STEP": that rank's training loss is NaN at those
+  optimizer steps, counted from the first step this process trains (0 on a fresh run);
 - FAULT_SAVE_DELAY_S=SECONDS: a checkpoint save pauses that long after writing
   model.safetensors, so that a kill can land in the middle of it;
 - FAULT_MAX_MICROBATCH="RANK:N,...": for -f on CPU, microbatches above N fail on that
@@ -29,13 +29,13 @@ import ddp_train  # noqa: E402
 
 
 def inject_nan_losses(spec):
-    rank_text, steps_text = spec.split(":")
-    nan_steps = {int(step) for step in steps_text.split(",")}
+    nan_steps = {int(rank): {int(step) for step in steps.split(",")}
+                 for rank, steps in (item.split(":") for item in spec.split(";"))}
     steps = itertools.count()
     real_train_step, real_compute_loss = ddp_train.train_step, ddp_train.compute_loss
 
     def train_step(trainer, run, ctx, microbatches, stop_requested):
-        poisoned = ctx.rank == int(rank_text) and next(steps) in nan_steps
+        poisoned = next(steps) in nan_steps.get(ctx.rank, ())
         ddp_train.compute_loss = ((lambda *args: real_compute_loss(*args) * float("nan"))
                                   if poisoned else real_compute_loss)
         return real_train_step(trainer, run, ctx, microbatches, stop_requested)
