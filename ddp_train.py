@@ -307,40 +307,46 @@ def checkpoint_meta(run, ctx, data, log, interval, progress):
 
 
 def save(run, ctx, state, meta, is_best):
-    """Every rank sends its RNG state; rank 0 writes the checkpoint and charts (every rank
-    writes its shards of a sharded one), and gets its directory back (the others get
-    None). A failure on any rank reaches every rank (no one waits forever)."""
-    rng_states = [None] * ctx.world_size if ctx.is_main else None
-    dist.gather_object(capture_rng_state(ctx.device), rng_states, dst=0)
-    write = (save_sharded(run, ctx, state, rng_states, meta, is_best) if state.sharded else
-             lambda: checkpointing.save_checkpoint(run.checkpoints_dir, state, rng_states, meta, is_best))
+    """Save a checkpoint into the run's checkpoints directory, prune old ones and redraw the
+    charts; rank 0 gets the checkpoint directory back (the others get None). A failure on
+    any rank reaches every rank (no one waits forever)."""
+    write = write_checkpoint(run.checkpoints_dir, run.train, ctx, state, meta, is_best)
 
     def write_and_tidy():
         saved = write()
         if run.train.keep_last_checkpoints:
             checkpointing.prune_checkpoints(run.checkpoints_dir, run.train.keep_last_checkpoints)
-        try:
-            best_dir = run.checkpoints_dir / "best"
-            best_step = checkpointing.read_checkpoint_meta(best_dir)["global_step"] if best_dir.exists() else None
-            charts.write_charts(run.run_dir, read_metrics(run.run_dir / "metrics.jsonl"),
-                                best_step=best_step, clip_norm=run.train.clipping_max_norm)
-        except Exception as e:  # noqa: BLE001 - a chart is never worth a training run
-            print(f"warning: could not draw charts: {type(e).__name__}: {e}")
+        draw_charts(run)
         return saved
 
     return run_and_share_errors(ctx.is_main, write_and_tidy)
 
 
-def save_sharded(run, ctx, state, rng_states, meta, is_best):
-    """The collective part of a sharded save, on every rank: rank 0 opens the partial
-    directory, every rank writes its shards into it, the full weights are gathered on
-    rank 0. Returns rank 0's remaining work: the small files, the rename and the links."""
-    consolidated = run.train.consolidated_weights
+def write_checkpoint(checkpoints_dir, train_cfg, ctx, state, meta, is_best):
+    """The collective part of a save, on every rank: every rank sends its RNG state to rank
+    0, and under fsdp/hsdp writes its shards (the full weights gathered on rank 0). Returns
+    rank 0's remaining work, which writes the rest and returns the checkpoint directory."""
+    rng_states = [None] * ctx.world_size if ctx.is_main else None
+    dist.gather_object(capture_rng_state(ctx.device), rng_states, dst=0)
+    if not state.sharded:
+        return lambda: checkpointing.save_checkpoint(checkpoints_dir, state, rng_states, meta, is_best)
+    consolidated = train_cfg.consolidated_weights
     partial = share_from_main(run_and_share_errors(ctx.is_main, lambda: checkpointing.begin_checkpoint(
-        run.checkpoints_dir, meta["global_step"], state.size_estimate(full_weights_too=consolidated))))
+        checkpoints_dir, meta["global_step"], state.size_estimate(full_weights_too=consolidated))))
     checkpointing.write_sharded_state(partial, state)
     weights = checkpointing.gather_full_weights(state.model) if consolidated else None
     return lambda: checkpointing.finish_checkpoint(partial, state, rng_states, meta, is_best, weights)
+
+
+def draw_charts(run):
+    """Rank 0, after a save: the charts from metrics.jsonl."""
+    try:
+        best_dir = run.checkpoints_dir / "best"
+        best_step = checkpointing.read_checkpoint_meta(best_dir)["global_step"] if best_dir.exists() else None
+        charts.write_charts(run.run_dir, read_metrics(run.run_dir / "metrics.jsonl"),
+                            best_step=best_step, clip_norm=run.train.clipping_max_norm)
+    except Exception as e:  # noqa: BLE001 - a chart is never worth a training run
+        print(f"warning: could not draw charts: {type(e).__name__}: {e}")
 
 
 def checkpoint(run, ctx, trainer, log, interval, progress):
@@ -453,6 +459,26 @@ def print_batch_and_budget(run, ctx, data):
         print(f"budget: {budget} -> {data.total_steps:,} steps of {data.global_batch_tokens:,} tokens")
 
 
+@dataclass(frozen=True)
+class StepWork:
+    """What the loop does after an optimizer step, besides logging."""
+    checkpoint: bool
+    validation: bool
+    hellaswag: bool
+
+
+def work_after_step(global_step, total_steps, train_cfg, validates, scores_hellaswag):
+    """The loop's schedule (preflight.py counts it for its projection)."""
+    is_last = global_step == total_steps - 1
+    # The reference harness's rule: after step 0, every checkpoint_interval steps, and the last.
+    checkpoint = global_step % train_cfg.effective_checkpoint_interval == 0 or is_last
+    # Checkpoint steps are validated too, so every checkpoint's "best" is judged on a fresh number.
+    validation = validates and (global_step % train_cfg.validation_interval == 0 or checkpoint)
+    # HellaSwag at the last step too, so the final weights always have a score.
+    hellaswag = scores_hellaswag and (global_step % train_cfg.hellaswag_interval == 0 or is_last)
+    return StepWork(checkpoint, validation, hellaswag)
+
+
 def train(run, ctx, datasets_dir, checkpoint_dir):
     train_cfg = run.train
     trainer, progress = build_trainer(run, ctx, datasets_dir, checkpoint_dir)
@@ -471,7 +497,6 @@ def train(run, ctx, datasets_dir, checkpoint_dir):
         progress.start_step, trainer.data.total_steps, trainer.data.gradient_accumulation_steps, ctx.world_size,
         ctx.rank), ctx.device)
     log_interval = train_cfg.log_interval or (10 if ctx.device.type == "cuda" else 1)
-    checkpoint_interval = train_cfg.effective_checkpoint_interval
     pending = []  # (global_step, lr, statistics on the device) not yet recorded
     with StopSignals() as stop_signals, log:
         try:
@@ -485,23 +510,17 @@ def train(run, ctx, datasets_dir, checkpoint_dir):
                 pending.append((global_step, lr, statistics))
 
                 # Every rank reaches the same decisions: they depend on step numbers and all-reduced values.
-                # The reference harness's rule: after step 0, every checkpoint_interval steps, and the last.
-                is_checkpoint_step = (global_step % checkpoint_interval == 0
-                                      or global_step == trainer.data.total_steps - 1)
-                # Checkpoint steps are validated too, so every checkpoint's "best" is judged on a fresh number.
-                is_validation_step = trainer.data.validation is not None and (
-                    global_step % train_cfg.validation_interval == 0 or is_checkpoint_step)
-                # HellaSwag at the last step too, so the final weights always have a score.
-                is_hellaswag_step = trainer.hellaswag is not None and (
-                    global_step % train_cfg.hellaswag_interval == 0 or global_step == trainer.data.total_steps - 1)
-                if not (is_checkpoint_step or is_validation_step or is_hellaswag_step or stop_requested
+                work = work_after_step(global_step, trainer.data.total_steps, train_cfg,
+                                       validates=trainer.data.validation is not None,
+                                       scores_hellaswag=trainer.hellaswag is not None)
+                if not (work.checkpoint or work.validation or work.hellaswag or stop_requested
                         or (global_step + 1) % log_interval == 0):
                     continue
                 evaluations = {}
-                if is_validation_step:
+                if work.validation:
                     evaluations["val_loss"] = evaluate(trainer.state.model, trainer.data.validation, ctx,
                                                        trainer.parallel.autocast_dtype)
-                if is_hellaswag_step:
+                if work.hellaswag:
                     evaluations |= eval_hellaswag.distributed_scores(trainer.state.model, trainer.hellaswag,
                                                                      trainer.parallel.autocast_dtype)
                 window = read_window(pending)
@@ -511,7 +530,7 @@ def train(run, ctx, datasets_dir, checkpoint_dir):
                     interval.add(row)
                 count_skipped_steps(rows, run, progress)
                 stop_requested = any(statistics["stop_votes"] > 0 for _, _, statistics in window)
-                if is_checkpoint_step or stop_requested:
+                if work.checkpoint or stop_requested:
                     checkpoint(run, ctx, trainer, log, interval, progress)
                     interval = IntervalStats()
                 if stop_requested:
@@ -533,6 +552,46 @@ def train(run, ctx, datasets_dir, checkpoint_dir):
         print(log.summary())
 
 
+def microbatch_trial(run, ctx):
+    """`fits(size)`: STEPS_PER_TRY training steps at that microbatch size on every rank, on
+    a freshly built model; the peak memory of the fullest device in bytes (0 on CPU) if
+    they ran everywhere, None if any rank ran out of memory. A collective call."""
+    model, amp_dtype, optimizer, scaler = build_model(run, ctx)
+    autocast_dtype = autocast_dtype_for(run.train, amp_dtype)
+    try_microbatch = make_trial(model, optimizer, scaler,
+                                lambda m, inputs, targets: compute_loss(m, inputs, targets, autocast_dtype, ctx.device),
+                                ctx, run.model.context_length, run.model.vocab_size)
+
+    def fits(size):
+        peak = try_microbatch(size)
+        # One all-reduce (MAX) answers both: the first value is 0 if any rank failed.
+        outcome = torch.tensor([0.0 if peak is None else -1.0, float(peak or 0)], dtype=torch.float64,
+                               device=ctx.device)
+        dist.all_reduce(outcome, op=dist.ReduceOp.MAX)
+        return None if outcome[0].item() == 0 else int(outcome[1].item())
+
+    return fits
+
+
+def largest_microbatch(run, ctx, fits):
+    """The -f search with `fits` (microbatch_trial's): (the largest microbatch that fits on
+    every rank, its peak memory on the fullest device)."""
+    require_gpu(ctx.device)
+    peaks = {}
+
+    def passes(size):
+        peaks[size] = fits(size)
+        if ctx.is_main:
+            print(f"microbatch {size}: {'fits' if peaks[size] is not None else 'out of memory'}", flush=True)
+        return peaks[size] is not None
+
+    largest = largest_passing(passes)
+    if largest == 0:
+        raise UserError(f"even a microbatch of 1 sequence of {run.model.context_length} tokens runs out of "
+                        "memory; use a smaller model or context_length")
+    return largest, peaks[largest]
+
+
 def find_max_microbatch(run, ctx, target_global_batch, write):
     """The -f search: no validation, no checkpoints, random tokens (memory depends only on shapes)."""
     require_gpu(ctx.device)
@@ -540,33 +599,10 @@ def find_max_microbatch(run, ctx, target_global_batch, write):
     # A global batch fixed in train.json that this world size cannot split is said before the search, not after.
     sequences = (None if run.train.global_batch_tokens is None
                  else sequences_per_rank(run.train, ctx.world_size, run.model.context_length, train_json))
-    model, amp_dtype, optimizer, scaler = build_model(run, ctx)
-    autocast_dtype = autocast_dtype_for(run.train, amp_dtype)
-    try_microbatch = make_trial(model, optimizer, scaler,
-                                lambda m, inputs, targets: compute_loss(m, inputs, targets, autocast_dtype, ctx.device),
-                                ctx, run.model.context_length, run.model.vocab_size)
-    peak_bytes = {}  # this rank's, for each size that fitted on every rank
-
-    def fits_on_every_rank(size):
-        peak = try_microbatch(size)
-        passed_everywhere = torch.tensor([float(peak is not None)], device=ctx.device)
-        dist.all_reduce(passed_everywhere, op=dist.ReduceOp.MIN)
-        passed = bool(passed_everywhere.item())
-        if ctx.is_main:
-            print(f"microbatch {size}: {'fits' if passed else 'out of memory'}", flush=True)
-        if passed:
-            peak_bytes[size] = peak
-        return passed
-
-    largest = largest_passing(fits_on_every_rank)
-    if largest == 0:
-        raise UserError(f"even a microbatch of 1 sequence of {run.model.context_length} tokens runs out of "
-                        "memory; use a smaller model or context_length")
-    peak = torch.tensor([float(peak_bytes[largest])], device=ctx.device)
-    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    largest, peak = largest_microbatch(run, ctx, microbatch_trial(run, ctx))
     keys, suggestion = batch_suggestion(run, ctx, largest, sequences, target_global_batch)
     if ctx.is_main:
-        peak_text = f"{peak.item() / 2**30:.1f} GiB on the fullest device" if peak.item() else "n/a on CPU"
+        peak_text = f"{peak / 2**30:.1f} GiB on the fullest device" if peak else "n/a on CPU"
         print(f"Largest microbatch that fits on every rank: {largest} (peak memory {peak_text}).\n{suggestion}")
     if write:
         run_and_share_errors(ctx.is_main, lambda: write_batch_split(train_json, keys))

@@ -170,6 +170,15 @@ class IntervalStats:
                 "frac_clipped": sum(self.clipped) / max(1, len(self.clipped))}
 
 
+def peak_flops_for(train_cfg, device, amp_dtype):
+    """The device's peak FLOP/s for MFU: train.json's peak_tflops, else perf.py's table for
+    this GPU at the autocast precision; None when unknown (fp32, CPUs)."""
+    override = None if train_cfg.peak_tflops is None else train_cfg.peak_tflops * 1e12
+    if amp_dtype is None or device.type != "cuda":
+        return override
+    return perf.peak_flops(torch.cuda.get_device_name(device), str(amp_dtype).removeprefix("torch."), override)
+
+
 class TrainingLog:
     """Turns the step statistics of each log window into metrics.jsonl rows on every rank
     (the training loop decides from them); rank 0 also writes them to metrics.jsonl,
@@ -187,10 +196,7 @@ class TrainingLog:
         self.last_row = None
         self.last_val_loss = None
         self.flops_per_token = perf.training_flops_per_token(run.model)
-        precision = None if amp_dtype is None else str(amp_dtype).removeprefix("torch.")
-        override = None if run.train.peak_tflops is None else run.train.peak_tflops * 1e12
-        self.peak_flops = (override if precision is None or ctx.device.type != "cuda" else
-                           perf.peak_flops(torch.cuda.get_device_name(ctx.device), precision, override))
+        self.peak_flops = peak_flops_for(run.train, ctx.device, amp_dtype)
         self.metrics_file = MetricsLog(run.run_dir / "metrics.jsonl") if ctx.is_main else None
         self.tensorboard = TensorBoardLog(run.run_dir / "tb") if ctx.is_main and run.train.tensorboard else None
         self.wandb = WandbLog(run, wandb_run_id) if ctx.is_main and run.train.wandb_project else None

@@ -126,16 +126,21 @@ def wait_for(condition, job, timeout=120):
 def train_in_process(args):
     """`python ddp_train.py ARGS` as a world of one, run through the same CLI in this
     process: the same code path, without paying a new interpreter's torch start-up (about
-    10 s on this machine) for every run. One thread, as OMP_NUM_THREADS=1 gives the
-    subprocesses; the torch state a run changes is put back."""
+    10 s on this machine) for every run."""
     import ddp_train
 
+    return cli_in_process(ddp_train.main, args)
+
+
+def cli_in_process(command, args):
+    """A distributed script's click `command` on ARGS as a world of one, in this process. One
+    thread, as OMP_NUM_THREADS=1 gives the subprocesses; the torch state a run changes is put back."""
     threads, precision, rng = torch.get_num_threads(), torch.get_float32_matmul_precision(), torch.get_rng_state()
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
     torch.set_num_threads(1)
     try:
         with contextlib.chdir(PROJECT_DIR):
-            result = CliRunner().invoke(ddp_train.main, [str(a) for a in args])
+            result = CliRunner().invoke(command, [str(a) for a in args])
     finally:
         torch.set_num_threads(threads)
         torch.set_float32_matmul_precision(precision)
