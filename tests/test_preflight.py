@@ -197,3 +197,34 @@ def test_two_ranks_under_fsdp_measure_the_interconnect_and_rank_0_alone_reports(
     assert report["interconnect"]["within_node"] is None  # one node
     assert report["evaluation"]["checkpoint_save_s"] > 0  # the sharded save, every rank writing its shards
     assert snapshot(run_dir) == before
+
+
+def test_the_gpu_check_script_parses_and_every_command_it_runs_takes_its_options():
+    """scripts/gpu_check.sh needs a GPU to run; here: bash accepts it, and each script it
+    starts parses the arguments it is given (an option renamed since would fail here)."""
+    import shlex
+    import subprocess
+
+    import click
+
+    script = PROJECT_DIR / "scripts" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text().replace("\\\n", " ")
+    bench = shlex.split(next(line for line in text.splitlines() if line.startswith("BENCH="))[len("BENCH="):])[0]
+    variables = {"$BENCH": bench, "$PY": "", '"$RUN"': "/tmp/run", '"$WORK_DIR/datasets"': "/tmp/datasets",
+                 '"$OUT_DIR/': '"/tmp/'}
+    commands = []
+    for line in text.splitlines():
+        if line.startswith("step "):
+            for name, value in variables.items():
+                line = line.replace(name, value)
+            commands.append(shlex.split(line)[3:])  # after `step NAME LIMIT`
+    assert [command[0] for command in commands] == ["bench.py"] * 4 + ["ddp_train.py", "preflight.py",
+                                                                      "ddp_train.py", "bench.py"]
+    for script_name, *args in commands:
+        module = __import__(script_name.removesuffix(".py"))
+        with module.main.make_context(script_name, list(args)) as context:  # raises on an unknown option
+            assert context.params
+    with pytest.raises(click.NoSuchOption):  # what a renamed option does
+        bench_module = __import__("bench")
+        bench_module.main.make_context("bench.py", ["model.json", "--no-such-option"])
