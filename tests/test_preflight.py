@@ -16,6 +16,7 @@ from conftest import (PROJECT_DIR, SHARED_DATA, TINY_MODEL, cli_in_process, make
                       write_byte_dataset)
 from checkpointing import SMALL_FILES_BYTES
 from config import ModelConfig
+from evalkit import write_items
 from perf import parameter_count
 
 MODEL = {**TINY_MODEL, "context_length": 64, "emb_dim": 64, "n_heads": 4}
@@ -176,7 +177,8 @@ def test_an_output_path_in_a_missing_directory_is_refused_before_any_work(tmp_pa
 def test_two_ranks_under_fsdp_measure_the_interconnect_and_rank_0_alone_reports(tmp_path, dataset):
     import subprocess
 
-    run_dir = make_run(tmp_path / "run", dataset, model=MODEL, parallelism="fsdp", **TRAIN)
+    run_dir = make_run(tmp_path / "run", dataset, model=MODEL, parallelism="fsdp", hellaswag_interval=50,
+                       hellaswag_data=str(write_items(tmp_path / "hellaswag_val.jsonl")), **TRAIN)
     before = snapshot(run_dir)
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -196,6 +198,8 @@ def test_two_ranks_under_fsdp_measure_the_interconnect_and_rank_0_alone_reports(
         assert row["algbw_gb_per_s"] == pytest.approx(row["bytes"] / row["seconds"] / 1e9)
     assert report["interconnect"]["within_node"] is None  # one node
     assert report["evaluation"]["checkpoint_save_s"] > 0  # the sharded save, every rank writing its shards
+    assert report["evaluation"]["hellaswag_s"] > 0
+    assert report["counts"]["hellaswag_evaluations"] == len({0, 50, STEPS // 2 - 1})  # every 50 steps, and the last
     assert snapshot(run_dir) == before
 
 
