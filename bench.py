@@ -55,8 +55,8 @@ from parallelism import autocast_dtype_for, check_supported, clip_gradients, sha
 from plain_gpt import PlainGPT, separate_qkv
 from training import compute_loss, make_optimizer
 
-# Under fsdp the ranks wait for each other only within a step (seconds to a minute);
-# a rank that waits this long is stuck (see measure), and ends the run.
+# Under fsdp a rank waits for the others only inside a step, while a slower one catches
+# up; one that waits this long is stuck (see measure), and ends the run.
 PROCESS_GROUP_TIMEOUT_MINUTES = 10
 
 # ---------------------------------------------------------------- measuring
