@@ -208,10 +208,11 @@ def measure(models, cfg, train_cfg, microbatch, steps, warmup, precision, ctx):
 
     A microbatch that runs out of memory on any rank is out of memory on every rank:
     each rank's outcome is shared after every step. Under fsdp every rank runs the
-    same shapes on equally padded shards, so one that does not fit fails on all of
-    them at the same allocation. Should one rank alone fail in the middle of a
-    sharded step, the others wait in FSDP's next collective, which no flag can
-    reach: they fail after PROCESS_GROUP_TIMEOUT_MINUTES instead of hanging."""
+    same shapes on equally padded shards, so a microbatch too large for one is, as a
+    rule, too large for all of them at the same allocation. Should one rank alone
+    fail in the middle of a sharded step, the others are left in FSDP's next
+    collective, which no flag can reach: the process-group timeout ends that case
+    (PROCESS_GROUP_TIMEOUT_MINUTES); it needs GPUs to happen, and is untested."""
     device = ctx.device
     generator = torch.Generator().manual_seed(ctx.rank)  # each rank its own tokens, as in training
     tokens = torch.randint(0, cfg.vocab_size, (microbatch, cfg.context_length + 1), generator=generator)
