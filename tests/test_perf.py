@@ -1,5 +1,6 @@
 """perf.py's FLOP counts and GPU peaks against hand-computed values, PlainGPT as a
-like-for-like baseline, and the output tables of bench.py and bench_generate.py."""
+like-for-like baseline, and the output tables of bench.py (on one device, and sharded
+under FSDP over a world of one and over two torchrun processes) and bench_generate.py."""
 
 import json
 import subprocess
@@ -12,7 +13,9 @@ from click.testing import CliRunner
 
 import bench
 import bench_generate
-from evalkit import one_torch_thread  # noqa: F401  (autouse fixture: also restores what --threads sets)
+from conftest import train_env
+from evalkit import assert_one_error_line, one_torch_thread, run_script  # noqa: F401  (one_torch_thread: autouse
+# fixture, which also restores what --threads sets)
 from plain_gpt import PlainGPT
 import perf
 from config import ModelConfig
@@ -111,22 +114,38 @@ def test_plain_gpt_is_like_for_like_under_bench_precision():
 
 
 def run_bench(*args):
-    result = subprocess.run([sys.executable, str(PROJECT_DIR / "bench.py"), *map(str, args)],
-                            cwd=PROJECT_DIR, capture_output=True, text=True, timeout=120)
+    """`python bench.py ARGS` in this process; the global RNG its seeded model builds move is put back."""
+    rng = torch.get_rng_state()
+    try:
+        return run_script("bench.py", *args)
+    finally:
+        torch.set_rng_state(rng)
+
+
+def bench_lines(*args):
+    result = run_bench(*args)
     assert result.returncode == 0, result.stderr
     return result.stdout.splitlines()
 
 
-@pytest.mark.e2e
+def table(lines):
+    """The header's words and the rows' words of bench.py's table."""
+    header = next(line for line in lines if line.startswith("model "))
+    rows = [line.split() for line in lines[lines.index(header) + 1:] if line.startswith(("GPTModel ", "PlainGPT "))]
+    return header.split(), rows
+
+
+CPU_HEADER = ["model", "microbatch", "tokens/s", "step", "mean", "s", "step", "p50", "s", "peak", "RSS", "GB", "MFU"]
+
+
 def test_bench_prints_a_row_per_model_and_microbatch_and_the_ratio(tmp_path):
     (tmp_path / "model.json").write_text(json.dumps({**TINY, "drop_rate": 0.1}))
-    lines = run_bench(tmp_path, "--microbatch", "1,2", "--steps", "2", "--warmup", "1", "--compare",
-                      "--threads", "1")
-    assert lines[0].startswith("machine: CPU ") and "threads" in lines[0]
-    header = next(line for line in lines if line.startswith("model "))
-    assert header.split() == ["model", "microbatch", "tokens/s", "step", "mean", "s", "step", "p50", "s",
-                              "peak", "RSS", "GB", "MFU"]
-    rows = [line.split() for line in lines[lines.index(header) + 1:] if line.startswith(("GPTModel ", "PlainGPT "))]
+    lines = bench_lines(tmp_path, "--microbatch", "1,2", "--steps", "2", "--warmup", "1", "--compare",
+                        "--threads", "1")
+    assert lines[0].startswith("machine: CPU ") and "1 threads" in lines[0]
+    assert "parallelism: ddp: one device, the step without the gradient all-reduce" in lines
+    header, rows = table(lines)
+    assert header == CPU_HEADER
     assert [(row[0], row[1]) for row in rows] == [("GPTModel", "1"), ("PlainGPT", "1"),
                                                   ("GPTModel", "2"), ("PlainGPT", "2")]
     assert all(len(row) == 7 and row[-1] == "n/a" for row in rows)  # no peak for a CPU
@@ -134,10 +153,9 @@ def test_bench_prints_a_row_per_model_and_microbatch_and_the_ratio(tmp_path):
     assert [(row[3], row[-1][-1]) for row in ratios] == [("1:", "x"), ("2:", "x")]
 
 
-@pytest.mark.e2e
 def test_bench_reports_mfu_given_a_peak(tmp_path):
     (tmp_path / "model.json").write_text(json.dumps(TINY))
-    lines = run_bench(tmp_path / "model.json", "--microbatch", "1", "--steps", "2", "--warmup", "0",
+    lines = bench_lines(tmp_path / "model.json", "--microbatch", "1", "--steps", "2", "--warmup", "0",
                       "--no-amp", "--separate-qkv", "--pad-vocab", "64", "--peak-tflops", "1", "--threads", "1")
     assert ("GPTModel built with: fused_qkv=False, pad_vocab_to_multiple_of=64, activation_checkpointing=False, "
             "loss_chunk_tokens=None") in lines
@@ -149,10 +167,56 @@ def test_bench_reports_mfu_given_a_peak(tmp_path):
 
 def test_bench_takes_the_peak_from_the_gpu_name(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
-    peak, text = bench.device_peak(torch.device("cuda"), bench.Precision(torch.bfloat16), None)
+    bf16 = bench.Precision(torch.bfloat16, autocast_dtype=torch.bfloat16)
+    peak, text = bench.device_peak(torch.device("cuda"), bf16, None)
     assert peak == pytest.approx(989.5e12) and "H100 SXM" in text
-    assert bench.device_peak(torch.device("cuda"), bench.Precision(torch.bfloat16), 100.0)[0] == 100e12
-    assert bench.device_peak(torch.device("cpu"), bench.Precision(torch.bfloat16), None)[0] is None
+    assert bench.device_peak(torch.device("cuda"), bf16, 100.0)[0] == 100e12
+    assert bench.device_peak(torch.device("cpu"), bf16, None)[0] is None
+    # Under FSDP the policy casts instead of autocast: the same bf16 peak.
+    fsdp_bf16 = bench.Precision(torch.bfloat16, autocast_dtype=None)
+    assert bench.device_peak(torch.device("cuda"), fsdp_bf16, None)[0] == peak
+
+
+def test_bench_under_fsdp_shards_over_a_world_of_one(tmp_path):
+    (tmp_path / "model.json").write_text(json.dumps(TINY))
+    lines = bench_lines(tmp_path, "--parallelism", "fsdp", "--microbatch", "1,2", "--steps", "1", "--warmup", "1",
+                        "--threads", "1")
+    assert lines[0].startswith("machine: CPU ")
+    parallelism = next(line for line in lines if line.startswith("parallelism: "))
+    assert parallelism.startswith("parallelism: fsdp: sharded over 1 rank (parallelism.shard)")
+    assert "precision: bfloat16 (FSDP2 MixedPrecisionPolicy, no autocast)" in next(
+        line for line in lines if line.startswith("precision:"))
+    header, rows = table(lines)
+    assert header == CPU_HEADER
+    assert [row[:2] for row in rows] == [["GPTModel", "1"], ["GPTModel", "2"]]
+    assert all(len(row) == 7 and float(row[2].replace(",", "")) > 0 for row in rows)  # tokens/s
+
+
+@pytest.mark.parametrize("options, named", [
+    (["--compare"], "--compare"),
+    (["--separate-qkv"], "--separate-qkv"),
+    (["--pad-vocab", "64"], "--pad-vocab 64"),
+    (["--dtype", "float16"], "float16"),  # parallelism.check_supported, as training refuses it
+])
+def test_bench_under_fsdp_refuses_what_training_does_not_shard(tmp_path, options, named):
+    (tmp_path / "model.json").write_text(json.dumps(TINY))
+    result = run_bench(tmp_path, "--parallelism", "fsdp", *options)
+    assert_one_error_line(result, named, "fsdp")
+
+
+@pytest.mark.e2e
+def test_bench_under_fsdp_on_two_processes_prints_once_from_rank_0(tmp_path):
+    (tmp_path / "model.json").write_text(json.dumps(TINY))
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(PROJECT_DIR / "bench.py"), tmp_path, "--parallelism", "fsdp", "--microbatch", "1", "--steps", "1",
+         "--warmup", "1", "--no-amp"],
+        cwd=PROJECT_DIR, env=train_env(), capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert sum(line.startswith("machine: ") for line in lines) == 1, result.stdout
+    assert "sharded over 2 ranks" in next(line for line in lines if line.startswith("parallelism: "))
+    assert [row[:2] for row in table(lines)[1]] == [["GPTModel", "1"]]
 
 
 def test_bench_generate_prints_both_paths_their_ratio_and_that_they_agree(tmp_path):
