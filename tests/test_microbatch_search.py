@@ -12,9 +12,10 @@ import torch
 
 import ddp_train
 import microbatch_search
-from conftest import TRAINER_WITH_FAULTS, make_run, run_training, train_env
+from conftest import TRAINER_WITH_FAULTS, cli_in_process, make_run, run_training, train_env
 from training import compute_loss
 from gpt import GPTModel
+from parallelism import is_sharded
 from microbatch_search import largest_passing, make_trial, suggest_batch_split, suggest_dividing_microbatch
 
 CPU = SimpleNamespace(rank=0, device=torch.device("cpu"))
@@ -84,6 +85,29 @@ def test_two_ranks_agree_on_the_smaller_limit_and_write_train_json(tmp_path, ver
     train = json.loads((run_dir / "train.json").read_text())
     assert (train["microbatch_size"], train["gradient_accumulation_steps"], train["checkpoint_interval"]) == (6, 2, 7)
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").exists()
+
+
+def test_under_fsdp_the_search_trains_the_sharded_model(tmp_path, verdict_dataset, monkeypatch):
+    """-f with parallelism "fsdp" tries each size on the model sharded as training shards it
+    (a world of one here). CPUs do not run out of memory, so the trial fails above 3
+    sequences (a mock of what only a GPU does) and the search that needs CUDA is let run."""
+    real_make_trial = ddp_train.make_trial
+    sharded = []
+
+    def make_trial(model, *args):
+        sharded.append(is_sharded(model))
+        try_microbatch = real_make_trial(model, *args)
+        return lambda size: None if size > 3 else try_microbatch(size)
+
+    monkeypatch.setattr(ddp_train, "make_trial", make_trial)
+    monkeypatch.setattr(ddp_train, "require_gpu", lambda device: None)
+    run_dir = make_run(tmp_path / "run", verdict_dataset, parallelism="fsdp", microbatch_size=2)
+    result = cli_in_process(ddp_train.main, [run_dir, "datasets", "-f", "--target-global-batch", "6", "--write"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sharded == [True]
+    assert "Largest microbatch that fits on every rank: 3" in result.stdout
+    train = json.loads((run_dir / "train.json").read_text())
+    assert (train["microbatch_size"], train["gradient_accumulation_steps"], train["parallelism"]) == (3, 2, "fsdp")
 
 
 @pytest.mark.e2e
