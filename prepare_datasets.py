@@ -226,18 +226,24 @@ class Tokenized:
 
 worker_tokenizer = None
 worker_validation_fraction = None
+worker_start_error = None
 
 
 def start_worker(tokenizer_name, validation_fraction):
-    global worker_tokenizer, worker_validation_fraction
+    global worker_tokenizer, worker_validation_fraction, worker_start_error
     # Ctrl-C reaches the whole process group; the parent handles it by stopping the pool.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    worker_tokenizer = token_data.get_tokenizer(tokenizer_name)
     worker_validation_fraction = validation_fraction
+    try:
+        worker_tokenizer = token_data.get_tokenizer(tokenizer_name)
+    except Exception as e:  # noqa: BLE001 - raised here, the pool would restart the worker forever
+        worker_start_error = e
 
 
 def tokenize_batch(batch):
     """{split: Tokenized} for one batch from document_batches."""
+    if worker_start_error is not None:
+        raise worker_start_error  # reaches the parent through the task's result
     first_index, texts = batch
     documents = {split: [] for split in SPLITS}
     for index, text in enumerate(texts, first_index):

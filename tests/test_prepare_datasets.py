@@ -349,6 +349,20 @@ def gpt2_shifted(monkeypatch):
     return SHIFT
 
 
+def test_a_worker_that_cannot_start_fails_its_tasks_instead_of_restarting_forever():
+    """A pool whose initializer raises starts a new worker in its place, again and again,
+    and the run would wait forever; the worker's error must come back with its first task."""
+    import multiprocessing
+
+    from errors import UserError
+
+    context = multiprocessing.get_context("forkserver")
+    with context.Pool(1, initializer=prepare_datasets.start_worker, initargs=("no-such-encoding", 0.1)) as pool:
+        task = pool.apply_async(prepare_datasets.tokenize_batch, ((0, ["a document"]),))
+        with pytest.raises(UserError, match="unknown tokenizer 'no-such-encoding'"):
+            task.get(timeout=60)
+
+
 def test_a_vocabulary_beyond_uint16_is_stored_as_uint32(tmp_path, gpt2, paragraphs, gpt2_shifted):
     out = tmp_path / "out"
     prepare(out, write_jsonl(tmp_path / "s.jsonl", paragraphs), "--tokenizer", "gpt2_shifted",
