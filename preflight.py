@@ -554,11 +554,12 @@ def main(run, datasets_dir, steps, warmup_steps, compile_choice, price_per_gpu_h
     under DATASETS_DIR, and project its time and cost."""
     run = load_run(run)
     chart_path = chart_path or f"preflight-{run.name}.png"
-    check_output_paths(json_path, markdown_path, chart_path)
     ctx = init_distributed(run.train.dist_timeout_minutes)
     scratch_dir = None
     try:
         check_connectivity(ctx)
+        # Where rank 0 will write, checked before the measurements (other nodes may not have the directory).
+        run_and_share_errors(ctx.is_main, lambda: check_output_paths(json_path, markdown_path, chart_path))
         scratch_dir = Path(share_from_main(run_and_share_errors(
             ctx.is_main, lambda: tempfile.mkdtemp(prefix=".preflight-", dir=run.run_dir))))
         report = preflight(run, ctx, datasets_dir, steps, warmup_steps, COMPILE_MODES[compile_choice],
