@@ -113,31 +113,45 @@ def test_report_fields_arithmetic_and_projection_against_a_real_run(tmp_path, da
 
 
 
+def timed_with_cpu_share(work):
+    """(work's result, wall seconds, the share of one core this process got meanwhile)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = work()
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return result, wall, cpu / wall
+
+
 @pytest.mark.e2e
 def test_the_projection_matches_the_real_run_within_a_quarter(tmp_path, dataset):
     """The whole run, as configured, takes the time the projection said, within 25%.
 
-    Both are wall-clock times on a machine shared with the other test worker, whose load
-    changes from second to second: a burst between the measurement and the run can move
-    either by more than 25%, so a second pair of measurement and run decides when the first
-    misses. The fixed costs the projection leaves out (loading the config, the process
+    Both are wall-clock times of one-thread work on a machine shared with the other test
+    worker, whose load changes from second to second (a torchrun starting takes a core for
+    tens of seconds): the share of a core this process gets while preflight measures and
+    while the run runs can differ by half. Each time is therefore taken at the share of a
+    core its own phase got (wall time x share: the time on a core of its own), which takes
+    that load out. What no process here can see (the virtual machine's neighbours) still
+    moves single runs by 15% or so, so a second measurement and run decides when the first
+    pair misses. The fixed costs the projection leaves out (loading the config, the process
     group, per-step logging) weigh more in a run of seconds than in a real one."""
-    steps = 300  # mostly training steps: a checkpoint's charts take about as long as 50 of them here
+    # Mostly training steps (a checkpoint's charts take about as long as 30 of them here), of a
+    # model wide enough that a step outweighs the per-step logging the projection leaves out.
+    steps = 300
     outcomes = []
     for attempt in range(2):
-        run_dir = make_run(tmp_path / f"run-{attempt}", dataset, model=MODEL, **{
+        run_dir = make_run(tmp_path / f"run-{attempt}", dataset, model={**MODEL, "emb_dim": 128}, **{
             **TRAIN, "min_train_tokens": steps * MICROBATCH * CONTEXT, "checkpoint_interval": 1000,
             "validation_interval": 100})
-        _, report = run_preflight(run_dir, tmp_path, "--steps", "60", "--warmup-steps", "2", "--compile", "off")
+        (_, report), _, preflight_share = timed_with_cpu_share(
+            lambda: run_preflight(run_dir, tmp_path, "--steps", "100", "--warmup-steps", "2", "--compile", "off"))
         assert report["run"]["total_steps"] == steps
-        started = time.perf_counter()
-        run_training([run_dir, "datasets"])
-        actual = time.perf_counter() - started
+        _, actual, run_share = timed_with_cpu_share(lambda: run_training([run_dir, "datasets"]))
         projected = report["projection"]["configured"]["eta_s"]
-        outcomes.append((projected, actual))
-        if abs(projected - actual) <= 0.25 * actual:
+        on_own_core = (projected * preflight_share, actual * run_share)
+        outcomes.append(dict(projected=projected, preflight_share=preflight_share, actual=actual, run_share=run_share))
+        if abs(on_own_core[0] - on_own_core[1]) <= 0.25 * on_own_core[1]:
             return
-    pytest.fail(f"projected vs actual seconds, two attempts: {outcomes}")
+    pytest.fail(f"projection and run, two attempts: {outcomes}")
 
 
 def test_a_microbatch_that_does_not_fit_is_searched_and_the_split_measured(tmp_path, dataset, monkeypatch):

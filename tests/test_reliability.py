@@ -169,9 +169,6 @@ def test_a_failed_download_on_rank_0_ends_every_rank(tmp_path):
     # exited, whichever comes first), long before the 60-minute process-group timeout; no worker
     # prints a traceback (torchrun itself prints one of its own when a worker fails).
     assert "exitcode  : 2" in result.stderr
-    # torchrun's failure summary carries the error line (each worker records it in its error file).
-    root_cause = result.stderr[result.stderr.index("Root Cause"):]
-    assert "error_file: <N/A>" not in root_cause and "error: dataset 'no-such-user/no-such-dataset'" in root_cause
     assert "[rank0]: Traceback" not in result.stderr and "[rank1]: Traceback" not in result.stderr
     assert not (run_dir / "checkpoints").exists()
 

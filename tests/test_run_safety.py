@@ -298,6 +298,15 @@ def test_checkpoint_files_get_the_usual_file_mode(tmp_path):
 # ---------------------------------------------------------------- torchrun
 
 @pytest.mark.e2e
+def test_torchruns_failure_summary_carries_the_error_line(tmp_path, verdict_dataset):
+    run_dir = make_run(tmp_path / "run", verdict_dataset, min_train_tokens=10**9)
+    result = run_training([run_dir, "datasets"], nproc=2, check=False)
+    root_cause = result.stderr[result.stderr.index("Root Cause"):]
+    assert "error_file: <N/A>" not in root_cause
+    assert "error: " in root_cause and "too short" in root_cause
+
+
+@pytest.mark.e2e
 def test_survivors_of_a_lost_rank_say_so_and_name_the_checkpoint_a_restart_uses(tmp_path):
     dataset = write_byte_dataset(tmp_path / "dataset", (SHARED_DATA / "the-verdict.txt").read_text() * 12)
     run_dir = make_run(tmp_path / "run", dataset, min_train_tokens=tokens_for(400, 2), checkpoint_interval=1000)
