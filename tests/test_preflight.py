@@ -50,7 +50,7 @@ def scheduled_by_hand(total_steps, checkpoint_interval, validation_interval):
 
 
 @pytest.mark.e2e
-def test_report_fields_arithmetic_and_projection_against_a_real_run(tmp_path, dataset):
+def test_report_fields_and_arithmetic_with_and_without_compile(tmp_path, dataset):
     run_dir = make_run(tmp_path / "run", dataset, model=MODEL, **TRAIN)
     (run_dir / "checkpoints").mkdir()  # an existing run's state must stay as it is
     (run_dir / "checkpoints" / "keep.txt").write_text("untouched")
