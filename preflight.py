@@ -339,6 +339,23 @@ def project(speed, total_steps, counts, evaluation, world_size, price_per_gpu_ho
             "cost": None if price_per_gpu_hour is None else gpu_hours * price_per_gpu_hour}
 
 
+def project_settings(run, fit, summaries, fastest, split, total_steps, counts, evaluation, world_size,
+                     price_per_gpu_hour):
+    """{"configured": ..., "recommended": ...}: each a projection, or why there is none."""
+    def projection(summary):
+        return {**project(summary, total_steps, counts, evaluation, world_size, price_per_gpu_hour), **split}
+
+    configured = next((summary for summary in summaries if summary["compile"] == run.train.compile), None)
+    if not fit["fits"]:
+        configured_projection = {"unavailable": "the configured microbatch does not fit"}
+    elif configured is None:
+        configured_projection = {"unavailable": f"compile {'on' if run.train.compile else 'off'} was not measured "
+                                                "(--compile)"}
+    else:
+        configured_projection = projection(configured)
+    return {"configured": configured_projection, "recommended": projection(fastest)}
+
+
 # ---------------------------------------------------------------- report
 
 def hours_text(seconds):
@@ -503,17 +520,8 @@ def preflight(run, ctx, datasets_dir, steps, warmup_steps, compile_modes, price_
     split = {"microbatch_size": measured_train.microbatch_size,
              "gradient_accumulation_steps": data.gradient_accumulation_steps}
     fastest = min(summaries, key=lambda summary: summary["step_p50_s"])
-    configured = next((s for s in summaries if s["compile"] == run.train.compile), None)
-    projections = {"recommended": {**project(fastest, data.total_steps, counts, evaluation, ctx.world_size,
-                                             price_per_gpu_hour), **split}}
-    if not fit["fits"]:
-        projections["configured"] = {"unavailable": "the configured microbatch does not fit"}
-    elif configured is None:
-        projections["configured"] = {"unavailable": f"compile {'on' if run.train.compile else 'off'} "
-                                                    "was not measured (--compile)"}
-    else:
-        projections["configured"] = {**project(configured, data.total_steps, counts, evaluation, ctx.world_size,
-                                               price_per_gpu_hour), **split}
+    projections = project_settings(run, fit, summaries, fastest, split, data.total_steps, counts, evaluation,
+                                   ctx.world_size, price_per_gpu_hour)
     return {
         "run": {"name": run.name, "world_size": ctx.world_size, "parallelism": run.train.parallelism,
                 "precision": precision, "parameters": parameters, "total_steps": data.total_steps,
