@@ -121,3 +121,39 @@ def test_tensorboard_scalars_match_metrics_jsonl(tmp_path, verdict_dataset):
                                          pytest.approx([r["val_loss"] for r in validated]))
     assert {"train/grad_norm", "throughput/tokens_per_sec"} <= set(logged)
     assert json.loads((run_dir / "train.json").read_text())["tensorboard"] is True
+
+
+@pytest.mark.e2e
+def test_preflight_measures_the_interconnect_across_nodes_and_within_each(tmp_path):
+    """Two "nodes" of two ranks each: the all-reduce is timed over all four ranks and within
+    each node's two (preflight's interconnect report, as its command runs it)."""
+    script = tmp_path / "interconnect.py"
+    script.write_text(f"""
+import json, sys
+sys.path.insert(0, {str(PROJECT_DIR)!r})
+import torch.distributed as dist
+from distributed import init_distributed
+from preflight import interconnect_report
+ctx = init_distributed(timeout_minutes=5)
+report = interconnect_report(ctx, gradient_bytes=4 * 2**16)
+if ctx.rank == 0:
+    print("REPORT", json.dumps({{"world": ctx.world_size, "local": ctx.local_world_size, **report}}), flush=True)
+dist.destroy_process_group()
+""")
+    port = free_port()
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2", "--rdzv_backend=c10d",
+         f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=interconnect", str(script)],
+        cwd=PROJECT_DIR, env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(outputs)
+    line = next(line for output in outputs for line in output.splitlines() if line.startswith("REPORT "))
+    report = json.loads(line.removeprefix("REPORT "))
+    assert (report["world"], report["local"]) == (4, 2)
+    for scope, ranks in (("all_ranks", 4), ("within_node", 2)):
+        rows = report[scope]
+        assert [row["bytes"] for row in rows] == [4096, 32768, 262144]  # 1/64, 1/8 and all of 256 KiB
+        for row in rows:  # nccl-tests' bus bandwidth: 2(n-1)/n of the algorithm bandwidth
+            assert row["busbw_gb_per_s"] == pytest.approx(row["algbw_gb_per_s"] * 2 * (ranks - 1) / ranks)
+            assert row["algbw_gb_per_s"] == pytest.approx(row["bytes"] / row["seconds"] / 1e9)
