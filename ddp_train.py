@@ -12,10 +12,10 @@ directory's lock and writes checkpoints, metrics.jsonl and charts into it. SIGTE
 or SIGINT stops every rank after the step under way and at most two more, with a
 checkpoint.
 
-Where things are decided: `train` is the loop (what runs at which step, when to
-stop); `checkpoint` decides whether the weights may be saved and what is `best`;
-`count_skipped_steps` stops a streak of non-finite steps; `train_step` is one
-optimizer step.
+Where things are decided: `train` is the loop (when to stop), `work_after_step` its
+schedule (when to checkpoint, validate, score HellaSwag); `checkpoint` decides whether
+the weights may be saved and what is `best`; `count_skipped_steps` stops a streak of
+non-finite steps; `train_step` is one optimizer step.
 """
 
 import gc
