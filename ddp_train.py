@@ -576,7 +576,6 @@ def microbatch_trial(run, ctx):
 def largest_microbatch(run, ctx, fits):
     """The -f search with `fits` (microbatch_trial's): (the largest microbatch that fits on
     every rank, its peak memory on the fullest device)."""
-    require_gpu(ctx.device)
     peaks = {}
 
     def passes(size):
@@ -597,8 +596,7 @@ def find_max_microbatch(run, ctx, target_global_batch, write):
     require_gpu(ctx.device)
     train_json = run.run_dir / "train.json"
     # A global batch fixed in train.json that this world size cannot split is said before the search, not after.
-    sequences = (None if run.train.global_batch_tokens is None
-                 else sequences_per_rank(run.train, ctx.world_size, run.model.context_length, train_json))
+    sequences = fixed_sequences_per_rank(run, ctx)
     largest, peak = largest_microbatch(run, ctx, microbatch_trial(run, ctx))
     keys, suggestion = batch_suggestion(run, ctx, largest, sequences, target_global_batch)
     if ctx.is_main:
@@ -608,6 +606,14 @@ def find_max_microbatch(run, ctx, target_global_batch, write):
         run_and_share_errors(ctx.is_main, lambda: write_batch_split(train_json, keys))
         if ctx.is_main:
             print(f"Updated {train_json}.")
+
+
+def fixed_sequences_per_rank(run, ctx):
+    """Sequences per rank per optimizer step when train.json fixes them with
+    global_batch_tokens (an error if this world size cannot split them), else None."""
+    if run.train.global_batch_tokens is None:
+        return None
+    return sequences_per_rank(run.train, ctx.world_size, run.model.context_length, run.run_dir / "train.json")
 
 
 def batch_suggestion(run, ctx, largest, sequences, target_global_batch):

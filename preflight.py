@@ -24,7 +24,6 @@ disk), removed afterwards.
 """
 
 import gc
-import json
 import os
 import shutil
 import socket
@@ -41,12 +40,13 @@ import torch.distributed as dist
 import ddp_train
 import eval_hellaswag
 import perf
-from batching import prefetch_to_device, rank_microbatch_indices, sequences_per_rank
-from bench import machine_description, peak_memory, reset_peak_memory, synchronize
+from batching import prefetch_to_device, rank_microbatch_indices
+from bench import machine_description, peak_memory, release, reset_peak_memory, synchronize
 from checkpointing import size_text
 from config import load_run
 from distributed import check_connectivity, init_distributed, run_and_share_errors, share_from_main
 from errors import UserError, report_user_errors
+from jsonfiles import strict_json
 from metrics import peak_flops_for
 
 # Bus bandwidth (nccl-tests' busbw: what each GPU's links carry) that all-reduces of tens
@@ -142,12 +142,6 @@ def interconnect_report(ctx, gradient_bytes):
 
 # ---------------------------------------------------------------- fit
 
-def release_memory(device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def fit_report(run, ctx):
     """The configured microbatch, tried; if it runs out of memory, the -f search and the
     split it suggests for the configured global batch. Returns (report, the train config to
@@ -158,19 +152,15 @@ def fit_report(run, ctx):
     report = {"microbatch_size": configured, "fits": peak is not None, "peak_memory_bytes": peak,
               "searched": False}
     if peak is None:
+        # Searched only after the configured size failed: sizes from there up fail too, so it ends.
         largest, peak = ddp_train.largest_microbatch(run, ctx, fits)
-        if run.train.global_batch_tokens is None:
-            sequences = None
-            target = ctx.world_size * configured * run.train.gradient_accumulation_steps
-        else:
-            sequences = sequences_per_rank(run.train, ctx.world_size, run.model.context_length,
-                                           run.run_dir / "train.json")
-            target = None
+        sequences = ddp_train.fixed_sequences_per_rank(run, ctx)
+        target = None if sequences is not None else ctx.world_size * configured * run.train.gradient_accumulation_steps
         keys, suggestion = ddp_train.batch_suggestion(run, ctx, largest, sequences, target)
         report |= {"searched": True, "largest_microbatch": largest, "largest_peak_memory_bytes": peak,
                    "suggested": keys, "suggestion": suggestion}
     del fits
-    release_memory(ctx.device)
+    release(ctx.device)
     measured = replace(run.train, **report.get("suggested", {}))
     return report, measured
 
@@ -307,7 +297,7 @@ def evaluation_times(run, ctx, trainer, scratch_dir):
 
 def write_scratch_metrics(scratch_dir, speed):
     """metrics.jsonl for the timed steps, so that the timed save draws charts as a run's does."""
-    (scratch_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in speed.step_rows))
+    (scratch_dir / "metrics.jsonl").write_text("".join(strict_json(row) + "\n" for row in speed.step_rows))
 
 
 # ---------------------------------------------------------------- projection
@@ -472,7 +462,7 @@ def write_outputs(report, json_path, markdown_path, chart_path):
     text = markdown_report(report)
     print(text)
     if json_path:
-        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+        Path(json_path).write_text(strict_json(report, indent=2) + "\n")
     if markdown_path:
         Path(markdown_path).write_text(text + f"\n![step times]({Path(chart_path).name})\n")
     draw_step_times(report, chart_path)
@@ -504,7 +494,7 @@ def preflight(run, ctx, datasets_dir, steps, warmup_steps, compile_modes, price_
             evaluation = evaluation_times(run, ctx, trainer, scratch_dir)
         speeds.append(speed)
         del trainer
-        release_memory(ctx.device)
+        release(ctx.device)
         if compile_model:
             torch._dynamo.reset()  # the compiled graphs hold the model alive
     dataset_dir = Path(data.train.path).parent
