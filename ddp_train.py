@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 import charts
 import checkpointing
-import eval_hellaswag
+import hellaswag_scoring
 import token_data
 from batching import (Microbatches, check_validation_length, count_optimizer_steps, gradient_accumulation_for,
                       prefetch_to_device, rank_microbatch_indices, sequences_per_rank, token_budget)
@@ -379,7 +379,7 @@ class Trainer:
     data: Data
     amp_dtype: torch.dtype | None  # the precision the model computes in
     stop_flags: torch.Tensor  # [0., 1.] on the device
-    hellaswag: eval_hellaswag.RankShare | None  # this rank's HellaSwag items, with hellaswag_interval
+    hellaswag: hellaswag_scoring.RankShare | None  # this rank's HellaSwag items, with hellaswag_interval
 
 
 def build_model(run, ctx, initial=None):
@@ -423,7 +423,7 @@ def build_trainer(run, ctx, datasets_dir, checkpoint_dir):
         set_rank_rng(ctx, run.train.random_seed)
     parallel = wrap_for_training(model, run.train, ctx, amp_dtype)
     stop_flags = torch.tensor([0.0, 1.0], device=ctx.device)
-    hellaswag = (eval_hellaswag.training_share(run, ctx, datasets_dir, data.tokenizer)
+    hellaswag = (hellaswag_scoring.training_share(run, ctx, datasets_dir, data.tokenizer)
                  if run.train.hellaswag_interval else None)
     return Trainer(state, parallel, data, amp_dtype, stop_flags, hellaswag), progress
 
@@ -521,8 +521,8 @@ def train(run, ctx, datasets_dir, checkpoint_dir):
                     evaluations["val_loss"] = evaluate(trainer.state.model, trainer.data.validation, ctx,
                                                        trainer.parallel.autocast_dtype)
                 if work.hellaswag:
-                    evaluations |= eval_hellaswag.distributed_scores(trainer.state.model, trainer.hellaswag,
-                                                                     trainer.parallel.autocast_dtype)
+                    evaluations |= hellaswag_scoring.distributed_scores(trainer.state.model, trainer.hellaswag,
+                                                                        trainer.parallel.autocast_dtype)
                 window = read_window(pending)
                 pending = []
                 rows = log.record(window, evaluations)

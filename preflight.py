@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 import ddp_train
-import eval_hellaswag
+import hellaswag_scoring
 import perf
 from batching import prefetch_to_device, rank_microbatch_indices
 from bench import machine_description, peak_memory, release, reset_peak_memory, synchronize
@@ -279,8 +279,8 @@ def evaluation_times(run, ctx, trainer, scratch_dir):
         times["validation_s"] = timed(ctx, lambda: ddp_train.evaluate(model, trainer.data.validation, ctx,
                                                                       autocast_dtype))
     if trainer.hellaswag is not None:
-        times["hellaswag_s"] = timed(ctx, lambda: eval_hellaswag.distributed_scores(model, trainer.hellaswag,
-                                                                                     autocast_dtype))
+        times["hellaswag_s"] = timed(ctx, lambda: hellaswag_scoring.distributed_scores(model, trainer.hellaswag,
+                                                                                        autocast_dtype))
     scratch_run = replace(run, run_dir=scratch_dir)
 
     def save():
