@@ -680,7 +680,15 @@ def check_same_checkpoint(ctx, checkpoint_dir):
                         "must see the same run directory (a shared filesystem)")
 
 
-@click.command()
+@click.command(epilog="""\b
+Launch under torchrun, one process per GPU (without torchrun: a single process):
+  uv run torchrun --nproc_per_node=8 ddp_train.py 8xh100m80 datasets
+  uv run torchrun --nproc_per_node=8 ddp_train.py 8xh100m80 datasets latest   # resume
+  uv run torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
+      ddp_train.py 8xh100m80 datasets   # on each of two machines
+\b
+Example (the demo, two CPU processes):
+  uv run torchrun --nproc_per_node=2 ddp_train.py demo datasets""")
 @click.argument("run")
 @click.argument("datasets_dir", type=click.Path(file_okay=False))
 @click.argument("checkpoint", required=False)

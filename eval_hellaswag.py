@@ -46,7 +46,8 @@ Example:
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Score only the first N items.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
               help="Items per forward pass (4 rows each).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the result as JSON to this path.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the result as JSON to this path.")
 @click.option("--device", "device_name", default=None, help="Default: cuda when available, else cpu.")
 @click.option("--amp/--no-amp", default=True, show_default=True,
               help="On CUDA, run the model under bfloat16 autocast. The CPU always runs float32.")

@@ -15,7 +15,7 @@ from token_data import ByteTokenizer, dataset_location
 PROMPT = "Every effort moves you"
 NEW_TOKENS = 20
 # meta.json key -> card metadata key, for what training recorded.
-TRAINING_FIELDS = {"tokens_seen": "tokens_trained", "global_step": "optimizer_steps",
+TRAINING_FIELDS = {"tokens_seen": "tokens_trained", "global_step": "global_step",
                    "avg_train_loss": "final_train_loss", "val_loss": "final_val_loss",
                    "parallelism": "parallelism", "world_size": "world_size"}
 
