@@ -12,6 +12,11 @@ reads weights reads it as a DDP checkpoint's (train.json's consolidated_weights)
 
 A checkpoint directory is complete or absent: it is written under a hidden
 `.partial-*` name and renamed into place, and the links move after it.
+
+This module is how to save and restore; whether to save, and what is `best`, is the
+training loop's (ddp_train.py). `save_and_prune` is a save on every rank (the RNG
+states gathered, shards written, rank 0 writing the rest); `load_training_state` and
+`set_rank_rng` put a run back where a checkpoint left it.
 """
 
 import datetime
