@@ -495,7 +495,8 @@ def _pick_next_token(logits, temperature, top_k, top_p, generator):
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p is not None and top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+        beyond_p = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        beyond_p[:, 0] = False
+        sorted_probs = sorted_probs.masked_fill(beyond_p, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     return torch.multinomial(probs, num_samples=1, generator=generator)
