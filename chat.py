@@ -51,8 +51,8 @@ def fit_to_context(messages, tokenizer, context_length):
     return None, len(messages)
 
 
-def reply(model, tokenizer, messages, max_new_tokens, sampling, out):
-    """Stream the assistant's reply to `messages` to `out`; return it, or None when the
+def reply(model, tokenizer, messages, max_new_tokens, sampling):
+    """Stream the assistant's reply to `messages` to stdout; return it, or None when the
     last message does not fit the context."""
     prompt, left_out = fit_to_context(messages, tokenizer, model.cfg.context_length)
     if prompt is None:
@@ -64,13 +64,12 @@ def reply(model, tokenizer, messages, max_new_tokens, sampling, out):
     stream = TextStream(model, tokenizer, prompt.token_ids, max_new_tokens, sampling,
                         prompt.stop_ids, prompt.stop_texts)
     for piece in stream:
-        out.write(piece)
-        out.flush()
-    out.write("\n")
+        print(piece, end="", flush=True)
+    print()
     return stream.text
 
 
-def chat_loop(model, tokenizer, max_new_tokens, sampling, out=sys.stdout):
+def chat_loop(model, tokenizer, max_new_tokens, sampling):
     """Read the user's messages from stdin until /quit or its end, answering each."""
     messages = []
     while True:
@@ -87,7 +86,7 @@ def chat_loop(model, tokenizer, max_new_tokens, sampling, out=sys.stdout):
             print(f"(unknown command {line}: {COMMANDS})", file=sys.stderr)
         elif line:
             messages.append({"role": "user", "content": line})
-            answer = reply(model, tokenizer, messages, max_new_tokens, sampling, out)
+            answer = reply(model, tokenizer, messages, max_new_tokens, sampling)
             if answer is None:
                 messages.pop()
             else:
