@@ -1,16 +1,21 @@
 """chat.py, generation.TextStream and top-p sampling, against plain loops (chatkit.py)."""
 
+import json
+
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file
 
 from chatkit import CHAT_MODEL, GPT2, plain_gpt_of, plain_reply
 from evalkit import one_torch_thread  # noqa: F401  (autouse fixture)
 from evalkit import assert_one_error_line, random_model, run_script, tiny_config, write_model
 
 import chat
+from config import ModelConfig
 from generation import Sampling, TextStream
 from gpt import generate
+from plain_gpt import PlainGPT
 from token_data import ByteTokenizer, get_tokenizer
 
 
@@ -46,6 +51,33 @@ def test_chat_leaves_out_the_oldest_turns_that_no_longer_fit(tmp_path):
     # So the second turn's prompt holds the first reply and "Hi" only.
     second, _, _ = plain_reply(model, f"Assistant: {first}\nUser: Hi\nAssistant: ", 4, stop_text="\nUser:")
     assert out == f"> {first}\n> {second}\n> > "  # the third message fits no context: no reply
+
+
+def test_chat_names_a_run_and_checkpoint_and_takes_the_runs_tokenizer(tmp_path, verdict_dataset):
+    """RUN CHECKPOINT as every script takes it: a byte-level run's `latest`, written as training
+    writes one (the config in meta.json, the dataset in train.json, which gives the tokenizer);
+    the reply is PlainGPT's with the checkpoint's weights."""
+    run_dir = tmp_path / "runs" / "tiny"
+    checkpoint_dir = run_dir / "checkpoints" / "tiny-iteration-2"
+    cfg = tiny_config(drop_rate=0.0)
+    _, _, model = write_model(checkpoint_dir, cfg, seed=6)
+    (checkpoint_dir / "model.json").rename(run_dir / "model.json")
+    (checkpoint_dir / "meta.json").write_text(json.dumps({"model_config": cfg, "step": 2}))
+    (run_dir / "checkpoints" / "latest").symlink_to(checkpoint_dir.name)
+    (run_dir / "train.json").write_text(json.dumps({"dataset": str(verdict_dataset)}))
+    plain = PlainGPT(ModelConfig.from_dict(cfg)).eval()
+    plain.load_state_dict(load_file(checkpoint_dir / "model.safetensors"))
+    ids = list(b"User: Hi\nAssistant: ")
+    reply = []
+    with torch.no_grad():
+        for _ in range(6):
+            reply.append(int(plain(torch.tensor([ids + reply]))[0, -1].argmax()))
+    expected = bytes(reply[:reply.index(256)] if 256 in reply else reply).decode("utf-8", errors="replace")
+    expected = expected.split("\nUser:")[0]
+    result = CliRunner().invoke(chat.main, [str(run_dir), "latest", "--temperature", "0", "--max-new-tokens", "6",
+                                            "--datasets-dir", str(tmp_path / "datasets")], input="Hi\n")
+    assert result.exit_code == 0, result.output + str(result.exception)
+    assert result.stdout == f"> {expected}\n> " and "tokenizer: bytes" in result.stderr
 
 
 def test_chat_refuses_a_missing_model(tmp_path):
