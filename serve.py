@@ -161,13 +161,13 @@ class ModelServer:
                    max_tokens or min(default_max_tokens, room), sampling, stream,
                    isinstance(stream_options, dict) and stream_options.get("include_usage") is True)
 
-    async def pieces(self, job):
-        """The reply's text pieces, generated on the worker thread once this request's turn comes;
-        the TextStream, for its counts, comes first."""
+    def text_stream(self, job):
+        return TextStream(self.model, self.tokenizer, job.prompt_ids, job.max_tokens, job.sampling,
+                          job.stop_ids, job.stop_texts)
+
+    async def pieces(self, text_stream):
+        """`text_stream`'s pieces, computed on the worker thread once this request's turn comes."""
         async with self.lock:
-            text_stream = TextStream(self.model, self.tokenizer, job.prompt_ids, job.max_tokens, job.sampling,
-                                     job.stop_ids, job.stop_texts)
-            yield text_stream
             loop, steps, done = asyncio.get_running_loop(), iter(text_stream), object()
             while (piece := await loop.run_in_executor(self.worker, next, steps, done)) is not done:
                 yield piece
@@ -193,6 +193,7 @@ class Reply:
 
     def __init__(self, server, job, chat):
         self.server, self.job, self.chat = server, job, chat
+        self.text_stream = server.text_stream(job)
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
@@ -201,41 +202,37 @@ class Reply:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.server.model_name,
                 "choices": choices}
 
-    def usage(self, text_stream):
-        prompt_tokens, completion_tokens = len(self.job.prompt_ids), text_stream.completion_tokens
+    def usage(self):
+        prompt_tokens, completion_tokens = len(self.job.prompt_ids), self.text_stream.completion_tokens
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens}
 
-    def choice(self, text, finish_reason, chunk):
-        if not self.chat:
-            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        content = {"role": "assistant", "content": text}
-        return {"index": 0, ("delta" if chunk else "message"): content, "finish_reason": finish_reason,
-                **({} if chunk else {"logprobs": None})}
+    def choice(self, text, finish_reason):
+        if self.chat:
+            return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                    "finish_reason": finish_reason}
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+    def chunk(self, finish_reason=None, **delta):
+        """A streamed chunk: for chat, `delta` as it is; for completions, its content as the text."""
+        if self.chat:
+            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+        else:
+            choice = {"index": 0, "text": delta.get("content", ""), "logprobs": None, "finish_reason": finish_reason}
+        return self.event(self.envelope([choice], chunk=True))
 
     async def whole(self):
-        pieces = self.server.pieces(self.job)
-        text_stream = await anext(pieces)
-        text = "".join([piece async for piece in pieces])
-        return {**self.envelope([self.choice(text, text_stream.finish_reason, chunk=False)]),
-                "usage": self.usage(text_stream)}
+        text = "".join([piece async for piece in self.server.pieces(self.text_stream)])
+        return {**self.envelope([self.choice(text, self.text_stream.finish_reason)]), "usage": self.usage()}
 
     async def events(self):
-        pieces = self.server.pieces(self.job)
-        text_stream = await anext(pieces)
-        if self.chat:  # OpenAI's first chat chunk carries the role alone
-            yield self.event(self.envelope([self.choice("", None, chunk=True)], chunk=True))
-        async for piece in pieces:
-            choice = self.choice(piece, None, chunk=True)
-            if self.chat:
-                choice["delta"] = {"content": piece}
-            yield self.event(self.envelope([choice], chunk=True))
-        last = self.choice("", text_stream.finish_reason, chunk=True)
-        if self.chat:
-            last["delta"] = {}
-        yield self.event(self.envelope([last], chunk=True))
+        if self.chat:  # OpenAI's first chat chunk carries the role
+            yield self.chunk(role="assistant", content="")
+        async for piece in self.server.pieces(self.text_stream):
+            yield self.chunk(content=piece)
+        yield self.chunk(self.text_stream.finish_reason)
         if self.job.include_usage:
-            yield self.event({**self.envelope([], chunk=True), "usage": self.usage(text_stream)})
+            yield self.event({**self.envelope([], chunk=True), "usage": self.usage()})
         yield "data: [DONE]\n\n"
 
     @staticmethod

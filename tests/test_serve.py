@@ -135,6 +135,14 @@ def test_requests_take_turns(server, client):
     assert replies == {prompt: plain_reply(server.model, prompt, 12)[0] for prompt in prompts}
 
 
+def test_a_client_that_leaves_mid_stream_frees_the_model(server, client):
+    stream = client.completions.create(model=MODEL_NAME, prompt="Hi", temperature=0, max_tokens=60, stream=True)
+    next(iter(stream))
+    stream.close()
+    text, _, _ = plain_reply(server.model, "Hello", 5)
+    assert client.completions.create(model=MODEL_NAME, prompt="Hello", temperature=0, max_tokens=5).choices[0].text == text
+
+
 def test_models_health_and_page(server, client):
     assert [model.id for model in client.models.list()] == [MODEL_NAME]
     assert json.loads(get(f"{server.url}/health")) == {"status": "ok", "model": MODEL_NAME}
