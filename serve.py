@@ -15,6 +15,7 @@ the model's steps run on one worker thread, so that the server keeps answering
 
 import asyncio
 import json
+import socket
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +29,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from chat_format import ROLE_LABELS, render_chat
-from errors import report_user_errors
+from errors import UserError, report_user_errors
 from eval_common import load_tokenizer, pick_device, threads_option, tokenizer_options
 from generation import Sampling, TextStream
 from model_source import GRAMMAR, load_model, model_arguments, resolve_model
@@ -289,9 +290,19 @@ Example:
 def main(model_args, host, port, model_name, tokenizer_name, datasets_dir):
     """Serve a model over an OpenAI-compatible API, with a chat page."""
     source = resolve_model(model_args)
-    model = load_model(source, pick_device())
-    tokenizer = load_tokenizer(source, tokenizer_name, datasets_dir)
-    uvicorn.run(create_app(model, tokenizer, model_name or source.name), host=host, port=port)
+    with listening_socket(host, port) as listening:  # before the model loads: a port in use fails fast
+        model = load_model(source, pick_device())
+        tokenizer = load_tokenizer(source, tokenizer_name, datasets_dir)
+        app = create_app(model, tokenizer, model_name or source.name)
+        uvicorn.Server(uvicorn.Config(app, host=host, port=port)).run(sockets=[listening])
+
+
+def listening_socket(host, port):
+    try:
+        return socket.create_server((host, port))
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e}); another server may be using "
+                        "the port: pick another with --port")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from chatkit import CHAT_MODEL, GPT2, plain_reply
 from evalkit import one_torch_thread  # noqa: F401  (autouse fixture)
-from evalkit import INSTRUCTION_DATA, assert_one_error_line, random_model, run_script
+from evalkit import INSTRUCTION_DATA, assert_one_error_line, random_model, run_script, write_model
 
 import serve
 import test_ift
@@ -236,5 +236,10 @@ def test_ift_judge_uses_the_server(tmp_path):
     assert result.exit_code == 2 and "error: every judgement failed" in result.stderr
 
 
-def test_serve_refuses_a_missing_model(tmp_path):
+def test_serve_refuses_a_missing_model_and_a_port_in_use(tmp_path):
     assert_one_error_line(run_script("serve.py", tmp_path / "no-such-run"), "no-such-run")
+    model_json, weights, _ = write_model(tmp_path, CHAT_MODEL)
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert_one_error_line(run_script("serve.py", model_json, weights, "--port", port),
+                              f"cannot listen on 127.0.0.1:{port}", "--port")
