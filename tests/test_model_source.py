@@ -257,3 +257,32 @@ def test_a_byte_level_models_usage_snippet_prints_its_greedy_continuation(traine
         exec(code, {})  # the card's snippet as a user pastes it, with transformers
     expected = run_ok("test_smoke.py", [run_dir, "--temperature", 0, "--max-new-tokens", 20], tmp_path)
     assert printed.getvalue() == expected
+
+
+# ---------------------------------------------------------------- option names
+
+def test_old_option_spellings_still_parse_but_help_shows_only_the_new_ones(tmp_path):
+    import bench
+    from cli_aliases import respelled
+
+    renamed = {"--microbatch": "--microbatch-size", "--warmup": "--warmup-steps"}
+    assert respelled(["m.json", "--microbatch", "2", "--warmup=1", "--steps", "--", "--warmup"], renamed) == [
+        "m.json", "--microbatch-size", "2", "--warmup-steps=1", "--steps", "--", "--warmup"]
+    with bench.main.make_context("bench.py", ["m.json", "--microbatch", "1,2", "--warmup", "3"]) as context:
+        assert (context.params["microbatch_text"], context.params["warmup"]) == ("1,2", 3)
+    help_text = run_ok("bench.py", ["--help"], tmp_path)
+    assert "--microbatch-size" in help_text and "--warmup-steps" in help_text
+    assert not re.search(r"--microbatch\b(?!-)|--warmup\b(?!-)", help_text)
+
+
+@pytest.mark.parametrize("script", ["test_smoke.py", "test_loss.py", "eval_hellaswag.py", "test_ift.py",
+                                    "convert_gpt2.py", "ddp_train.py", "preflight.py", "bench.py",
+                                    "bench_generate.py", "bench_prepare.py", "compare_runs.py",
+                                    "consolidate_checkpoint.py"])
+def test_every_help_has_a_description_and_an_example(script, tmp_path):
+    text = run_ok(script, ["--help"], tmp_path)
+    description = text.split("\n\n")[1].strip()
+    assert description and not description.startswith("Options:")
+    assert re.search(r"^\s+(uv run |OPENAI_API_KEY=\S+ uv run )", text, re.M)
+    if script == "ddp_train.py":
+        assert "torchrun --nproc_per_node" in text
