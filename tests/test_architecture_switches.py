@@ -10,8 +10,10 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from transformers import GPT2LMHeadModel
 
+from conftest import TINY_MODEL, make_run, read_rows, run_training, tokens_for
 from evalkit import one_torch_thread  # noqa: F401  (autouse fixture)
 from evalkit import assert_one_error_line, run_script, tiny_config, write_model
 import perf
@@ -296,3 +298,23 @@ def test_relu2_and_zero_init_models_convert_to_gpt2_and_back(tmp_path, options):
     assert result.returncode == 0, result.stderr
     back = json.loads((tmp_path / "back" / "model.json").read_text())
     assert back["mlp"] == "relu2" and "zero_init_projections" not in back
+
+
+# ---------------------------------------------------------------- through the trainer
+
+def test_a_model_with_every_switch_trains_the_same_under_ddp_and_fsdp(tmp_path, verdict_dataset):
+    """ddp_train.py in a world of one: the skip weights live in FSDP's root unit, the rest
+    in the blocks'; both ways give the same losses, which fall, and the checkpoint loads."""
+    model_json = {"n_layers": 4, "qk_norm": True, "mlp": "relu2", "zero_init_projections": True,
+                  "logit_softcap": 15.0, "unet_skips": True, "init_std": 0.02}
+    train = dict(min_train_tokens=tokens_for(4, 1), checkpoint_interval=100)
+    ddp = make_run(tmp_path / "ddp", verdict_dataset, model=model_json, **train)
+    fsdp = make_run(tmp_path / "fsdp", verdict_dataset, model=model_json, parallelism="fsdp", **train)
+    run_training([ddp, "datasets"])
+    run_training([fsdp, "datasets"])
+    ddp_losses, fsdp_losses = ([row["loss"] for row in read_rows(run)] for run in (ddp, fsdp))
+    assert len(ddp_losses) == 4 and ddp_losses[-1] < ddp_losses[0]
+    assert fsdp_losses == pytest.approx(ddp_losses, rel=1e-4)
+    weights = load_file(ddp / "checkpoints" / "latest" / "model.safetensors")
+    assert weights["skip_weights"].shape == (2,) and not torch.equal(weights["skip_weights"], torch.ones(2))
+    GPTModel({**TINY_MODEL, **model_json}).load_state_dict(weights)
