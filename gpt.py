@@ -201,8 +201,8 @@ def _causal_mask(query_len, key_len, device):
 class KVCache:
     """One attention layer's keys and values for the positions processed so far, for generate.
 
-    Keys are stored normalised (qk_norm) and rotated (RoPE), and with n_kv_heads heads, so grouped-query attention's
-    smaller cache is kept. The buffers hold `max_length` positions, allocated on first use
+    Keys are stored normalised (qk_norm) and rotated (RoPE), and with n_kv_heads heads, so
+    grouped-query attention's smaller cache is kept. The buffers hold `max_length` positions, allocated on first use
     with the keys' batch size, dtype and device, so that a step writes only its new position
     instead of copying the whole cache."""
 
