@@ -11,9 +11,12 @@ import random
 import threading
 import zipfile
 
+from types import SimpleNamespace
+
 import jinja2
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import AutoTokenizer, GPT2LMHeadModel
 
@@ -21,6 +24,8 @@ from evalkit import SHARED_DIR, assert_one_error_line, run_script, save_state, t
 from evalkit import one_torch_thread  # noqa: F401  (autouse fixture)
 
 import core_scoring
+from config import TrainConfig
+from errors import UserError
 from eval_common import load_model
 from gpt import GPTModel
 from token_data import get_tokenizer
@@ -452,3 +457,42 @@ def test_rank_shares_cover_every_row_once_in_equal_numbers(models, bundle, world
         summed[indices] += mine[:len(indices)]
     torch.testing.assert_close(summed, whole)
     assert core_scoring.correct_per_item(items, summed) == core_scoring.correct_per_item(items, whole)
+
+
+def test_in_training_core_on_one_rank_matches_transformers(tmp_path, models, items, bundle):
+    # distributed_core's all-reduce on a real (one-process, gloo) process group.
+    model_json, weights, hf, encode, bos = models["gpt2"]
+    model = load_model(model_json, weights, "cpu")
+    train = TrainConfig.from_dict({"dataset": "unused", "microbatch_size": 5, "core_interval": 10,
+                                   "core_items": 10, "core_tasks": "schema_test,lm_test,mc_test",
+                                   "core_bundle": str(zip_bundle(bundle, tmp_path / "eval_bundle.zip"))})
+    run = SimpleNamespace(train=train, model=model.cfg)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ctx = SimpleNamespace(rank=0, world_size=1, is_main=True, is_local_main=True)
+        share = core_scoring.training_share(run, ctx, tmp_path / "datasets", "gpt2")
+        model.train()
+        logged = core_scoring.distributed_core(model, share, autocast_dtype=None)
+    finally:
+        dist.destroy_process_group()
+    assert model.training  # back in train mode
+    assert list((tmp_path / "datasets" / "core").iterdir())  # the zip's extraction is cached there
+    centered = {}
+    for label in ("schema_test", "lm_test", "mc_test"):
+        correct = sum(c for c, _ in reference_scores(hf, encode, bos, GPT2_CFG["context_length"], label,
+                                                     shuffled(items[label], limit=10)))
+        chance = BASELINES[label] / 100
+        centered[label] = (correct / 10 - chance) / (1 - chance)
+        assert logged[f"core/{label}"] == pytest.approx(centered[label])
+    assert logged["core"] == pytest.approx(sum(centered.values()) / 3)
+    assert set(logged) == {"core", "core_se", "core/schema_test", "core/lm_test", "core/mc_test"}
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("core_interval", 0, "must be positive"), ("core_items", -1, "must be positive"),
+    ("core_tasks", "piqa,,arc_easy", "comma-separated task labels"), ("core_bundle", "", "non-empty string"),
+    ("core_tasks", ["piqa"], "must be string or null")])
+def test_core_keys_are_validated(key, value, message):
+    with pytest.raises(UserError, match=message) as raised:
+        TrainConfig.from_dict({"dataset": "d", "microbatch_size": 2, key: value})
+    assert f"key '{key}'" in str(raised.value)
