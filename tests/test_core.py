@@ -491,7 +491,7 @@ def test_in_training_core_on_one_rank_matches_transformers(tmp_path, models, ite
 @pytest.mark.parametrize("key, value, message", [
     ("core_interval", 0, "must be positive"), ("core_items", -1, "must be positive"),
     ("core_tasks", "piqa,,arc_easy", "comma-separated task labels"), ("core_bundle", "", "non-empty string"),
-    ("core_tasks", ["piqa"], "must be string or null")])
+    ("core_tasks", ["piqa"], "must be a string or null")])
 def test_core_keys_are_validated(key, value, message):
     with pytest.raises(UserError, match=message) as raised:
         TrainConfig.from_dict({"dataset": "d", "microbatch_size": 2, key: value})
