@@ -14,20 +14,23 @@ import zipfile
 from types import SimpleNamespace
 
 import jinja2
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from PIL import Image
 from transformers import AutoTokenizer, GPT2LMHeadModel
 
-from evalkit import SHARED_DIR, assert_one_error_line, run_script, save_state, tiny_config, write_model
+from conftest import make_run, read_rows, run_training, tokens_for
+from evalkit import SHARED_DIR, assert_one_error_line, run_script, tiny_config, write_model
 from evalkit import one_torch_thread  # noqa: F401  (autouse fixture)
 
+import charts
 import core_scoring
 from config import TrainConfig
 from errors import UserError
 from eval_common import load_model
-from gpt import GPTModel
 from token_data import get_tokenizer
 
 VERDICT = (SHARED_DIR / "data" / "the-verdict.txt").read_text(encoding="utf-8")
@@ -496,3 +499,53 @@ def test_core_keys_are_validated(key, value, message):
     with pytest.raises(UserError, match=message) as raised:
         TrainConfig.from_dict({"dataset": "d", "microbatch_size": 2, key: value})
     assert f"key '{key}'" in str(raised.value)
+
+
+# ---------------------------------------------------------------- in training: ddp_train.py on 2 ranks
+
+CORE_ITEMS = 6
+
+
+@pytest.fixture(scope="module")
+def core_run(tmp_path_factory, verdict_dataset, bundle):
+    """4 steps on 2 ranks (torchrun, gloo), checkpointed at 0, 2 and 3, CORE every 2 steps and the last."""
+    root = tmp_path_factory.mktemp("core-training")
+    run_dir = make_run(root / "run", verdict_dataset, min_train_tokens=tokens_for(4, 2), checkpoint_interval=2,
+                       core_interval=2, core_items=CORE_ITEMS, core_bundle=str(bundle), tensorboard=True)
+    run_training([run_dir, root / "datasets"], nproc=2)
+    return run_dir
+
+
+@pytest.mark.e2e
+def test_core_logged_in_training_is_the_scripts_on_that_steps_checkpoint(core_run, bundle, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    evaluated = {row["step"]: row for row in read_rows(core_run) if "core" in row}
+    assert sorted(evaluated) == [0, 2, 3]  # every core_interval steps, and the last
+    for step in (2, 3):  # a checkpoint holds the weights after its step, the ones that step scored
+        [checkpoint] = (core_run / "checkpoints").glob(f"*-iteration-{step}")
+        out = tmp_path / f"step-{step}.json"
+        result = run_script("eval_core.py", core_run, checkpoint / "model.safetensors", "--bundle", bundle,
+                            "--limit", CORE_ITEMS, "--json", out)
+        assert result.returncode == 0, result.stderr
+        written = json.loads(out.read_text())
+        assert written["tokenizer"] == "bytes"
+        for label, task in written["tasks"].items():
+            assert evaluated[step][f"core/{label}"] == pytest.approx(task["centered"], abs=1e-12)
+        assert (evaluated[step]["core"], evaluated[step]["core_se"]) == \
+            pytest.approx((written["core"], written["core_se"]), abs=1e-12)
+
+    events = EventAccumulator(str(core_run / "tb"))
+    events.Reload()
+    for key, tag in (("core", "core/CORE"), ("core_se", "core/CORE_se"), ("core/lm_test", "core/lm_test")):
+        assert [(e.step, e.value) for e in events.Scalars(tag)] == \
+            [(step, pytest.approx(row[key])) for step, row in sorted(evaluated.items())]
+
+
+def test_loss_chart_shows_core_when_the_rows_have_it(tmp_path):
+    rows = [{"step": s, "loss": 3.0 - s / 100, "val_loss": None} for s in range(50)]
+    charts.plot_loss(rows, tmp_path / "plain.png")
+    charts.plot_loss([{**row, "core": 0.01 * row["step"], "core_se": 0.02} if row["step"] % 10 == 0 else row
+                      for row in rows], tmp_path / "core.png")
+    with Image.open(tmp_path / "plain.png") as plain, Image.open(tmp_path / "core.png") as with_core:
+        assert plain.size == with_core.size and not np.array_equal(np.asarray(plain), np.asarray(with_core))
