@@ -275,7 +275,8 @@ class TrainConfig:
                  f"must be \"bfloat16\" or \"float16\", got {json.dumps(self.amp_dtype)}")
         for key in ("gradient_accumulation_steps", "keep_last_checkpoints", "max_skipped_steps", "log_interval",
                     "peak_tflops", "pad_vocab_to_multiple_of", "global_batch_tokens", "train_tokens_per_parameter",
-                    "train_flops", "loss_chunk_tokens", "hellaswag_interval", "hellaswag_items", "core_interval", "core_items"):
+                    "train_flops", "loss_chunk_tokens", "hellaswag_interval", "hellaswag_items", "core_interval",
+                    "core_items"):
             value = getattr(self, key)
             _require(value is None or value > 0, source, key, f"must be positive, got {value}")
         for key in ("hellaswag_data", "core_tasks", "core_bundle", "wandb_project", "wandb_entity", "wandb_run_name"):

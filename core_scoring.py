@@ -205,6 +205,11 @@ def parse_task(entry, baselines, source):
                 baselines[label])
 
 
+def task_labels(comma_separated):
+    """"piqa, arc_easy" as ["piqa", "arc_easy"]; None (all tasks) for None."""
+    return None if comma_separated is None else [label.strip() for label in comma_separated.split(",")]
+
+
 def read_tasks(bundle_dir, labels=None):
     """The bundle's tasks in core.yaml's order; `labels` (a list) picks some, in that order."""
     source = Path(bundle_dir) / "core.yaml"
@@ -523,8 +528,7 @@ def training_share(run, ctx, datasets_dir, tokenizer_name):
     fetches = ctx.is_main if train_cfg.shared_filesystem else ctx.is_local_main
     run_and_share_errors(fetches, lambda: fetch_bundle(source, cache_dir))
     bundle_dir = fetch_bundle(source, cache_dir)
-    labels = train_cfg.core_tasks.split(",") if train_cfg.core_tasks else None
-    tasks = read_tasks(bundle_dir, labels)
+    tasks = read_tasks(bundle_dir, task_labels(train_cfg.core_tasks))
     tokenizer = get_tokenizer(tokenizer_name)
     items = [item for task in tasks for item in encode_task(
         task, read_items(bundle_dir, task, train_cfg.core_items), tokenizer, run.model.context_length)]

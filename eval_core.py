@@ -74,7 +74,7 @@ def main(run_or_model_json, weights, bundle, cache_dir, task_labels, limit, batc
     centered accuracy with standard errors, and their mean."""
     model_json = model_json_for(run_or_model_json)
     bundle_dir = core_scoring.fetch_bundle(bundle, cache_dir)
-    tasks = core_scoring.read_tasks(bundle_dir, task_labels.split(",") if task_labels else None)
+    tasks = core_scoring.read_tasks(bundle_dir, core_scoring.task_labels(task_labels))
 
     device = device_for(device_name)
     model = load_model(model_json, weights, device)
