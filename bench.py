@@ -353,6 +353,8 @@ Examples:
 @report_user_errors
 def main(run_or_model_json, microbatch_text, steps, warmup, parallelism, compare, amp, dtype, fused_qkv, pad_vocab,
          activation_checkpointing, loss_chunk_tokens, compile_model, threads, peak_tflops):
+    """Training throughput, step time, peak memory and MFU of RUN_OR_MODEL_JSON's model (a run
+    name under runs/, a run directory, or a model.json) for each microbatch size."""
     cfg = load_model_config(run_or_model_json)
     microbatches = parse_microbatches(microbatch_text)
     if parallelism == "fsdp":

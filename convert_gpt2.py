@@ -61,7 +61,7 @@ Example:
 def to_hf(model_args, out_dir, license_id, repo_id, tokenizer_name, datasets_dir):
     """The model -> OUT_DIR loadable by transformers' from_pretrained, with a model card:
     as LlamaForCausalLM when the model is Llama-shaped (pos_emb "rope", norm "rmsnorm",
-    mlp "swiglu"), as GPT2LMHeadModel when it is GPT-2-shaped (the defaults)."""
+    mlp "swiglu"), as GPT2LMHeadModel when it is GPT-2-shaped (the defaults; mlp "gelu" or "relu2")."""
     out_dir = Path(out_dir)
     convert_to_hf(resolve_model(model_args), out_dir, tokenizer_name, datasets_dir, repo_id, license_id)
     print(f"wrote {out_dir}")

@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 import charts
 import checkpointing
+import core_scoring
 import hellaswag_scoring
 import training
 from batching import prefetch_to_device, rank_microbatch_indices, token_budget
@@ -185,7 +186,7 @@ def train(run, ctx, datasets_dir, resume_dir):
                 work = training.work_after_step(global_step, setup.data.total_steps, train_cfg,
                                                 validates=setup.data.validation is not None,
                                                 scores_hellaswag=setup.hellaswag is not None)
-                if not (work.save_checkpoint or work.validation or work.hellaswag or stop_requested
+                if not (work.save_checkpoint or work.validation or work.hellaswag or work.core or stop_requested
                         or (global_step + 1) % log_interval == 0):
                     continue
                 evaluations = {}
@@ -195,6 +196,9 @@ def train(run, ctx, datasets_dir, resume_dir):
                 if work.hellaswag:
                     evaluations |= hellaswag_scoring.distributed_scores(setup.state.model, setup.hellaswag,
                                                                         setup.parallel.autocast_dtype)
+                if work.core:
+                    evaluations |= core_scoring.distributed_core(setup.state.model, setup.core,
+                                                                 setup.parallel.autocast_dtype)
                 window = read_window(pending)
                 pending = []
                 rows = log.record(window, evaluations, progress.tokens_seen, progress.elapsed_s)

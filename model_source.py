@@ -120,7 +120,7 @@ def from_checkpoint(path, run_dir=None):
     if isinstance(meta.get("model_config"), dict):
         config_source = f"{checkpoint_dir / 'meta.json'} model_config"
         config = ModelConfig.from_dict(meta["model_config"], source=config_source)
-    elif model_json := next((path for path in candidates if path.is_file()), None):
+    elif model_json := next((candidate for candidate in candidates if candidate.is_file()), None):
         config_source, config = str(model_json), load_model_config(model_json)
     else:
         raise UserError(f"{checkpoint_dir}: no model config: no model_config in a meta.json, and no "
