@@ -424,10 +424,10 @@ def demo_corpus_version(dataset_dir):
 
 def ensure_demo_dataset(dataset_dir):
     """Build the demo dataset unless one of this code's version is there; say why when replacing one."""
-    if is_complete(dataset_dir) and demo_corpus_version(dataset_dir) == DEMO_CORPUS_VERSION:
+    complete, found = is_complete(dataset_dir), demo_corpus_version(dataset_dir)
+    if complete and found == DEMO_CORPUS_VERSION:
         return
-    if is_complete(dataset_dir):
-        found = demo_corpus_version(dataset_dir)
+    if complete:
         recorded = "no corpus version" if found is None else f"corpus version {found}"
         print(f"note: rebuilding the demo corpus in {dataset_dir}: its meta.json records {recorded}, "
               f"this code builds version {DEMO_CORPUS_VERSION}", file=sys.stderr)
