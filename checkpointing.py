@@ -315,25 +315,32 @@ def consolidate_weights(checkpoint_dir):
     if not (checkpoint_dir / SHARDED_DIR).is_dir():
         raise UserError(f"{checkpoint_dir}: not a sharded checkpoint (no {SHARDED_DIR}/); its model.safetensors "
                         "is already the full model")
-    model = GPTModel(ModelConfig.from_dict(meta["model_config"], source=f"{checkpoint_dir / 'meta.json'}"))
-    loaded = {"model": model.state_dict()}
-    try:
-        with warnings.catch_warnings():
-            # DCP's note that, with no process group, it reads in this one process: meant here.
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(loaded, checkpoint_id=checkpoint_dir / SHARDED_DIR)
-    except (Exception, CheckpointException) as e:  # noqa: BLE001 - damaged files fail in many ways
-        raise UserError(f"{checkpoint_dir / SHARDED_DIR}: not readable for this model ({checkpoint_error_text(e)})")
-    model.load_state_dict(loaded["model"])
+    weights = read_sharded_weights(checkpoint_dir, meta)
     weights_path = checkpoint_dir / "model.safetensors"
     partial = checkpoint_dir / ".model.safetensors.partial"
-    save_safetensors(full_weights(model), partial)
+    save_safetensors(weights, partial)
     os.replace(partial, weights_path)
     manifest = {**meta["files"], weights_path.name: weights_path.stat().st_size}
     text = strict_json({**meta, "files": manifest}, indent=2) + "\n"
     _write_file(checkpoint_dir / ".meta.json.partial", lambda f: f.write(text.encode()))
     os.replace(checkpoint_dir / ".meta.json.partial", checkpoint_dir / "meta.json")
     return weights_path
+
+
+def read_sharded_weights(checkpoint_dir, meta):
+    """A sharded checkpoint's full model weights, read on the CPU by this process alone
+    (no collective: every rank that calls it reads everything), as a state dict."""
+    model = GPTModel(ModelConfig.from_dict(meta["model_config"], source=f"{checkpoint_dir / 'meta.json'}"))
+    loaded = {"model": model.state_dict()}
+    try:
+        with warnings.catch_warnings():
+            # DCP's note that, with no process group, it reads in this one process: meant here.
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(loaded, checkpoint_id=checkpoint_dir / SHARDED_DIR, no_dist=True)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - damaged files fail in many ways
+        raise UserError(f"{checkpoint_dir / SHARDED_DIR}: not readable for this model ({checkpoint_error_text(e)})")
+    model.load_state_dict(loaded["model"])
+    return full_weights(model)
 
 
 def one_line(error):

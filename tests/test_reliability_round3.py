@@ -1,0 +1,143 @@
+"""Issue 28: the newer features under hostile input. Each case ends in one clear line (or a
+note where what the user did is legitimate), before anything is lost."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from config import load_run
+from conftest import (PROJECT_DIR, SHARED_DATA, TINY_MODEL, make_run, read_rows, run_training, tokens_for,
+                      train_env)
+from errors import UserError
+from gpt import GPTModel
+from token_data import open_split
+
+
+def one_error_line(result):
+    """The run failed with exit status 2 and said why in one line of its own, no traceback."""
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def write_checkpoint(checkpoint_dir, weights, model_config=TINY_MODEL):
+    """A checkpoint directory as a run writes one, reduced to what init_from reads."""
+    checkpoint_dir.mkdir(parents=True)
+    save_file(weights, checkpoint_dir / "model.safetensors")
+    (checkpoint_dir / "meta.json").write_text(json.dumps({"global_step": 3, "model_config": model_config}))
+    return checkpoint_dir
+
+
+def tiny_weights(**model):
+    torch.manual_seed(0)
+    return {key: tensor.contiguous() for key, tensor in GPTModel({**TINY_MODEL, **model}).state_dict().items()}
+
+
+# ---------------------------------------------------------------- 1. init_from that does not exist
+
+def test_1_init_from_a_missing_path_or_a_bad_hub_id_is_one_line(tmp_path, verdict_dataset, monkeypatch):
+    import huggingface_hub.constants
+
+    def init_from(value):
+        run_dir = make_run(tmp_path / value.replace("/", "_").replace(" ", "_"), verdict_dataset,
+                           init_from=value, min_train_tokens=tokens_for(1, 1))
+        return one_error_line(run_training([run_dir, "datasets"], check=False))
+
+    line = init_from("runs/base/checkpoints/best")  # that run has not been trained yet
+    assert f"init_from 'runs/base/checkpoints/best': no such directory ({PROJECT_DIR}/runs/base/checkpoints/best)" \
+        in line
+    assert "init_from './mine': no such directory" in init_from("./mine")
+    assert "init_from 'demo/checkpoints': no such directory" in init_from("demo/checkpoints")  # a run's name first
+    assert "init_from 'gpt2 small': not a directory, nor a valid Hugging Face repo id (Repo id must use " \
+           "alphanumeric chars" in init_from("gpt2 small")
+    # A well-formed id is asked of the Hub; none can be reached from tests, so offline mode stands in for it.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    line = init_from("nobody/no-such-model")
+    assert "'nobody/no-such-model' is not a local directory and could not be downloaded from the Hugging Face " \
+           "Hub (" in line
+
+
+# ---------------------------------------------------------------- 2. weights that are not the model.json's
+
+def test_2_init_from_weights_of_another_shape_name_the_tensors(tmp_path, verdict_dataset):
+    # Weights copied in from a run with a wider model, under a meta.json that says TINY_MODEL.
+    source = write_checkpoint(tmp_path / "source", tiny_weights(emb_dim=48, n_layers=1))
+    run_dir = make_run(tmp_path / "run", verdict_dataset, init_from=str(source), min_train_tokens=tokens_for(1, 1))
+    line = one_error_line(run_training([run_dir, "datasets"], check=False))
+    assert line.startswith(f"error: {run_dir / 'train.json'}: init_from '{source}': {source / 'model.safetensors'} "
+                           f"does not hold the model {source / 'meta.json'} describes: tok_emb.weight is (257, 48), "
+                           "expected (257, 32); pos_emb.weight is (32, 48), expected (32, 32); ")
+    assert line.endswith("more)")
+    assert not (run_dir / "checkpoints").exists()
+
+
+# ---------------------------------------------------------------- 3. a sharded checkpoint without model.safetensors
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory, verdict_dataset):
+    """A world-of-one FSDP run with checkpoints at steps 0 and 1 (their full model.safetensors
+    gathered at save time, the reference for what the shards hold)."""
+    run_dir = make_run(tmp_path_factory.mktemp("fsdp") / "run", verdict_dataset, parallelism="fsdp",
+                       min_train_tokens=tokens_for(2, 1), checkpoint_interval=1)
+    run_training([run_dir, "datasets"])
+    return run_dir
+
+
+def without_consolidated_weights(checkpoint_dir, copy_to):
+    """A copy of `checkpoint_dir` as a run with consolidated_weights false writes it."""
+    copy = Path(shutil.copytree(checkpoint_dir, copy_to))
+    (copy / "model.safetensors").unlink()
+    meta = json.loads((copy / "meta.json").read_text())
+    del meta["files"]["model.safetensors"]
+    (copy / "meta.json").write_text(json.dumps(meta))
+    return copy
+
+
+def first_batch_loss(weights, dataset_dir, start, context=TINY_MODEL["context_length"]):
+    """The loss of a run's first global batch (4 sequences from `start`), written out plainly."""
+    model = GPTModel(TINY_MODEL).eval()
+    model.load_state_dict(weights)
+    tokens = torch.from_numpy(open_split(dataset_dir, "train")[start:start + 4 * context + 1].astype("int64"))
+    inputs, targets = tokens[:-1].view(4, context), tokens[1:].view(4, context)
+    with torch.no_grad():
+        return F.cross_entropy(model(inputs).flatten(0, 1).double(), targets.flatten()).item()
+
+
+def test_3_init_from_a_sharded_checkpoint_reads_its_shards(tmp_path, fsdp_run, verdict_dataset):
+    gathered = (fsdp_run / "checkpoints" / "latest").resolve()
+    source = without_consolidated_weights(gathered, tmp_path / "sharded-only")
+    run_dir = make_run(tmp_path / "run", verdict_dataset, init_from=str(source), start_train_token=5000,
+                       min_train_tokens=tokens_for(1, 1))
+    result = run_training([run_dir, "datasets"])
+    assert f"init_from: weights of {source}" in result.stdout
+    expected = first_batch_loss(load_file(gathered / "model.safetensors"), verdict_dataset, 5000)
+    assert read_rows(run_dir)[0]["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+# ---------------------------------------------------------------- 9. a wrong run name
+
+def test_9_a_wrong_run_name_suggests_the_closest():
+    with pytest.raises(UserError) as error:
+        load_run("dmeo")
+    assert str(error.value).endswith("(did you mean 'demo'?)")
+    assert "runs available" not in str(error.value)
+
+
+# ---------------------------------------------------------------- 10. initial weights that are not finite
+
+def test_10_non_finite_initial_weights_are_named_before_any_step(tmp_path, verdict_dataset):
+    weights = tiny_weights()
+    weights["trf_blocks.1.ff.layers.0.weight"][3, 5] = float("nan")
+    source = write_checkpoint(tmp_path / "source", weights)
+    run_dir = make_run(tmp_path / "run", verdict_dataset, init_from=str(source), min_train_tokens=tokens_for(1, 1))
+    line = one_error_line(run_training([run_dir, "datasets"], check=False))
+    assert line == (f"error: {run_dir / 'train.json'}: init_from '{source}': the weights hold non-finite values "
+                    "(NaN or infinity) in trf_blocks.1.ff.layers.0.weight; training cannot start from them")
+    assert not (run_dir / "metrics.jsonl").exists()
