@@ -141,3 +141,22 @@ def test_10_non_finite_initial_weights_are_named_before_any_step(tmp_path, verdi
     assert line == (f"error: {run_dir / 'train.json'}: init_from '{source}': the weights hold non-finite values "
                     "(NaN or infinity) in trf_blocks.1.ff.layers.0.weight; training cannot start from them")
     assert not (run_dir / "metrics.jsonl").exists()
+
+
+# ---------------------------------------------------------------- 8. a local dataset directory that is not there
+
+def test_8_a_missing_dataset_directory_says_so_and_how_to_build_one(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    # "datasets/my-corpus" also has the form of a Hub repo id, so the Hub is asked; it cannot be
+    # reached from tests, and offline mode stands in for that.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    run_dir = make_run(tmp_path / "run", "datasets/my-corpus", min_train_tokens=tokens_for(1, 1))
+    line = one_error_line(run_training([run_dir, "datasets"], check=False))
+    assert line == (f"error: dataset 'datasets/my-corpus': no such directory (looked for "
+                    f"{run_dir / 'datasets/my-corpus'} and {PROJECT_DIR / 'datasets/my-corpus'}); as a Hugging Face "
+                    "Hub dataset repo id it failed: offline mode (HF_HUB_OFFLINE) is on, and it was never downloaded "
+                    "before. To build a dataset from text files: uv run prepare_datasets.py datasets/my-corpus "
+                    "FILE_OR_DIR...")
+    assert "datasets/datasets" not in line
