@@ -377,7 +377,8 @@ def candidate_directories(spec, run_dir):
     path = Path(spec)
     if path.is_absolute():
         return [path]
-    return ([Path(run_dir) / path] if run_dir is not None else []) + [Path.cwd() / path]
+    candidates = ([Path(run_dir) / path] if run_dir is not None else []) + [Path.cwd() / path]
+    return list(dict.fromkeys(candidates))  # once, when the run directory is the current one
 
 
 def fetch_dataset(spec, datasets_dir, run_dir=None):
