@@ -14,6 +14,8 @@ from config import load_run
 from conftest import (PROJECT_DIR, SHARED_DATA, TINY_MODEL, make_run, read_rows, run_training, tokens_for,
                       train_env)
 from errors import UserError
+from eval_hellaswag import items_used_note, rank_share
+from evalkit import ITEMS, write_items
 from gpt import GPTModel
 from token_data import open_split
 
@@ -160,3 +162,26 @@ def test_8_a_missing_dataset_directory_says_so_and_how_to_build_one(tmp_path, mo
                     "before. To build a dataset from text files: uv run prepare_datasets.py datasets/my-corpus "
                     "FILE_OR_DIR...")
     assert "datasets/datasets" not in line
+
+
+# ---------------------------------------------------------------- 4. HellaSwag item counts
+
+def test_4_hellaswag_says_how_many_items_it_scores_and_refuses_none(tmp_path, verdict_dataset):
+    items = write_items(tmp_path / "three.jsonl", ITEMS[:3])
+    run_dir = make_run(tmp_path / "run", verdict_dataset, hellaswag_interval=1, hellaswag_items=1000,
+                       hellaswag_data=str(items), min_train_tokens=tokens_for(1, 1))
+    result = run_training([run_dir, "datasets"])
+    assert f"note: hellaswag_items is 1000 but {items} has 3; HellaSwag scores those 3" in result.stdout
+    # The logged accuracy is over those 3 items: a multiple of 1/3.
+    assert round(read_rows(run_dir)[0]["hellaswag_acc"] * 3, 9) in (0, 1, 2, 3)
+
+    (tmp_path / "blank.jsonl").write_text("\n\n")
+    run_dir = make_run(tmp_path / "empty", verdict_dataset, hellaswag_interval=1, min_train_tokens=tokens_for(1, 1),
+                       hellaswag_data=str(tmp_path / "blank.jsonl"))
+    line = one_error_line(run_training([run_dir, "datasets"], check=False))
+    assert line.endswith(f"train.json key 'hellaswag_data' ({tmp_path / 'blank.jsonl'}): no items")
+    # Fewer items than ranks (decided in docs/decisions.md): scored, the count said. rank_share gives
+    # the second rank a repeat of the one item that its count leaves out.
+    assert items_used_note(1, None, 2, "one.jsonl") == \
+        "HellaSwag: 1 item of one.jsonl (fewer than the 2 ranks: ranks 1 to 1 score no item of their own)"
+    assert rank_share(["item"], 1, 2) == (["item"], 0)
