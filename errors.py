@@ -46,6 +46,12 @@ def debug_enabled():
     return os.environ.get("DEBUG", "") not in ("", "0")
 
 
+def debug_details(error):
+    """An exception's own text, for the end of an error line: only with DEBUG=1, since it
+    speaks of the library's internals, not of what the user did."""
+    return f" ({type(error).__name__}: {' '.join(str(error).split())})" if debug_enabled() else ""
+
+
 def write_torchrun_error_file(line):
     """torchrun's agent reads TORCHELASTIC_ERROR_FILE from a failed worker and prints it in
     its failure summary; this is the format of torch's own ErrorHandler, with our line in

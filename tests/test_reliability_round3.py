@@ -185,3 +185,25 @@ def test_4_hellaswag_says_how_many_items_it_scores_and_refuses_none(tmp_path, ve
     assert items_used_note(1, None, 2, "one.jsonl") == \
         "HellaSwag: 1 item of one.jsonl (fewer than the 2 ranks: ranks 1 to 1 score no item of their own)"
     assert rank_share(["item"], 1, 2) == (["item"], 0)
+
+
+# ---------------------------------------------------------------- 6. a damaged sharded checkpoint
+
+def test_6_damaged_shard_metadata_is_said_in_the_users_terms(tmp_path, fsdp_run, monkeypatch):
+    run_dir = Path(shutil.copytree(fsdp_run, tmp_path / "run", symlinks=True))
+    checkpoints = run_dir / "checkpoints"
+    latest, first = (checkpoints / "latest").resolve(), min(checkpoints.glob("*-iteration-0"))
+    metadata = latest / "sharded" / ".metadata"
+    metadata.write_bytes(bytes(metadata.stat().st_size))  # zeroed, its size intact
+    line = one_error_line(run_training([run_dir, "datasets", "latest"], check=False))
+    assert line == (f"error: checkpoint {latest} is incomplete or damaged: sharded/.metadata is not readable; "
+                    f"`auto` resumes from {first.name} instead")
+
+    monkeypatch.setenv("DEBUG", "1")
+    debug = run_training([run_dir, "datasets", "latest"], check=False)
+    assert "sharded/.metadata is not readable (UnpicklingError: invalid load key" in debug.stderr
+    monkeypatch.delenv("DEBUG")
+
+    resumed = run_training([run_dir, "datasets", "auto"])
+    assert f"resuming from the newest complete checkpoint, {first.name}" in resumed.stdout
+    assert f"Resuming from {first.name} at global step 1" in resumed.stdout
