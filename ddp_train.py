@@ -44,7 +44,7 @@ from parallelism import (ParallelModel, autocast_dtype_for, check_supported, cli
 from metrics import IntervalStats, TrainingLog, read_metrics, require_tensorboard, require_wandb
 from run_lock import lock_run_dir
 from training import (amp_dtype_for, check_model_fits, compute_loss, make_lr_scheduler, make_optimizer,
-                      move_lr_scheduler_to)
+                      move_lr_scheduler_to, schedule_change_note, schedule_record)
 from microbatch_search import (largest_passing, make_trial, require_gpu, suggest_batch_split,
                                suggest_dividing_microbatch, write_batch_split)
 
@@ -263,6 +263,10 @@ def check_resumable(run, ctx, checkpoint_dir, meta, accumulation):
 def restore(run, ctx, checkpoint_dir, state, data):
     meta = checkpointing.read_checkpoint_meta(checkpoint_dir)
     check_resumable(run, ctx, checkpoint_dir, meta, data.gradient_accumulation_steps)
+    schedule_note = schedule_change_note(meta.get("schedule"), schedule_record(run.train, data.total_steps),
+                                         meta["global_step"] + 1, checkpoint_dir.name)
+    if schedule_note and ctx.is_main:
+        print(schedule_note)
     meta, rng_states = checkpointing.load_training_state(checkpoint_dir, state, ctx.device)
     start_step = meta["global_step"] + 1
     # The schedule is a function of the step: this also continues a reference-harness run,
@@ -301,7 +305,7 @@ def checkpoint_meta(run, ctx, data, log, interval, progress):
             "gradient_accumulation_steps": data.gradient_accumulation_steps,
             "pad_vocab_to_multiple_of": train_cfg.pad_vocab_to_multiple_of,
             "parallelism": train_cfg.parallelism,
-            "model_config": run.model.to_dict(),
+            "model_config": run.model.to_dict(), "schedule": schedule_record(train_cfg, data.total_steps),
             **({"init_from": progress.init_from} if progress.init_from else {}),
             **({"wandb_run_id": log.wandb_run_id} if log.wandb_run_id else {})}
 

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from config import load_run
-from conftest import (PROJECT_DIR, SHARED_DATA, TINY_MODEL, make_run, read_rows, run_training, tokens_for,
-                      train_env)
+from conftest import (PROJECT_DIR, TINY_MODEL, make_run, read_rows, rewind_to_checkpoint, run_training,
+                      tokens_for)
 from errors import UserError
 from eval_hellaswag import items_used_note, rank_share
 from evalkit import ITEMS, write_items
@@ -207,3 +207,33 @@ def test_6_damaged_shard_metadata_is_said_in_the_users_terms(tmp_path, fsdp_run,
     resumed = run_training([run_dir, "datasets", "auto"])
     assert f"resuming from the newest complete checkpoint, {first.name}" in resumed.stdout
     assert f"Resuming from {first.name} at global step 1" in resumed.stdout
+
+
+# ---------------------------------------------------------------- 5. resuming with a changed schedule
+
+def test_5_resuming_with_a_changed_schedule_says_so(tmp_path, verdict_dataset):
+    schedule = dict(schedule_learning_rate=True, warmup_period_percent=25, checkpoint_interval=2)
+    full = make_run(tmp_path / "full", verdict_dataset, min_train_tokens=tokens_for(4, 1), **schedule)
+    run_training([full, "datasets"])
+    resumed = rewind_to_checkpoint(full, 2, tmp_path / "resumed")
+    train_json = resumed / "train.json"
+    train_json.write_text(json.dumps({**json.loads(train_json.read_text()), "min_train_tokens": tokens_for(8, 1)}))
+    result = run_training([resumed, "datasets", "latest"])
+    # The rate step 3 had in the uninterrupted run, and the one it has now (both logged).
+    before, after = read_rows(full)[3]["lr"], read_rows(resumed)[3]["lr"]
+    assert after > before
+    assert (f"note: the learning-rate schedule differs from checkpoint "
+            f"{min((resumed / 'checkpoints').glob('*-iteration-2')).name}'s (min_train_tokens {tokens_for(4, 1)} -> "
+            f"{tokens_for(8, 1)}): total steps 4 -> 8; the learning rate at global step 3 is {after:.6g} (it would "
+            f"have been {before:.6g})") in result.stdout
+    assert len(read_rows(resumed)) == 8
+
+    # Unchanged: no note. A checkpoint from before meta.json recorded the schedule: it cannot be compared.
+    assert "learning-rate schedule" not in run_training([resumed, "datasets", "latest"]).stdout
+    checkpoint = (resumed / "checkpoints" / "latest").resolve().name
+    meta_json = resumed / "checkpoints" / checkpoint / "meta.json"
+    meta = json.loads(meta_json.read_text())
+    del meta["schedule"]
+    meta_json.write_text(json.dumps(meta))
+    assert (f"note: checkpoint {checkpoint} does not record its learning-rate schedule (an older checkpoint); this "
+            "run's schedule cannot be compared") in run_training([resumed, "datasets", "latest"]).stdout
