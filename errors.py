@@ -6,8 +6,9 @@ Every script wraps its entry point in `report_user_errors`:
 - a `UserError` (bad config, missing or corrupt dataset, unknown checkpoint, a full
   disk, ...) prints a single `error: ...` line (from rank 0: every rank hits the same
   bad input; a `RankLocalUserError` from the rank that found it) and exits with status 2.
-  Under torchrun the other ranks say nothing: they wait for the launcher to stop them
-  (as it does once any rank fails), so rank 0's failure is the first it observes;
+  Under torchrun the other ranks say nothing, and on rank 0's node wait for the launcher
+  to stop them (as it does once any rank fails), so rank 0's failure is the first it
+  observes;
 - a `RankLost` (a peer process died mid-run) prints its line on every surviving
   rank and exits with status 1.
 
@@ -78,10 +79,11 @@ def _report(error, print_it, exit_code):
 
 
 def wait_for_launcher_to_stop_us():
-    """A rank other than 0 with an error every rank found: exiting now could make it the
-    first failure torchrun sees, and its Root Cause would then be this rank's instead of
-    the one printed line. So it waits, silently, for the launcher's SIGTERM (the default
-    action: the training loop's handler absorbs it), and reports only if none comes."""
+    """A rank other than 0, on rank 0's node, with an error every rank found: exiting now
+    could make it the first failure torchrun sees, whose Root Cause would then be this
+    rank's and not the line rank 0 printed. So it waits, silently, for the launcher's
+    SIGTERM (the default action: the training loop's handler would absorb it). On the
+    other nodes no SIGTERM follows rank 0's failure: their ranks exit at once, quietly."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     time.sleep(QUIET_RANK_WAIT_S)
 
@@ -93,9 +95,11 @@ def report_user_errors(main):
             return main(*args, **kwargs)
         except UserError as e:
             is_main = os.environ.get("RANK", "0") == "0"
-            if not (is_main or isinstance(e, RankLocalUserError)):
+            speaks = is_main or isinstance(e, RankLocalUserError)
+            if not speaks and os.environ.get("GROUP_RANK", "0") == "0":  # on rank 0's node
                 wait_for_launcher_to_stop_us()
-            _report(e, print_it=True, exit_code=2)
+                speaks = True  # it did not come: rank 0 may not have said it
+            _report(e, print_it=speaks, exit_code=2)
         except RankLost as e:
             _report(e, print_it=True, exit_code=1)
 

@@ -237,3 +237,18 @@ def test_5_resuming_with_a_changed_schedule_says_so(tmp_path, verdict_dataset):
     meta_json.write_text(json.dumps(meta))
     assert (f"note: checkpoint {checkpoint} does not record its learning-rate schedule (an older checkpoint); this "
             "run's schedule cannot be compared") in run_training([resumed, "datasets", "latest"]).stdout
+
+
+# ---------------------------------------------------------------- 7. one error, printed once, under torchrun
+
+@pytest.mark.e2e
+def test_7_a_train_json_typo_under_torchrun_is_one_line_in_the_root_cause(tmp_path, verdict_dataset):
+    run_dir = make_run(tmp_path / "run", verdict_dataset, learning_rat=0.001)
+    result = run_training([run_dir, "datasets"], nproc=2, check=False)
+    output = result.stdout + result.stderr
+    line = f"error: {run_dir / 'train.json'}: unknown key 'learning_rat' (did you mean 'learning_rate'?)"
+    assert result.returncode != 0
+    assert output.count(line) == 2, output  # printed by rank 0, and in torchrun's summary
+    assert output.count("unknown key") == 2 and "valid keys" not in output
+    root_cause = output.split("Root Cause (first observed failure):")[1]
+    assert "rank      : 0 (local_rank: 0)" in root_cause and f"traceback : {line}" in root_cause
