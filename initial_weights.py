@@ -2,10 +2,14 @@
 random ones (multi-stage training: pre-training, then mid-training on another mix, then
 fine-tuning; or OpenAI's GPT-2 weights).
 
-`init_from` is a checkpoint directory of another run (ours or the reference harness's),
-or a Hugging Face GPT-2 / Llama model: a directory from `save_pretrained` or a Hub repo
-id, read through convert_gpt2.py's code path. Only the weights are taken: the optimizer,
-the learning-rate schedule and the data position start fresh, from train.json.
+`init_from` is a checkpoint directory of another run (ours or the reference harness's;
+a sharded one saved without model.safetensors is read from its shards), or a Hugging
+Face GPT-2 / Llama model: a directory from `save_pretrained` or a Hub repo id, read
+through convert_gpt2.py's code path. A value that looks like a path but is not there is
+an error, never a Hub request. Only the weights are taken: the optimizer, the
+learning-rate schedule and the data position start fresh, from train.json. They are
+checked before any step: the tensors must be those the source's config describes, and
+finite.
 
 The model.json must describe the same network as the source: every key that gives a
 weight its shape or meaning must match (an error names the keys that differ). drop_rate
