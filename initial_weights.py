@@ -32,9 +32,9 @@ from safetensors.torch import load_file
 from checkpointing import (SHARDED_DIR, TIED_KEYS, clean_state_dict, fill_tied_key, read_checkpoint_meta,
                            read_sharded_weights)
 from config import RUNS_DIR, ModelConfig, load_json
-from convert_gpt2 import load_hf_checkpoint
 from errors import UserError
 from gpt import GPTModel
+from hf_convert import load_hf_checkpoint
 
 # Keys a run may change from its source: they do not describe the weights.
 FREE_KEYS = ("drop_rate", "init_std", "context_length")

@@ -405,9 +405,10 @@ def download_hub_dataset(repo_id, datasets_dir, dataset_dir, looked_for):
         snapshot_download(repo_id, repo_type="dataset", local_dir=dataset_dir)
     except Exception as e:  # noqa: BLE001 - offline, unknown repo, no access, disk full...
         if not is_complete(dataset_dir):
-            raise UserError(f"dataset '{repo_id}': no such directory (looked for {' and '.join(map(str, looked_for))}); "
-                            f"as a Hugging Face Hub dataset repo id it failed: {hub_failure_reason(e)}. To build a "
-                            f"dataset from text files: uv run prepare_datasets.py {repo_id} FILE_OR_DIR...") from e
+            raise UserError(f"dataset '{repo_id}': no such directory (looked for "
+                            f"{' and '.join(map(str, looked_for))}); as a Hugging Face Hub dataset repo id it failed: "
+                            f"{hub_failure_reason(e)}. To build a dataset from text files: uv run prepare_datasets.py "
+                            f"{repo_id} FILE_OR_DIR...") from e
         # Files from an earlier download (e.g. by the reference harness): use them.
         print(f"warning: could not check '{repo_id}' on the Hub ({type(e).__name__}); using the local copy "
               f"in {dataset_dir}", file=sys.stderr)

@@ -14,7 +14,7 @@ from config import load_run
 from conftest import (PROJECT_DIR, TINY_MODEL, make_run, read_rows, rewind_to_checkpoint, run_training,
                       tokens_for)
 from errors import UserError
-from eval_hellaswag import items_used_note, rank_share
+from hellaswag_scoring import items_used_note, rank_share
 from evalkit import ITEMS, write_items
 from gpt import GPTModel
 from token_data import open_split

@@ -366,6 +366,6 @@ def test_a_dataset_found_nowhere_says_where_it_was_looked_for(tmp_path, run_and_
     monkeypatch.setattr(huggingface_hub, "snapshot_download", unknown_repo)
     with pytest.raises(UserError) as error:
         token_data.fetch_dataset("data/mine", tmp_path / "datasets", run_dir)
-    assert str(error.value).startswith(f"dataset 'data/mine': no such directory (looked for {run_dir / 'data' / 'mine'} "
-                                       f"and {cwd / 'data' / 'mine'}); as a Hugging Face Hub dataset repo id it "
-                                       "failed: FileNotFoundError: no such repo. ")
+    assert str(error.value).startswith(f"dataset 'data/mine': no such directory (looked for "
+                                       f"{run_dir / 'data' / 'mine'} and {cwd / 'data' / 'mine'}); as a Hugging "
+                                       "Face Hub dataset repo id it failed: FileNotFoundError: no such repo. ")
