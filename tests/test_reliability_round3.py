@@ -252,3 +252,48 @@ def test_7_a_train_json_typo_under_torchrun_is_one_line_in_the_root_cause(tmp_pa
     assert output.count("unknown key") == 2 and "valid keys" not in output
     root_cause = output.split("Root Cause (first observed failure):")[1]
     assert "rank      : 0 (local_rank: 0)" in root_cause and f"traceback : {line}" in root_cause
+
+
+# ---------------------------------------------------------------- 11. memory levers, threads and timing
+
+def loss_and_gradients(levers, threads, weights, idx, targets):
+    """One forward and backward pass of a model big enough that 2 threads split its
+    reductions (more elements than ATen's grain size of 32,768), dropout on."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = GPTModel(LEVERS_MODEL, activation_checkpointing=levers, loss_chunk_tokens=100 if levers else None)
+        model.load_state_dict(weights)
+        torch.manual_seed(1)  # the same dropout masks in every pass
+        loss = model.train()(idx, targets)
+        loss.backward()
+        return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
+    finally:
+        torch.set_num_threads(previous)
+
+
+LEVERS_MODEL = {**TINY_MODEL, "context_length": 64, "emb_dim": 64, "n_heads": 4, "drop_rate": 0.1}
+
+
+def test_11_memory_levers_depend_on_the_thread_count_as_the_plain_path_does_and_never_on_timing():
+    """What decides the last bits on CPU (docs/decisions.md): the thread count changes how
+    reductions are split, in both paths alike; nothing depends on timing (the same thread
+    count gives the same bits, repeated, under any load). Activation checkpointing is exact;
+    loss chunking sums the loss chunk by chunk, a different order than one mean: the levers
+    differ from the plain path by float32 rounding only, and by the same amount at any
+    thread count. So runs compared for equal losses must use one thread count."""
+    torch.manual_seed(0)
+    weights = GPTModel(LEVERS_MODEL).state_dict()
+    idx, targets = torch.randint(0, LEVERS_MODEL["vocab_size"], (2, 16, LEVERS_MODEL["context_length"]))
+    passes = {(levers, threads): [loss_and_gradients(levers, threads, weights, idx, targets) for _ in range(2)]
+              for levers in (False, True) for threads in (1, 2)}
+    for (first_loss, first_grads), (loss, grads) in passes.values():
+        assert torch.equal(loss, first_loss) and all(torch.equal(grads[k], first_grads[k]) for k in grads)
+    for threads in (1, 2):
+        (plain_loss, plain_grads), (levers_loss, levers_grads) = passes[(False, threads)][0], passes[(True, threads)][0]
+        torch.testing.assert_close(levers_loss, plain_loss, rtol=1e-6, atol=0)
+        for key in plain_grads:
+            torch.testing.assert_close(levers_grads[key], plain_grads[key], rtol=1e-5, atol=1e-7)
+    # The levers' own rounding is the same at 1 and 2 threads.
+    difference = {threads: passes[(True, threads)][0][0] - passes[(False, threads)][0][0] for threads in (1, 2)}
+    assert torch.equal(difference[1], difference[2])
