@@ -416,15 +416,16 @@ def download_hub_dataset(repo_id, datasets_dir, dataset_dir, looked_for):
     (dataset_dir / HUB_DOWNLOAD_COMPLETE).touch()
 
 
-def hub_failure_reason(error):
-    """Why snapshot_download failed, in the user's terms."""
+def hub_failure_reason(error, repo_type="dataset"):
+    """Why snapshot_download failed, in the user's terms (exception text only when no
+    known case fits)."""
     from huggingface_hub import constants
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     if isinstance(error, GatedRepoError):
         return "the repo is gated (accept its terms on the Hub, then log in with `hf auth login`)"
     if isinstance(error, RepositoryNotFoundError):
-        return "the Hub has no dataset repo of that name (or it is private and you are not logged in)"
+        return f"the Hub has no {repo_type} repo of that name (or it is private and you are not logged in)"
     if isinstance(error, LocalEntryNotFoundError):
         why = "offline mode (HF_HUB_OFFLINE) is on" if constants.HF_HUB_OFFLINE else "the Hub could not be reached"
         return f"{why}, and it was never downloaded before"
