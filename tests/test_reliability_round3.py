@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from checkpointing import consolidate_weights
 from config import load_run
 from conftest import (PROJECT_DIR, TINY_MODEL, make_run, read_rows, rewind_to_checkpoint, run_training,
                       tokens_for)
@@ -121,6 +122,9 @@ def test_3_init_from_a_sharded_checkpoint_reads_its_shards(tmp_path, fsdp_run, v
     assert f"init_from: weights of {source}" in result.stdout
     expected = first_batch_loss(load_file(gathered / "model.safetensors"), verdict_dataset, 5000)
     assert read_rows(run_dir)[0]["loss"] == pytest.approx(expected, rel=1e-5)
+    # consolidate_checkpoint.py reads the shards the same way (no process group here either).
+    written = load_file(consolidate_weights(source))
+    assert all(torch.equal(written[key], tensor) for key, tensor in load_file(gathered / "model.safetensors").items())
 
 
 # ---------------------------------------------------------------- 9. a wrong run name
