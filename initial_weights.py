@@ -37,7 +37,7 @@ from gpt import GPTModel
 from hf_convert import load_hf_checkpoint
 
 # Keys a run may change from its source: they do not describe the weights.
-FREE_KEYS = ("drop_rate", "init_std", "context_length")
+FREE_KEYS = ("drop_rate", "init_std", "zero_init_projections", "context_length")
 # How many differing tensors an error names.
 NAMED_TENSORS = 3
 
@@ -157,7 +157,8 @@ def check_same_network(source_config, model_cfg, train_cfg, train_json):
     if differing:
         details = ", ".join(f"{key} {source.get(key)} -> {run.get(key)}" for key in differing)
         raise UserError(f"{train_json}: init_from {train_cfg.init_from} holds a different model ({details}); "
-                        "model.json must match it in every key but drop_rate, init_std and context_length")
+                        "model.json must match it in every key but drop_rate, init_std, zero_init_projections "
+                        "and context_length")
     if (model_cfg.pos_emb == "learned" and model_cfg.context_length > source_config.context_length
             and not train_cfg.extend_positions):
         raise UserError(f"{train_json}: context_length {model_cfg.context_length} is longer than init_from's "
