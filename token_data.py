@@ -464,7 +464,8 @@ def candidate_directories(spec, run_dir):
     path = Path(spec)
     if path.is_absolute():
         return [path]
-    return ([Path(run_dir) / path] if run_dir is not None else []) + [Path.cwd() / path]
+    candidates = ([Path(run_dir) / path] if run_dir is not None else []) + [Path.cwd() / path]
+    return list(dict.fromkeys(candidates))  # once, when the run directory is the current one
 
 
 def fetch_dataset(spec, datasets_dir, run_dir=None):
@@ -491,15 +492,31 @@ def download_hub_dataset(repo_id, datasets_dir, dataset_dir, looked_for):
         snapshot_download(repo_id, repo_type="dataset", local_dir=dataset_dir)
     except Exception as e:  # noqa: BLE001 - offline, unknown repo, no access, disk full...
         if not is_complete(dataset_dir):
-            reason = " ".join(f"{type(e).__name__}: {e}".split())
-            raise UserError(f"dataset '{repo_id}': download from the Hugging Face Hub into {dataset_dir} "
-                            f"failed ({reason}); nor is it a directory (looked for "
-                            f"{' and '.join(map(str, looked_for))})")
+            raise UserError(f"dataset '{repo_id}': no such directory (looked for "
+                            f"{' and '.join(map(str, looked_for))}); as a Hugging Face Hub dataset repo id it failed: "
+                            f"{hub_failure_reason(e)}. To build a dataset from text files: uv run prepare_datasets.py "
+                            f"{repo_id} FILE_OR_DIR...") from e
         # Files from an earlier download (e.g. by the reference harness): use them.
         print(f"warning: could not check '{repo_id}' on the Hub ({type(e).__name__}); using the local copy "
               f"in {dataset_dir}", file=sys.stderr)
         return
     (dataset_dir / HUB_DOWNLOAD_COMPLETE).touch()
+
+
+def hub_failure_reason(error, repo_type="dataset"):
+    """Why snapshot_download failed, in the user's terms (exception text only when no
+    known case fits)."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    if isinstance(error, GatedRepoError):
+        return "the repo is gated (accept its terms on the Hub, then log in with `hf auth login`)"
+    if isinstance(error, RepositoryNotFoundError):
+        return f"the Hub has no {repo_type} repo of that name (or it is private and you are not logged in)"
+    if isinstance(error, LocalEntryNotFoundError):
+        why = "offline mode (HF_HUB_OFFLINE) is on" if constants.HF_HUB_OFFLINE else "the Hub could not be reached"
+        return f"{why}, and it was never downloaded before"
+    return " ".join(f"{type(error).__name__}: {error}".split())
 
 
 # ---------------------------------------------------------------- command line

@@ -286,7 +286,8 @@ def test_hub_datasets_offline_use_a_local_copy_and_fail_clearly_without_one(tmp_
     dataset_dir = tmp_path / "datasets" / "gpjt" / "fineweb-gpt2-tokens"
     write_downloaded_copy(dataset_dir)
     assert token_data.fetch_dataset("gpjt/fineweb-gpt2-tokens", tmp_path / "datasets") == dataset_dir
-    with pytest.raises(UserError, match="'gpjt/not-downloaded': download from the Hugging Face Hub .* failed"):
+    with pytest.raises(UserError, match="'gpjt/not-downloaded': no such directory .*; as a Hugging Face Hub dataset "
+                                        "repo id it failed: "):
         token_data.fetch_dataset("gpjt/not-downloaded", tmp_path / "datasets")
 
 
@@ -353,5 +354,6 @@ def test_a_dataset_found_nowhere_says_where_it_was_looked_for(tmp_path, run_and_
     monkeypatch.setattr(huggingface_hub, "snapshot_download", unknown_repo)
     with pytest.raises(UserError) as error:
         token_data.fetch_dataset("data/mine", tmp_path / "datasets", run_dir)
-    assert str(error.value).endswith(f"failed (FileNotFoundError: no such repo); nor is it a directory (looked for "
-                                     f"{run_dir / 'data' / 'mine'} and {cwd / 'data' / 'mine'})")
+    assert str(error.value).startswith(f"dataset 'data/mine': no such directory (looked for "
+                                       f"{run_dir / 'data' / 'mine'} and {cwd / 'data' / 'mine'}); as a Hugging "
+                                       "Face Hub dataset repo id it failed: FileNotFoundError: no such repo. ")
