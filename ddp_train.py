@@ -1,6 +1,7 @@
 """Train a GPT-2-class base model with DistributedDataParallel.
 
     uv run torchrun --nproc_per_node=8 ddp_train.py RUN DATASETS_DIR [CHECKPOINT] [--force]
+        [--set KEY=VALUE ...] [--quiet]
     uv run torchrun --nproc_per_node=8 ddp_train.py RUN DATASETS_DIR -f [--target-global-batch 96] [--write]
 
 RUN is a name under runs/ or a path to a run directory holding model.json and
@@ -10,7 +11,8 @@ checkpoint when `latest` is broken; a fresh start only when there are no
 checkpoints). Without torchrun it runs as a single process. Rank 0 holds the run
 directory's lock and writes checkpoints, metrics.jsonl and charts into it. SIGTERM
 or SIGINT stops every rank after the step under way and at most two more, with a
-checkpoint.
+checkpoint. `--set KEY=VALUE` overrides a train.json key for this launch
+(docs/training.md).
 
 This file is the command line and the loop with its decisions: `train` is the loop
 (when to stop), `save_training_checkpoint` decides whether the weights may be saved
@@ -18,7 +20,8 @@ and what is `best`, `count_skipped_steps` stops a streak of non-finite steps. Wh
 it runs lives in modules: training_setup.py builds what a rank trains with (fresh or
 resumed), training.py has one optimizer step, validation and the schedule of what
 follows each step (`work_after_step`), checkpointing.py saves and restores,
-metrics.py records, charts.py draws, microbatch_search.py is the whole of -f.
+metrics.py records, console.py prints, charts.py draws, microbatch_search.py is the
+whole of -f.
 """
 
 import contextlib

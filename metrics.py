@@ -200,8 +200,9 @@ def peak_flops_for(train_cfg, device, amp_dtype):
 class TrainingLog:
     """Turns the step statistics of each log window into metrics.jsonl rows on every rank
     (the training loop decides from them); rank 0 also writes them to metrics.jsonl,
-    TensorBoard and W&B (`wandb`, a WandbLog the caller started). It records only: where the run is (tokens, elapsed time), stopping, skipping, what counts
-    as best and when to evaluate are the training loop's.
+    TensorBoard and W&B (`wandb`, a WandbLog the caller started). It records only:
+    where the run is (tokens, elapsed time), stopping, skipping, what counts as best and
+    when to evaluate are the training loop's.
     """
 
     def __init__(self, run, ctx, total_steps, global_batch_tokens, amp_dtype, wandb=None):
