@@ -123,3 +123,29 @@ def test_more_gpus_than_processes_is_a_warning():
         "launch with `torchrun --nproc_per_node=8` to use them all")
     assert unused_gpus_warning("cuda", 2, 2) is None
     assert unused_gpus_warning("cpu", 0, 1) is None
+
+
+def test_on_a_terminal_the_bar_moves_and_event_lines_still_print(capsys):
+    from console import Console
+
+    console = Console(shown=True, total_steps=4, start_step=0, log_interval=1, terminal=True)
+    rows = [{"step": step, "loss": 2.0, "lr": 1e-3, "tokens_per_sec": 100.0, "tokens_per_sec_per_device": 100.0,
+             "mfu": None, "eta_s": 1.0} for step in range(2)]
+    console.rows(rows)
+    console.validation(1, 1.5, 1.5)
+    assert console.bar.n == 2
+    console.close()
+    out, err = capsys.readouterr()
+    assert out == "step 1: validation loss 1.5000 (best so far 1.5000)\n"  # no plain progress lines
+    assert "2/4" in err  # the bar
+
+
+def test_other_ranks_print_nothing(capsys):
+    from console import Console
+
+    console = Console(shown=False, total_steps=4, start_step=0, log_interval=1, terminal=False)
+    console.rows([{"step": 0, "loss": 2.0, "lr": 1e-3, "tokens_per_sec": 100.0, "eta_s": 1.0}])
+    console.validation(0, 1.5, 1.5)
+    console.saved(0, "somewhere", True)
+    console.close()
+    assert capsys.readouterr() == ("", "")
