@@ -217,7 +217,7 @@ class TrainConfig:
     extend_positions: bool = False  # with init_from: allow a longer context than the source's learned positions
     activation_checkpointing: bool = False  # recompute each block in the backward pass: less memory, ~1/3 more compute
     loss_chunk_tokens: int | None = None  # compute the loss over this many tokens' logits at a time
-    # HellaSwag during training (eval_hellaswag.training_share): every hellaswag_interval steps and
+    # HellaSwag during training (hellaswag_scoring.training_share): every hellaswag_interval steps and
     # the last, on the first hellaswag_items items (null: all) of hellaswag_data (null: the public validation file).
     hellaswag_interval: int | None = None
     hellaswag_items: int | None = None

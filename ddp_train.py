@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 import charts
 import checkpointing
-import eval_hellaswag
+import hellaswag_scoring
 import training
 from batching import prefetch_to_device, rank_microbatch_indices, token_budget
 from config import RUNS_DIR, load_run, override_option, parse_overrides
@@ -227,7 +227,7 @@ def train(run, ctx, datasets_dir, resume_dir, quiet=False, summary_out=None):
                     evaluations["val_loss"] = training.evaluate(setup.state.model, setup.data.validation, ctx,
                                                                 setup.parallel.autocast_dtype)
                 if work.hellaswag:
-                    evaluations |= eval_hellaswag.distributed_scores(setup.state.model, setup.hellaswag,
+                    evaluations |= hellaswag_scoring.distributed_scores(setup.state.model, setup.hellaswag,
                                                                      setup.parallel.autocast_dtype)
                 window = read_window(pending)
                 pending = []

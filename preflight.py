@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 import charts
 import checkpointing
-import eval_hellaswag
+import hellaswag_scoring
 import microbatch_search
 import perf
 import training
@@ -283,7 +283,7 @@ def evaluation_times(run, ctx, setup, scratch_dir):
         times["validation_s"] = timed(ctx, lambda: training.evaluate(model, setup.data.validation, ctx,
                                                                       autocast_dtype))
     if setup.hellaswag is not None:
-        times["hellaswag_s"] = timed(ctx, lambda: eval_hellaswag.distributed_scores(model, setup.hellaswag,
+        times["hellaswag_s"] = timed(ctx, lambda: hellaswag_scoring.distributed_scores(model, setup.hellaswag,
                                                                                      autocast_dtype))
     scratch_run = replace(run, run_dir=scratch_dir)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 import checkpointing
-import eval_hellaswag
+import hellaswag_scoring
 import token_data
 from batching import Microbatches, check_validation_length, count_optimizer_steps, gradient_accumulation_for
 from config import RUN_IDENTITY_KEYS, ModelConfig
@@ -184,7 +184,7 @@ class TrainingSetup:
     data: Data
     amp_dtype: torch.dtype | None  # the precision the model computes in
     stop_flags: torch.Tensor  # [0., 1.] on the device
-    hellaswag: eval_hellaswag.RankShare | None  # this rank's HellaSwag items, with hellaswag_interval
+    hellaswag: hellaswag_scoring.RankShare | None  # this rank's HellaSwag items, with hellaswag_interval
 
 
 def set_up_training(run, ctx, datasets_dir, resume_dir):
@@ -205,6 +205,6 @@ def set_up_training(run, ctx, datasets_dir, resume_dir):
         checkpointing.set_rank_rng(ctx, run.train.random_seed)
     parallel = wrap_for_training(model, run.train, ctx, amp_dtype)
     stop_flags = torch.tensor([0.0, 1.0], device=ctx.device)
-    hellaswag = (eval_hellaswag.training_share(run, ctx, datasets_dir, data.tokenizer)
+    hellaswag = (hellaswag_scoring.training_share(run, ctx, datasets_dir, data.tokenizer)
                  if run.train.hellaswag_interval else None)
     return TrainingSetup(state, parallel, data, amp_dtype, stop_flags, hellaswag), progress
