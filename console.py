@@ -4,7 +4,7 @@ On a terminal: a progress bar (steps, loss, tokens/s, MFU). When the output goes
 file or a pipe (SLURM, nohup, `| tee`), no bar, whose carriage-return updates would pile
 up in the log, but a plain line every log_interval steps: step, loss, learning rate,
 tokens/s and ETA. Either way one line for each validation (with the best so far), each
-HellaSwag score, each checkpoint saved (its path) and each skipped step, written with
+HellaSwag and CORE score, each checkpoint saved (its path) and each skipped step, written with
 tqdm.write so that they never break the bar. `quiet` keeps only the final summary
 (errors go to standard error regardless).
 """
@@ -76,6 +76,9 @@ class Console:
     def hellaswag(self, step, scores):
         self.line(f"step {step}: HellaSwag acc {scores['hellaswag_acc']:.4f}, "
                   f"acc_norm {scores['hellaswag_acc_norm']:.4f}")
+
+    def core(self, step, scores):
+        self.line(f"step {step}: CORE {scores['core']:.4f} (standard error {scores['core_se']:.4f})")
 
     def skipped(self, step, in_a_row, limit):
         self.line(f"step {step}: skipped (non-finite loss or gradient), {in_a_row} in a row; the run stops at "

@@ -1,4 +1,4 @@
-"""The reading side of token datasets: tokenizers, token files, meta.json, the demo corpus."""
+"""The reading side of token datasets: tokenizers, token files, meta.json (the demo corpus: test_demo_corpus.py)."""
 
 import json
 import os
@@ -209,7 +209,7 @@ def test_a_token_file_of_another_dtype_is_one_error_line_naming_the_valid_ones(t
     assert str(error.value) == f"{path}: tensor 'tokens' has dtype {found}, expected U16 (uint16) or U32 (uint32)"
 
 
-# ---------------------------------------------------------------- meta.json, staging, the demo corpus
+# ---------------------------------------------------------------- meta.json, staging
 
 def test_meta_defaults_to_gpt2_and_rejects_a_broken_file(tmp_path):
     assert token_data.read_meta(tmp_path) == token_data.DatasetMeta("gpt2", 50257, 50256)
@@ -234,18 +234,6 @@ def test_staged_directory_appears_only_when_complete(tmp_path):
         assert not (final / "new.txt").exists()
     assert [p.name for p in final.iterdir()] == ["new.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["dataset"]
-
-
-def test_demo_dataset_is_byte_tokens_of_the_stdlib(tmp_path):
-    dataset_dir = tmp_path / "demo"
-    token_data.build_demo_dataset(dataset_dir)
-    assert token_data.is_complete(dataset_dir)
-    assert token_data.read_meta(dataset_dir).tokenizer == "bytes"
-    train = token_data.open_split(dataset_dir, "train")
-    first_document = next(text for index, text in enumerate(token_data.demo_documents())
-                          if not token_data.is_validation_document(index, 0.02))
-    expected = list(first_document.encode("utf-8")) + [ByteTokenizer.eot_id]
-    assert train[:len(expected)].tolist() == expected
 
 
 # ---------------------------------------------------------------- the command line
