@@ -14,6 +14,8 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
+
 from errors import UserError
 
 PROJECT_DIR = Path(__file__).resolve().parent
@@ -75,16 +77,20 @@ def closest_or_all(name, valid, kind):
     return f"; {kind}: {', '.join(valid) or 'none'}"
 
 
+def _check_key(cls, key, source):
+    known = [f.name for f in dataclasses.fields(cls)]
+    if key not in known:
+        raise UserError(f"{source}: unknown key '{key}'{closest_or_all(key, known, 'valid keys')}")
+
+
 def _parse(cls, raw, source):
     """Build dataclass `cls` from a JSON object, checking keys and types."""
     if not isinstance(raw, dict):
         raise UserError(f"{source}: expected a JSON object, got {type(raw).__name__}")
     raw = {LEGACY_ALIASES.get(k, k): v for k, v in raw.items()}
     hints = typing.get_type_hints(cls)
-    known = [f.name for f in dataclasses.fields(cls)]
     for key in raw:
-        if key not in known:
-            raise UserError(f"{source}: unknown key '{key}'{closest_or_all(key, known, 'valid keys')}")
+        _check_key(cls, key, source)
     values = {}
     for field in dataclasses.fields(cls):
         if field.name in raw:
@@ -320,12 +326,48 @@ class TrainConfig:
         return 10 if device.type == "cuda" else 1
 
 
+# train.json keys a resumed run cannot change with --set: they choose the data a checkpoint
+# was trained on, or the shapes of its saved state. (Other keys, such as learning_rate, may
+# change on resume; a changed model.json is refused whatever the way.)
+RUN_IDENTITY_KEYS = ("dataset", "start_train_token", "pad_vocab_to_multiple_of")
+
+
+def parse_overrides(items):
+    """`--set KEY=VALUE` options as {train.json key: value}: VALUE is read as JSON (3e-4,
+    8, true, null, "text"), else taken as a string (so --set dataset=fineweb needs no
+    quotes). Keys and types are checked here; the values as a whole by TrainConfig.validate."""
+    overrides = {}
+    hints = typing.get_type_hints(TrainConfig)
+    for item in items:
+        key, separator, text = item.partition("=")
+        key = LEGACY_ALIASES.get(key.strip(), key.strip())
+        source = f"--set {key or item}"
+        if not separator or not key:
+            raise UserError(f"--set {item}: expected KEY=VALUE, a train.json key and its value")
+        _check_key(TrainConfig, key, source)
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        overrides[key] = _check_type(source, key, value, hints[key])
+    return overrides
+
+
+# The option ddp_train.py and preflight.py take; main() gets `overrides` for parse_overrides.
+override_option = click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+    help="Override a train.json key for this launch (repeatable; VALUE read as JSON, else as a string), "
+         "validated as train.json is and recorded in each checkpoint's meta.json. "
+         "Example: --set learning_rate=3e-4 --set microbatch_size=8")
+
+
 @dataclass(frozen=True)
 class Run:
     name: str
     run_dir: Path
     model: ModelConfig
-    train: TrainConfig
+    train: TrainConfig  # train.json with the overrides applied: the effective config
+    overrides: dict = dataclasses.field(default_factory=dict)  # --set KEY=VALUE, parsed
 
     @property
     def checkpoints_dir(self):
@@ -349,12 +391,21 @@ def resolve_run_dir(run):
                     f"{closest_or_all(run, available, 'runs available')}")
 
 
-def load_run(run):
+def load_run(run, overrides=None):
+    """The run directory RUN's configs; `overrides` ({key: value}, parse_overrides') replace
+    train.json's values, and the result is validated exactly as train.json is."""
     run_dir = resolve_run_dir(run)
     model_json, train_json = run_dir / "model.json", run_dir / "train.json"
+    train_raw = load_json(train_json)
+    source = str(train_json)
+    if overrides:
+        if isinstance(train_raw, dict):
+            train_raw = {LEGACY_ALIASES.get(k, k): v for k, v in train_raw.items()} | overrides
+        source += " with " + ", ".join(f"--set {key}" for key in overrides)
     return Run(
         name=run_dir.name,
         run_dir=run_dir,
         model=ModelConfig.from_dict(load_json(model_json), source=str(model_json)),
-        train=TrainConfig.from_dict(load_json(train_json), source=str(train_json)),
+        train=TrainConfig.from_dict(train_raw, source=source),
+        overrides=dict(overrides or {}),
     )

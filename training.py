@@ -199,9 +199,8 @@ def train_step(setup, run, ctx, microbatches, stop_requested):
     Returns, without waiting for the device, a tensor of STEP_STATISTICS: the loss
     (mean over ranks and microsteps), the gradient norm before clipping, the number of
     ranks with a non-finite loss and of ranks asking to stop, and 1 if the step was
-    skipped (else 0). A step with a non-finite
-    loss or gradient on any rank is skipped on every rank alike, inside the fused
-    optimizer (its `found_inf`), with no sync.
+    skipped (else 0). A step with a non-finite loss or gradient on any rank is skipped on
+    every rank alike, inside the fused optimizer (its `found_inf`), with no sync.
     """
     accumulation_steps = setup.data.gradient_accumulation_steps
     state = setup.state

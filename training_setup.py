@@ -6,6 +6,7 @@ ddp_train.py's loop trains with what `set_up_training` returns; preflight.py tim
 the same set-up.
 """
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ import core_scoring
 import hellaswag_scoring
 import token_data
 from batching import Microbatches, check_validation_length, count_optimizer_steps, gradient_accumulation_for
-from config import ModelConfig
+from config import RUN_IDENTITY_KEYS, ModelConfig
 from distributed import run_and_share_errors
 from errors import UserError
 from initial_weights import load_initial_weights
@@ -83,6 +84,7 @@ class Progress:
     tokens_seen: int = 0
     elapsed_s: float = 0.0  # training time up to the last recorded step, earlier sessions included
     last_val_loss: float | None = None  # the newest validation loss of this session
+    best_val_loss: float | None = None  # the lowest finite validation loss so far, for the console
     last_row: dict | None = None  # the last metrics.jsonl row of this session
     best_loss: float | None = None  # the score of the `best` checkpoint
     last_checkpoint: str | None = None  # the newest checkpoint of this run, for messages
@@ -95,6 +97,9 @@ class Progress:
         self.last_row = rows[-1]
         self.tokens_seen, self.elapsed_s = self.last_row["tokens"], self.last_row["elapsed_s"]
         self.last_val_loss = self.last_row.get("val_loss", self.last_val_loss)
+        val_loss = self.last_row.get("val_loss")  # a non-finite one is recorded as null
+        if val_loss is not None and (self.best_val_loss is None or val_loss < self.best_val_loss):
+            self.best_val_loss = val_loss
 
 
 def check_resumable(run, ctx, checkpoint_dir, meta, accumulation):
@@ -130,6 +135,20 @@ def check_resumable(run, ctx, checkpoint_dir, meta, accumulation):
         print(f"note: resuming with {changes} (same global batch, same data order)")
 
 
+def check_overrides_resumable(run, ctx, checkpoint_dir, meta):
+    """Refuse a --set that changes what the checkpoint was trained on (RUN_IDENTITY_KEYS),
+    as a changed model.json is refused; note the others that change a recorded value."""
+    saved = meta.get("train_config")
+    for key, value in run.overrides.items():
+        recorded = "not recorded" if saved is None or key not in saved else json.dumps(saved[key])
+        if key in RUN_IDENTITY_KEYS and recorded != json.dumps(value):
+            raise UserError(f"--set {key}={json.dumps(value)}: checkpoint {checkpoint_dir.name} was trained with "
+                            f"{key} {recorded}; a resumed run cannot change {key} (it chooses the data or the "
+                            "shape of the saved state). Resume without it, or start a new run with --force")
+        if ctx.is_main and recorded != json.dumps(value):
+            print(f"note: resuming with --set {key}={json.dumps(value)} (checkpoint {checkpoint_dir.name}: {recorded})")
+
+
 def restore(run, ctx, checkpoint_dir, state, data):
     """Load `checkpoint_dir` into `state`, put the schedule and every rank's RNG where it
     was, and return the Progress it records."""
@@ -155,6 +174,7 @@ def restore(run, ctx, checkpoint_dir, state, data):
     return Progress(start_step=start_step,
                     tokens_seen=meta.get("tokens_seen", start_step * data.global_batch_tokens),
                     elapsed_s=meta.get("elapsed_s", 0.0), best_loss=best_loss,
+                    best_val_loss=best_meta.get("val_loss"),
                     last_checkpoint=checkpoint_dir.name, init_from=meta.get("init_from"),
                     wandb_run_id=meta.get("wandb_run_id"))
 
@@ -175,6 +195,8 @@ class TrainingSetup:
 
 def set_up_training(run, ctx, datasets_dir, resume_dir):
     """(TrainingSetup, Progress): fresh, or resumed from the checkpoint `resume_dir` when given."""
+    if resume_dir:  # before any download a --set dataset would start
+        check_overrides_resumable(run, ctx, resume_dir, checkpointing.read_checkpoint_meta(resume_dir))
     # A resumed run's weights come from its checkpoint, whatever init_from says.
     initial = (load_initial_weights(run.train, run.model, run.run_dir / "train.json")
                if run.train.init_from and not resume_dir else None)
