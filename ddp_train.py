@@ -239,6 +239,10 @@ def check_resumable(run, ctx, checkpoint_dir, meta, accumulation):
         changed = sorted(k for k in saved_model.keys() | now.keys() if saved_model.get(k) != now.get(k))
         raise UserError(f"checkpoint {checkpoint_dir.name} was trained with a different model.json "
                         f"(differs in: {', '.join(changed)}); resume it with the model.json it was trained with")
+    saved_optimizer = meta.get("optimizer", "adamw")  # the reference harness's checkpoints: AdamW
+    if saved_optimizer != run.train.optimizer:
+        raise UserError(f"checkpoint {checkpoint_dir.name} was trained with optimizer \"{saved_optimizer}\"; resume "
+                        f"it with the same optimizer in train.json (its optimizer state fits no other)")
     # The optimizer state holds the padded output layer: it only fits the same padding.
     saved_padding = meta.get("pad_vocab_to_multiple_of", 1)
     if saved_padding != run.train.pad_vocab_to_multiple_of:
@@ -300,7 +304,7 @@ def checkpoint_meta(run, ctx, data, log, interval, progress):
             "microbatch_size": train_cfg.microbatch_size,
             "gradient_accumulation_steps": data.gradient_accumulation_steps,
             "pad_vocab_to_multiple_of": train_cfg.pad_vocab_to_multiple_of,
-            "parallelism": train_cfg.parallelism,
+            "parallelism": train_cfg.parallelism, "optimizer": train_cfg.optimizer,
             "model_config": run.model.to_dict(),
             **({"init_from": progress.init_from} if progress.init_from else {}),
             **({"wandb_run_id": log.wandb_run_id} if log.wandb_run_id else {})}

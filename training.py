@@ -14,6 +14,7 @@ import torch
 
 import perf
 from errors import UserError
+from parallelism import local_tensor
 
 # The reference harness's LinearLR warmup starts at learning_rate x this.
 WARMUP_START_FACTOR = 1e-5
@@ -41,10 +42,85 @@ def compute_loss(model, inputs, targets, amp_dtype, device):
 
 
 def make_optimizer(model, train_cfg):
+    """train.json's optimizer for `model` (the bare or sharded GPTModel, not a wrapper)."""
+    if train_cfg.optimizer == "muon":
+        return MuonWithAdamW(model, train_cfg)
     # One parameter group, as in the reference harness, so its optimizer.pt files load.
     # Fused: one kernel for all parameters, and it can skip a step on a device-side flag.
     return torch.optim.AdamW(model.parameters(), lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay,
                              fused=True)
+
+
+def muon_parameter_names(model):
+    """The parameters Muon trains: the weights of the nn.Linear layers inside the transformer
+    blocks. torch.optim.Muon would take any 2-D parameter, but the token and position
+    embeddings and the output head are 2-D too and are no hidden-layer maps: they stay with
+    AdamW, as do norms and biases."""
+    block_matrices = {f"trf_blocks.{name}.weight" for name, module in model.trf_blocks.named_modules()
+                      if isinstance(module, torch.nn.Linear)}
+    return [name for name, _ in model.named_parameters() if name in block_matrices]
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """torch.optim.Muon (Nesterov) on muon_parameter_names, fused AdamW on every other
+    parameter, as one torch optimizer: param group 0 is AdamW's (learning_rate,
+    weight_decay), group 1 Muon's (muon_learning_rate, ...). So the learning-rate schedule
+    scales both groups by the same factor, zero_grad, GradScaler and the clipping before
+    step() see every parameter, and state_dict() is torch's usual layout over both groups
+    (state numbered group 0's parameters first, then group 1's; Muon's state is its
+    `momentum_buffer`), which torch.distributed.checkpoint handles as any optimizer's.
+
+    Like fused AdamW, step() skips on the device when the caller sets `found_inf` to a
+    nonzero tensor, so no rank waits for the device to decide: AdamW through its own flag,
+    Muon (which has none) by stepping and then putting back, with torch.where, each matrix
+    and momentum buffer copied before the step: one extra copy of both during the step."""
+
+    def __init__(self, model, train_cfg):
+        muon_names = set(muon_parameter_names(model))
+        named = list(model.named_parameters())
+        self.adamw = torch.optim.AdamW([p for name, p in named if name not in muon_names],
+                                       lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay, fused=True)
+        self.muon = torch.optim.Muon([p for name, p in named if name in muon_names], lr=train_cfg.muon_learning_rate,
+                                    weight_decay=train_cfg.muon_weight_decay, momentum=train_cfg.muon_momentum,
+                                    nesterov=True, adjust_lr_fn=train_cfg.muon_adjust_lr)
+        # The same group dicts, so a change of lr by the schedule reaches the optimizer that steps.
+        super().__init__(self.adamw.param_groups + self.muon.param_groups, defaults={})
+        self._share_groups_and_state()
+
+    def _share_groups_and_state(self):
+        # Both optimizers keep their state in this one (their parameters are disjoint).
+        self.adamw.param_groups, self.muon.param_groups = self.param_groups[:1], self.param_groups[1:]
+        self.adamw.state = self.muon.state = self.state
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)  # which replaces the groups and the state
+        self._share_groups_and_state()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("MuonWithAdamW.step takes no closure")
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is None:
+            self.adamw.step()
+            self.muon.step()
+            return
+        self.adamw.found_inf = found_inf
+        try:
+            self.adamw.step()
+        finally:
+            del self.adamw.found_inf
+        self._muon_step_unless(found_inf > 0)
+
+    def _muon_step_unless(self, skip):
+        stepped = [p for group in self.muon.param_groups for p in group["params"] if p.grad is not None]
+        for p in stepped:  # made here, as Muon would, so that a skipped first step leaves zeros
+            self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad, memory_format=torch.preserve_format))
+        tensors = [local_tensor(t) for p in stepped for t in (p, self.state[p]["momentum_buffer"])]
+        before = [t.clone() for t in tensors]
+        self.muon.step()
+        for now, then in zip(tensors, before):
+            now.copy_(torch.where(skip, then, now))
 
 
 # ---------------------------------------------------------------- learning-rate schedule
