@@ -33,9 +33,6 @@ includes the other model's weights and optimizer state.
 """
 
 import gc
-import os
-import platform
-import resource
 import statistics
 import time
 from contextlib import contextmanager
@@ -48,6 +45,7 @@ import torch.distributed as dist
 
 import perf
 from config import ModelConfig, TrainConfig, load_json, resolve_run_dir
+from devices import machine_description, peak_memory, release, reset_peak_memory, synchronize
 from distributed import DistContext, check_connectivity, init_distributed
 from errors import UserError, report_user_errors
 from gpt import GPTModel
@@ -180,27 +178,6 @@ def train_step(model, optimizer, scaler, inputs, targets, precision, device):
     optimizer.zero_grad(set_to_none=True)
 
 
-def reset_peak_memory(device):
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:  # Linux: "5" resets the peak RSS that getrusage reports to the current RSS
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass  # then the peak is the process's high-water mark so far
-
-
-def peak_memory(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure(models, cfg, train_cfg, microbatch, steps, warmup, precision, ctx):
     """Train every model in `models` ({name: model}) for warmup + steps steps on the
     same batch, taking turns step by step so that a change in load on a shared
@@ -267,28 +244,7 @@ def slowest_rank(measurements):
             for ranks in zip(*per_rank)]
 
 
-def release(device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 # ---------------------------------------------------------------- reporting
-
-
-def machine_description(device):
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} x{torch.cuda.device_count()}"
-    cpuinfo = Path("/proc/cpuinfo")
-    fields = {}
-    if cpuinfo.is_file():  # the first processor's fields
-        for line in cpuinfo.read_text().split("\n\n")[0].splitlines():
-            key, _, value = line.partition(":")
-            fields[key.strip()] = value.strip()
-    name = fields.get("model name") or platform.processor() or "unknown"
-    if "cpu family" in fields:  # a bare "AMD EPYC" says little; family and model name the generation
-        name += f" (family {fields['cpu family']}, model {fields.get('model', '?')})"
-    return f"CPU {name}, {os.cpu_count()} logical CPUs"
 
 
 def device_peak(device, precision, peak_tflops):

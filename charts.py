@@ -12,6 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from chart_style import chart_style  # noqa: E402
+from checkpointing import read_checkpoint_meta  # noqa: E402
+from metrics import read_metrics  # noqa: E402
 
 # About this many points per curve, however long the run.
 BINS = 200
@@ -124,3 +126,15 @@ def write_charts(run_dir, rows, best_step=None, clip_norm=None):
         plot_grad_norm(rows, run_dir / grad_norm_file, clip_norm)
         plot_learning_rate(rows, run_dir / learning_rate_file)
     write_viewer(run_dir)
+
+
+def draw_run_charts(run):
+    """Rank 0, after a checkpoint save: the run's charts from its metrics.jsonl, the `best`
+    checkpoint's step marked. Never raises: a chart is never worth a training run."""
+    try:
+        best_dir = run.checkpoints_dir / "best"
+        best_step = read_checkpoint_meta(best_dir)["global_step"] if best_dir.exists() else None
+        write_charts(run.run_dir, read_metrics(run.run_dir / "metrics.jsonl"),
+                     best_step=best_step, clip_norm=run.train.clipping_max_norm)
+    except Exception as e:  # noqa: BLE001 - a chart is never worth a training run
+        print(f"warning: could not draw charts: {type(e).__name__}: {e}")

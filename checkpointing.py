@@ -12,19 +12,27 @@ reads weights reads it as a DDP checkpoint's (train.json's consolidated_weights)
 
 A checkpoint directory is complete or absent: it is written under a hidden
 `.partial-*` name and renamed into place, and the links move after it.
+
+This module is how to save and restore; whether to save, and what is `best`, is the
+training loop's (ddp_train.py). `save_and_prune` is a save on every rank (the RNG
+states gathered, shards written, rank 0 writing the rest); `load_training_state` and
+`set_rank_rng` put a run back where a checkpoint left it.
 """
 
 import datetime
 import errno
 import json
 import os
+import random
 import shutil
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -33,6 +41,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 
 from config import ModelConfig
+from distributed import run_and_share_errors, share_from_main
 from errors import UserError
 from gpt import GPTModel
 from jsonfiles import strict_json
@@ -218,7 +227,38 @@ def check_free_space(checkpoints_dir, needed_bytes):
                         "(keep_last_checkpoints in train.json prunes old checkpoints) and resume")
 
 
-def save_checkpoint(checkpoints_dir, state, rank_rng_states, meta, is_best):
+def save_and_prune(checkpoints_dir, train_cfg, ctx, state, meta, is_best):
+    """Every rank: save a checkpoint into `checkpoints_dir` and prune old ones (train.json
+    keep_last_checkpoints); rank 0 gets the checkpoint directory back, the others None.
+    A failure on any rank reaches every rank (no one waits forever)."""
+    write = write_checkpoint(checkpoints_dir, train_cfg, ctx, state, meta, is_best)
+
+    def write_and_prune():
+        saved = write()
+        if train_cfg.keep_last_checkpoints:
+            prune_checkpoints(checkpoints_dir, train_cfg.keep_last_checkpoints)
+        return saved
+
+    return run_and_share_errors(ctx.is_main, write_and_prune)
+
+
+def write_checkpoint(checkpoints_dir, train_cfg, ctx, state, meta, is_best):
+    """The collective part of a save, on every rank: every rank sends its RNG state to rank
+    0, and under fsdp/hsdp writes its shards (the full weights gathered on rank 0). Returns
+    rank 0's remaining work, which writes the rest and returns the checkpoint directory."""
+    rng_states = [None] * ctx.world_size if ctx.is_main else None
+    dist.gather_object(capture_rng_state(ctx.device), rng_states, dst=0)
+    if not state.sharded:
+        return lambda: write_unsharded_checkpoint(checkpoints_dir, state, rng_states, meta, is_best)
+    consolidated = train_cfg.consolidated_weights
+    partial = share_from_main(run_and_share_errors(ctx.is_main, lambda: begin_checkpoint(
+        checkpoints_dir, meta["global_step"], state.size_estimate(full_weights_too=consolidated))))
+    write_sharded_state(partial, state)
+    weights = gather_full_weights(state.model) if consolidated else None
+    return lambda: finish_checkpoint(partial, state, rng_states, meta, is_best, weights)
+
+
+def write_unsharded_checkpoint(checkpoints_dir, state, rank_rng_states, meta, is_best):
     """Write an unsharded checkpoint (rank 0 alone): begin_checkpoint, then finish_checkpoint."""
     partial = begin_checkpoint(checkpoints_dir, meta["global_step"], state.size_estimate())
     return finish_checkpoint(partial, state, rank_rng_states, meta, is_best, full_weights(state.model))
@@ -380,6 +420,41 @@ def verify_checkpoint(checkpoint_dir):
                             f"{path.stat().st_size} bytes, expected {size}")
     return meta
 
+
+# ---------------------------------------------------------------- RNG state
+
+def capture_rng_state(device):
+    numpy_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]),
+        "torch": torch.get_rng_state(),
+        # This rank's GPU only: touching the others would open a CUDA context on each.
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
+
+
+def restore_rng_state(state, device):
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def set_rank_rng(ctx, random_seed, saved_states=None):
+    """Give each rank its own dropout masks: its saved RNG state if `saved_states` has one
+    per rank of this world size, otherwise the seed random_seed + rank. Returns whether
+    the saved state was restored."""
+    if saved_states is not None and len(saved_states) == ctx.world_size:
+        restore_rng_state(saved_states[ctx.rank], ctx.device)
+        return True
+    torch.manual_seed(random_seed + ctx.rank)
+    return False
+
+
+# ---------------------------------------------------------------- loading
 
 def load_training_state(checkpoint_dir, state, device):
     """Restore a checkpoint written by this project or by the reference harness (which

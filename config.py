@@ -214,7 +214,7 @@ class TrainConfig:
     extend_positions: bool = False  # with init_from: allow a longer context than the source's learned positions
     activation_checkpointing: bool = False  # recompute each block in the backward pass: less memory, ~1/3 more compute
     loss_chunk_tokens: int | None = None  # compute the loss over this many tokens' logits at a time
-    # HellaSwag during training (eval_hellaswag.training_share): every hellaswag_interval steps and
+    # HellaSwag during training (hellaswag_scoring.training_share): every hellaswag_interval steps and
     # the last, on the first hellaswag_items items (null: all) of hellaswag_data (null: the public validation file).
     hellaswag_interval: int | None = None
     hellaswag_items: int | None = None
@@ -304,6 +304,17 @@ class TrainConfig:
     def effective_min_lr(self):
         return self.learning_rate / 10 if self.min_lr is None else self.min_lr
 
+    @property
+    def gradient_clip_norm(self):
+        """clipping_max_norm, or infinity (the norm is still measured) without clipping."""
+        return float("inf") if self.clipping_max_norm is None else self.clipping_max_norm
+
+    def log_interval_on(self, device):
+        """log_interval, or by default 10 on a GPU (each read waits for the device) and 1 on CPU."""
+        if self.log_interval is not None:
+            return self.log_interval
+        return 10 if device.type == "cuda" else 1
+
 
 @dataclass(frozen=True)
 class Run:
@@ -315,6 +326,10 @@ class Run:
     @property
     def checkpoints_dir(self):
         return self.run_dir / "checkpoints"
+
+    @property
+    def wandb_run_name(self):
+        return self.train.wandb_run_name or self.name
 
 
 def resolve_run_dir(run):

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from checkpointing import clean_state_dict, fill_tied_key, read_checkpoint_meta
 from config import ModelConfig, load_json
-from convert_gpt2 import load_hf_checkpoint
+from hf_convert import load_hf_checkpoint
 from errors import UserError
 
 # Keys a run may change from its source: they do not describe the weights.

@@ -15,7 +15,6 @@ steps, read from the device in one transfer) and interpolated within it.
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -124,7 +123,7 @@ class WandbLog:
         config = {"model": dataclasses.asdict(run.model), "train": dataclasses.asdict(run.train)}
         try:
             self.run = wandb.init(project=run.train.wandb_project, entity=run.train.wandb_entity,
-                                  name=run.train.wandb_run_name or run.name, id=run_id, resume="allow",
+                                  name=run.wandb_run_name, id=run_id, resume="allow",
                                   dir=os.environ.get("WANDB_DIR", run.run_dir), config=config)
         except wandb.Error as e:
             reason = " ".join(str(e).split())  # error output is one line
@@ -182,34 +181,29 @@ def peak_flops_for(train_cfg, device, amp_dtype):
 class TrainingLog:
     """Turns the step statistics of each log window into metrics.jsonl rows on every rank
     (the training loop decides from them); rank 0 also writes them to metrics.jsonl,
-    TensorBoard, W&B and the progress bar. It records only: stopping, skipping, what
-    counts as best and when to evaluate are the training loop's decisions.
+    TensorBoard, W&B (`wandb`, a WandbLog the caller started) and the progress bar. It
+    records only: where the run is (tokens, elapsed time), stopping, skipping, what counts
+    as best and when to evaluate are the training loop's.
     """
 
-    def __init__(self, run, ctx, total_steps, global_batch_tokens, amp_dtype, start_step, tokens_seen,
-                 elapsed_before, wandb_run_id=None):
+    def __init__(self, run, ctx, total_steps, global_batch_tokens, amp_dtype, start_step, wandb=None):
         self.run, self.ctx = run, ctx
         self.total_steps, self.global_batch_tokens = total_steps, global_batch_tokens
-        self.tokens_seen, self.elapsed_before = tokens_seen, elapsed_before
-        self.session_start = self.last_record = time.time()
-        self.session_tokens = 0
-        self.last_row = None
-        self.last_val_loss = None
+        self.last_record = time.time()
         self.flops_per_token = perf.training_flops_per_token(run.model)
         self.peak_flops = peak_flops_for(run.train, ctx.device, amp_dtype)
         self.metrics_file = MetricsLog(run.run_dir / "metrics.jsonl") if ctx.is_main else None
         self.tensorboard = TensorBoardLog(run.run_dir / "tb") if ctx.is_main and run.train.tensorboard else None
-        self.wandb = WandbLog(run, wandb_run_id) if ctx.is_main and run.train.wandb_project else None
-        if self.metrics_file:
-            self.metrics_file.truncate_after(start_step - 1)
+        self.wandb = wandb
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not ctx.is_main,
                         unit="step", dynamic_ncols=True)
 
-    def record(self, window, evaluations):
+    def record(self, window, evaluations, tokens_before, elapsed_before):
         """`window`: (step, lr, statistics) for each step since the last call, statistics
-        being a dict with the step's loss, grad_norm and nonfinite_ranks. `evaluations`:
-        the keys the evaluations at the window's last step add to its row (val_loss,
-        hellaswag_acc, hellaswag_acc_norm). Returns the rows."""
+        being a dict of the step's training.STEP_STATISTICS. `evaluations`: the keys the
+        evaluations at the window's last step add to its row (val_loss, hellaswag_acc,
+        hellaswag_acc_norm). `tokens_before`, `elapsed_before`: the run's tokens and
+        training seconds before the window. Returns the rows."""
         now = time.time()
         window_seconds = max(now - self.last_record, 1e-9)
         tokens_per_sec = len(window) * self.global_batch_tokens / window_seconds
@@ -218,23 +212,18 @@ class TrainingLog:
         rows = []
         for position, (step, lr, statistics) in enumerate(window):
             loss, grad_norm = statistics["loss"], statistics["grad_norm"]
-            self.tokens_seen += self.global_batch_tokens
-            self.session_tokens += self.global_batch_tokens
             row = {"step": step, "loss": finite_or_none(loss), "lr": lr, "grad_norm": finite_or_none(grad_norm),
                    "clipped": clip is not None and grad_norm > clip,
-                   "skipped": statistics["nonfinite_ranks"] > 0 or not math.isfinite(grad_norm),
-                   "tokens": self.tokens_seen, "tokens_per_sec": tokens_per_sec,
-                   "tokens_per_sec_per_device": per_device,
+                   "skipped": statistics["skipped"] > 0,
+                   "tokens": tokens_before + (position + 1) * self.global_batch_tokens,
+                   "tokens_per_sec": tokens_per_sec, "tokens_per_sec_per_device": per_device,
                    "mfu": perf.mfu(per_device, self.flops_per_token, self.peak_flops),
                    "eta_s": (self.total_steps - step - 1) * window_seconds / len(window),
-                   "elapsed_s": self.elapsed_before + (self.last_record - self.session_start)
-                   + window_seconds * (position + 1) / len(window)}
+                   "elapsed_s": elapsed_before + window_seconds * (position + 1) / len(window)}
             if position == len(window) - 1:
                 row |= {key: finite_or_none(value) for key, value in evaluations.items()}
-                self.last_val_loss = row.get("val_loss", self.last_val_loss)
             self._write(row)
             rows.append(row)
-        self.last_row = rows[-1]
         self.last_record = now
         return rows
 
@@ -252,11 +241,6 @@ class TrainingLog:
         self.bar.set_postfix(loss=loss, tok_per_s=f"{row['tokens_per_sec']:,.0f}",
                              per_dev=f"{row['tokens_per_sec_per_device']:,.0f}", mfu=mfu)
 
-    @property
-    def wandb_run_id(self):
-        """The W&B run this log writes to (rank 0's; None elsewhere or without W&B), for checkpoints."""
-        return self.wandb.run_id if self.wandb else None
-
     def close(self, failed=False):
         self.bar.close()
         if self.tensorboard:
@@ -269,13 +253,3 @@ class TrainingLog:
 
     def __exit__(self, exc_type, exc, traceback):
         self.close(failed=exc_type is not None)
-
-    def summary(self):
-        seconds = time.time() - self.session_start
-        text = (f"Training complete in {seconds:,.1f} s; tokens seen this session {self.session_tokens:,} "
-                f"(total {self.tokens_seen:,}); throughput {self.session_tokens / seconds:,.0f} tokens/s")
-        if self.last_row is not None and self.last_row["loss"] is not None:
-            text += f"; final train loss {self.last_row['loss']:.4f}"
-        if self.last_val_loss is not None:
-            text += f"; final validation loss {self.last_val_loss:.4f}"
-        return text

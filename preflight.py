@@ -3,8 +3,8 @@
     uv run torchrun --nproc_per_node=8 preflight.py RUN DATASETS_DIR [--steps 30]
         [--price-per-gpu-hour 2.99] [--json OUT] [--markdown OUT] [--chart OUT]
 
-Started exactly as training is, it runs the run's own code paths (ddp_train.py's model,
-data, step, validation and checkpoint writer) with the run's config on every rank:
+Started exactly as training is, it runs the run's own code paths (the training loop's
+model, data, step, validation and checkpoint writer) with the run's config on every rank:
 
 1. machine: GPUs, versions, CPUs, free disk against what the run will write;
 2. interconnect: all-reduce bus bandwidth at the gradients' size and below it, with the
@@ -37,17 +37,21 @@ import click
 import torch
 import torch.distributed as dist
 
-import ddp_train
-import eval_hellaswag
+import charts
+import checkpointing
+import hellaswag_scoring
+import microbatch_search
 import perf
+import training
 from batching import prefetch_to_device, rank_microbatch_indices
-from bench import machine_description, peak_memory, release, reset_peak_memory, synchronize
 from checkpointing import size_text
 from config import load_run
+from devices import machine_description, peak_memory, release, reset_peak_memory, synchronize
 from distributed import check_connectivity, init_distributed, run_and_share_errors, share_from_main
 from errors import UserError, report_user_errors
 from jsonfiles import strict_json
 from metrics import peak_flops_for
+from training_setup import set_up_training
 
 # Bus bandwidth (nccl-tests' busbw: what each GPU's links carry) that all-reduces of tens
 # of MB and up reach on working hardware, as orders of magnitude.
@@ -146,17 +150,17 @@ def fit_report(run, ctx):
     """The configured microbatch, tried; if it runs out of memory, the -f search and the
     split it suggests for the configured global batch. Returns (report, the train config to
     measure: the configured one, or the suggested split)."""
-    fits = ddp_train.microbatch_trial(run, ctx)
+    fits = microbatch_search.microbatch_trial(run, ctx)
     configured = run.train.microbatch_size
     peak = fits(configured)
     report = {"microbatch_size": configured, "fits": peak is not None, "peak_memory_bytes": peak,
               "searched": False}
     if peak is None:
         # Searched only after the configured size failed: sizes from there up fail too, so it ends.
-        largest, peak = ddp_train.largest_microbatch(run, ctx, fits)
-        sequences = ddp_train.fixed_sequences_per_rank(run, ctx)
+        largest, peak = microbatch_search.largest_microbatch(run, ctx, fits)
+        sequences = microbatch_search.fixed_sequences_per_rank(run, ctx)
         target = None if sequences is not None else ctx.world_size * configured * run.train.gradient_accumulation_steps
-        keys, suggestion = ddp_train.batch_suggestion(run, ctx, largest, sequences, target)
+        keys, suggestion = microbatch_search.batch_suggestion(run, ctx, largest, sequences, target)
         report |= {"searched": True, "largest_microbatch": largest, "largest_peak_memory_bytes": peak,
                    "suggested": keys, "suggestion": suggestion}
     del fits
@@ -187,7 +191,7 @@ class TimedBatches:
 @dataclass
 class Speed:
     compile: bool
-    setup_s: float  # build_trainer: model, data, wrapping
+    setup_s: float  # set_up_training: model, data, wrapping
     warmup_s: float  # the untimed first steps together (compiling, allocation)
     step_times_s: list  # each timed step, the slowest rank's
     data_wait_s: list  # each timed step's wait for its microbatches, the slowest rank's
@@ -219,7 +223,7 @@ def slowest_rank(ctx, values):
     return tensor.tolist()
 
 
-def train_steps(trainer, run, ctx, batches, count):
+def train_steps(setup, run, ctx, batches, count):
     """`count` optimizer steps on `batches`, as the training loop takes them: (each step's
     seconds, each step's wait for its microbatches, each step's learning rate and statistics
     on the device)."""
@@ -227,9 +231,9 @@ def train_steps(trainer, run, ctx, batches, count):
     for _ in range(count):
         synchronize(ctx.device)
         start, wait_before = time.perf_counter(), batches.wait_s
-        learning_rates.append(trainer.state.scheduler.get_last_lr()[0])
-        step_statistics.append(ddp_train.train_step(trainer, run, ctx, batches, stop_requested=False))
-        trainer.state.scheduler.step()
+        learning_rates.append(setup.state.scheduler.get_last_lr()[0])
+        step_statistics.append(training.train_step(setup, run, ctx, batches, stop_requested=False))
+        setup.state.scheduler.step()
         synchronize(ctx.device)
         seconds.append(time.perf_counter() - start)
         waits.append(batches.wait_s - wait_before)
@@ -237,19 +241,19 @@ def train_steps(trainer, run, ctx, batches, count):
 
 
 def measure_speed(run, ctx, datasets_dir, steps, warmup_steps):
-    """The run's own trainer for warmup_steps + steps optimizer steps on the run's first
-    microbatches (from the start again if the run has fewer steps). Returns (Speed, the trainer)."""
+    """The run's own training set-up for warmup_steps + steps optimizer steps on the run's first
+    microbatches (from the start again if the run has fewer steps). Returns (Speed, the TrainingSetup)."""
     start = time.perf_counter()
-    trainer, _ = ddp_train.build_trainer(run, ctx, datasets_dir, checkpoint_dir=None)
+    setup, _ = set_up_training(run, ctx, datasets_dir, resume_dir=None)
     setup_s = time.perf_counter() - start
-    data = trainer.data
+    data = setup.data
     indices = rank_microbatch_indices(0, warmup_steps + steps, data.gradient_accumulation_steps, ctx.world_size,
                                       ctx.rank)
     batches = TimedBatches(prefetch_to_device(data.train, (index % len(data.train) for index in indices),
                                               ctx.device))
-    warmup_times, *_ = train_steps(trainer, run, ctx, batches, warmup_steps)
+    warmup_times, *_ = train_steps(setup, run, ctx, batches, warmup_steps)
     reset_peak_memory(ctx.device)
-    seconds, waits, learning_rates, step_statistics = train_steps(trainer, run, ctx, batches, steps)
+    seconds, waits, learning_rates, step_statistics = train_steps(setup, run, ctx, batches, steps)
     peak = slowest_rank(ctx, [float(peak_memory(ctx.device))])[0]
     timings = slowest_rank(ctx, [setup_s, sum(warmup_times)] + seconds + waits)
     # Rows as metrics.jsonl has them, for the charts the timed checkpoint save draws.
@@ -258,7 +262,7 @@ def measure_speed(run, ctx, datasets_dir, steps, warmup_steps):
     speed = Speed(compile=run.train.compile, setup_s=timings[0], warmup_s=timings[1],
                   step_times_s=timings[2:2 + steps], data_wait_s=timings[2 + steps:],
                   peak_memory_bytes=int(peak), tokens_per_step=data.global_batch_tokens, step_rows=step_rows)
-    return speed, trainer
+    return speed, setup
 
 
 def timed(ctx, work):
@@ -270,28 +274,28 @@ def timed(ctx, work):
     return slowest_rank(ctx, [time.perf_counter() - start])[0]
 
 
-def evaluation_times(run, ctx, trainer, scratch_dir):
+def evaluation_times(run, ctx, setup, scratch_dir):
     """One validation pass, one HellaSwag evaluation (when the run has them) and one
     checkpoint save with its charts, as the training loop does them."""
-    model, autocast_dtype = trainer.state.model, trainer.parallel.autocast_dtype
+    model, autocast_dtype = setup.state.model, setup.parallel.autocast_dtype
     times = {"validation_s": None, "hellaswag_s": None}
-    if trainer.data.validation is not None:
-        times["validation_s"] = timed(ctx, lambda: ddp_train.evaluate(model, trainer.data.validation, ctx,
+    if setup.data.validation is not None:
+        times["validation_s"] = timed(ctx, lambda: training.evaluate(model, setup.data.validation, ctx,
                                                                       autocast_dtype))
-    if trainer.hellaswag is not None:
-        times["hellaswag_s"] = timed(ctx, lambda: eval_hellaswag.distributed_scores(model, trainer.hellaswag,
+    if setup.hellaswag is not None:
+        times["hellaswag_s"] = timed(ctx, lambda: hellaswag_scoring.distributed_scores(model, setup.hellaswag,
                                                                                      autocast_dtype))
     scratch_run = replace(run, run_dir=scratch_dir)
 
     def save():
         meta = {"global_step": 0, "preflight": True, "model_config": run.model.to_dict()}
-        write = ddp_train.write_checkpoint(scratch_run.checkpoints_dir, run.train, ctx, trainer.state, meta,
+        write = checkpointing.write_checkpoint(scratch_run.checkpoints_dir, run.train, ctx, setup.state, meta,
                                            is_best=False)
-        run_and_share_errors(ctx.is_main, lambda: (write(), ddp_train.draw_charts(scratch_run)))
+        run_and_share_errors(ctx.is_main, lambda: (write(), charts.draw_run_charts(scratch_run)))
 
     times["checkpoint_save_s"] = timed(ctx, save)
-    times["checkpoint_bytes"] = trainer.state.size_estimate(
-        full_weights_too=trainer.state.sharded and run.train.consolidated_weights)
+    times["checkpoint_bytes"] = setup.state.size_estimate(
+        full_weights_too=setup.state.sharded and run.train.consolidated_weights)
     return times
 
 
@@ -306,10 +310,10 @@ def scheduled_counts(run, total_steps, validates, scores_hellaswag):
     """How many validations, HellaSwag evaluations and checkpoints the whole run does."""
     counts = {"validations": 0, "hellaswag_evaluations": 0, "checkpoints": 0}
     for global_step in range(total_steps):
-        work = ddp_train.work_after_step(global_step, total_steps, run.train, validates, scores_hellaswag)
+        work = training.work_after_step(global_step, total_steps, run.train, validates, scores_hellaswag)
         counts["validations"] += work.validation
         counts["hellaswag_evaluations"] += work.hellaswag
-        counts["checkpoints"] += work.checkpoint
+        counts["checkpoints"] += work.save_checkpoint
     return counts
 
 
@@ -487,20 +491,20 @@ def preflight(run, ctx, datasets_dir, steps, warmup_steps, compile_modes, price_
     speeds, evaluation, data = [], None, None
     for compile_model in compile_modes:
         variant = replace(run, train=replace(measured_train, compile=compile_model))
-        speed, trainer = measure_speed(variant, ctx, datasets_dir, steps, warmup_steps)
+        speed, setup = measure_speed(variant, ctx, datasets_dir, steps, warmup_steps)
         if evaluation is None:
-            data = trainer.data
+            data = setup.data
             run_and_share_errors(ctx.is_main, lambda: write_scratch_metrics(scratch_dir, speed))
-            evaluation = evaluation_times(run, ctx, trainer, scratch_dir)
+            evaluation = evaluation_times(run, ctx, setup, scratch_dir)
         speeds.append(speed)
-        del trainer
+        del setup
         release(ctx.device)
         if compile_model:
             torch._dynamo.reset()  # the compiled graphs hold the model alive
     dataset_dir = Path(data.train.path).parent
     counts = scheduled_counts(run, data.total_steps, data.validation is not None,
                               run.train.hellaswag_interval is not None)
-    amp_dtype = ddp_train.amp_dtype_for(run.train, ctx.device)
+    amp_dtype = training.amp_dtype_for(run.train, ctx.device)
     precision = str(amp_dtype).removeprefix("torch.") if amp_dtype else "fp32"
     peak_flops = peak_flops_for(run.train, ctx.device, amp_dtype)
     flops_per_token = perf.training_flops_per_token(run.model)

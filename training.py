@@ -1,20 +1,29 @@
-"""The pieces of training that more than one script uses: precision, the loss, the
-optimizer, the learning-rate schedule and the memory a model needs.
+"""Training, one piece at a time: precision, the loss, the optimizer, the learning-rate
+schedule, the memory a model needs, the model as training builds it, one optimizer
+step, a validation pass, and the loop's schedule of what follows each step.
 
-ddp_train.py assembles them into the training step and loop; bench.py,
-test_loss.py and the -f search use them so that they measure and evaluate
-exactly what training runs.
+ddp_train.py's loop runs them; preflight.py, bench.py, test_loss.py and the -f search
+use them so that they measure and evaluate exactly what training runs.
+
+Seams for tests (tests/train_with_faults.py, tests/test_run_safety.py): the loop and
+preflight call `training.train_step`, and train_step and evaluate call
+`training.compute_loss`, through this module, so replacing either attribute here
+changes what every caller runs.
 """
 
 import math
 import os
 import warnings
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 import perf
 from errors import UserError
-from parallelism import local_tensor
+from gpt import GPTModel
+from initial_weights import apply_initial_weights
+from parallelism import check_supported, clip_gradients, local_tensor, shard, shard_count
 
 # The reference harness's LinearLR warmup starts at learning_rate x this.
 WARMUP_START_FACTOR = 1e-5
@@ -185,3 +194,135 @@ def check_model_fits(model_cfg, device, source, shards=1):
             f"{source}: this model has {parameters:,} parameters, whose weights, gradients and AdamW state "
             f"need {needed / 2**30:,.1f} GiB ({TRAINING_BYTES_PER_PARAMETER} bytes each{per_shard}), more than the "
             f"{available / 2**30:,.1f} GiB of {device}; check n_layers, emb_dim and vocab_size")
+
+
+# ---------------------------------------------------------------- the model
+
+def build_model(run, ctx, initial=None):
+    """The model on this rank's device (sharded under fsdp/hsdp), from `initial` weights
+    if given, its compute dtype, optimizer and gradient scaler, as training and the -f
+    search use them."""
+    model_json, train_json = run.run_dir / "model.json", run.run_dir / "train.json"
+    check_model_fits(run.model, ctx.device, model_json, shard_count(run.train, ctx))
+    amp_dtype = amp_dtype_for(run.train, ctx.device)
+    check_supported(run.train, amp_dtype, train_json)
+    torch.manual_seed(run.train.random_seed)  # identical initial weights on every rank
+    model = GPTModel(run.model, pad_vocab_to_multiple_of=run.train.pad_vocab_to_multiple_of,
+                     activation_checkpointing=run.train.activation_checkpointing,
+                     loss_chunk_tokens=run.train.loss_chunk_tokens)
+    if initial is not None:
+        note = apply_initial_weights(model, initial)
+        if ctx.is_main:
+            print(f"init_from: weights of {initial.origin['source']}" + (f" ({note})" if note else ""))
+    model.to(ctx.device)
+    if run.train.parallelism != "ddp":
+        shard(model, run.train, ctx, amp_dtype)
+    if amp_dtype is not None:
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and later
+    optimizer = make_optimizer(model, run.train)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16)
+    return model, amp_dtype, optimizer, scaler
+
+
+# ---------------------------------------------------------------- one step
+
+# What train_step returns: one device tensor per step holding these, in this order,
+# read from the device once per log window.
+STEP_STATISTICS = ("loss", "grad_norm", "nonfinite_ranks", "stop_votes", "skipped")
+
+
+def train_step(setup, run, ctx, microbatches, stop_requested):
+    """One optimizer step over `gradient_accumulation_steps` microbatches on every rank
+    (`setup`: a training_setup.TrainingSetup).
+
+    Returns, without waiting for the device, a tensor of STEP_STATISTICS: the loss
+    (mean over ranks and microsteps), the gradient norm before clipping, the number of
+    ranks with a non-finite loss and of ranks asking to stop, and 1 if the step was
+    skipped (else 0). A step with a non-finite
+    loss or gradient on any rank is skipped on every rank alike, inside the optimizer
+    (fused AdamW's `found_inf`, which MuonWithAdamW honours too), with no sync.
+    """
+    accumulation_steps = setup.data.gradient_accumulation_steps
+    state = setup.state
+    loss_sum = torch.zeros((), device=ctx.device)
+    for accumulation_step in range(accumulation_steps):
+        inputs, targets = next(microbatches)
+        # Gradients are all-reduced only on the last microstep.
+        is_last_microstep = accumulation_step == accumulation_steps - 1
+        with setup.parallel.gradient_sync(is_last_microstep):
+            loss = compute_loss(setup.parallel.forward_model, inputs, targets, setup.parallel.autocast_dtype,
+                                ctx.device)
+            state.scaler.scale(loss / accumulation_steps).backward()
+        loss_sum += loss.detach()
+
+    state.scaler.unscale_(state.optimizer)
+    grad_norm = clip_gradients(state.model.parameters(), run.train.gradient_clip_norm)
+    # One all-reduce carries the loss, the non-finite flag and the stop flag. The stop flag is
+    # picked from constants already on the device: making a tensor from a Python value would
+    # be a copy that waits for the device.
+    stop_flag = setup.stop_flags[1 if stop_requested else 0]
+    reduced = torch.stack([loss_sum / accumulation_steps, (~torch.isfinite(loss_sum)).float(), stop_flag])
+    dist.all_reduce(reduced)
+    mean_loss, nonfinite_ranks, stop_votes = reduced
+    skipped = ((nonfinite_ranks > 0) | ~torch.isfinite(grad_norm)).float()
+    if state.scaler.is_enabled():
+        # float16: the scaler found any inf/NaN in the (all-reduced) gradients and skips for us.
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+    else:
+        state.optimizer.found_inf = skipped
+        state.optimizer.step()
+        del state.optimizer.found_inf
+    state.optimizer.zero_grad(set_to_none=True)
+    return torch.stack([mean_loss / ctx.world_size, grad_norm.float(), nonfinite_ranks, stop_votes, skipped])
+
+
+@torch.no_grad()
+def evaluate(model, validation, ctx, amp_dtype):
+    """Mean validation loss; each rank takes every world_size-th batch, then all-reduce.
+
+    Every rank runs the same number of forward passes, because a sharded model's
+    all-gathers are collective: a rank past the last batch scores the last one again
+    and does not count it."""
+    model.eval()
+    totals = torch.zeros(2, device=ctx.device)
+    passes = math.ceil(len(validation) / ctx.world_size) * ctx.world_size
+    for index in range(ctx.rank, passes, ctx.world_size):
+        inputs, targets = (tensor.to(ctx.device) for tensor in validation[min(index, len(validation) - 1)])
+        loss = compute_loss(model, inputs, targets, amp_dtype, ctx.device)
+        if index < len(validation):
+            totals[0] += loss
+            totals[1] += 1
+    dist.all_reduce(totals)
+    model.train()
+    return (totals[0] / totals[1]).item()
+
+
+@torch.no_grad()
+def weights_are_finite(model):
+    """Whether every rank's weights are finite (one all-reduce; a sync, so only before saving)."""
+    finite = torch.stack([torch.isfinite(local_tensor(p)).all() for p in model.parameters()]).all().float()
+    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
+# ---------------------------------------------------------------- what follows a step
+
+@dataclass(frozen=True)
+class StepWork:
+    """What the loop does after an optimizer step, besides logging."""
+    save_checkpoint: bool
+    validation: bool
+    hellaswag: bool
+
+
+def work_after_step(global_step, total_steps, train_cfg, validates, scores_hellaswag):
+    """The loop's schedule (preflight.py counts it for its projection)."""
+    is_last = global_step == total_steps - 1
+    # The reference harness's rule: after step 0, every checkpoint_interval steps, and the last.
+    save_checkpoint = global_step % train_cfg.effective_checkpoint_interval == 0 or is_last
+    # Checkpoint steps are validated too, so every checkpoint's "best" is judged on a fresh number.
+    validation = validates and (global_step % train_cfg.validation_interval == 0 or save_checkpoint)
+    # HellaSwag at the last step too, so the final weights always have a score.
+    hellaswag = scores_hellaswag and (global_step % train_cfg.hellaswag_interval == 0 or is_last)
+    return StepWork(save_checkpoint, validation, hellaswag)

@@ -14,6 +14,7 @@ from evalkit import one_torch_thread  # noqa: F401  (autouse fixture)
 from evalkit import assert_one_error_line, random_model, run_script, save_state, tiny_config, write_model
 
 import convert_gpt2
+import hf_convert
 from eval_common import load_model
 
 TOKENS = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -86,7 +87,7 @@ def test_from_hf_downloads_a_repo_id(tmp_path, monkeypatch):
         calls.append((repo_id, allow_patterns))
         return str(tmp_path / "snapshot")
 
-    monkeypatch.setattr(convert_gpt2, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr(hf_convert, "snapshot_download", fake_snapshot_download)
     convert("from-hf", "openai-community/gpt2", tmp_path / "ours")
     assert len(calls) == 1 and calls[0][0] == "openai-community/gpt2"
     assert {"config.json", "model.safetensors"} <= set(calls[0][1])
@@ -157,7 +158,7 @@ def test_to_hf_without_tokenizer_files_says_so(tmp_path, monkeypatch):
     def offline(url):
         raise ConnectionError("no network")  # what tiktoken's download raises offline
 
-    monkeypatch.setattr(convert_gpt2, "read_file_cached", offline)
+    monkeypatch.setattr(hf_convert, "read_file_cached", offline)
     model_json, weights, _ = write_model(tmp_path / "run", tiny_config(vocab_size=50257, emb_dim=16))
     result = convert("to-hf", model_json, weights, tmp_path / "hf", "--tokenizer", "gpt2")
     assert "note: no tokenizer files written" in result.stdout and "no network" in result.stdout

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from evalkit import one_torch_thread  # noqa: F401  (autouse fixture)
 from evalkit import assert_one_error_line, run_script, tiny_config, write_model
 
-import convert_gpt2
+import hf_convert
 from eval_common import load_model
 from gpt import GPTModel
 
@@ -85,7 +85,7 @@ def test_load_hf_checkpoint_reads_older_files(tmp_path):
     del config["rope_parameters"]
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "rope_theta": 5000.0, "rope_scaling": None}))
 
-    cfg, state_dict = convert_gpt2.load_hf_checkpoint(str(tmp_path / "hf"))
+    cfg, state_dict = hf_convert.load_hf_checkpoint(str(tmp_path / "hf"))
     ours = GPTModel(cfg).eval()
     ours.load_state_dict(state_dict)
     torch.testing.assert_close(logits(ours), logits(hf), atol=1e-4, rtol=0)

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import make_run, read_rows, rewind_to_checkpoint, run_training, tokens_for
-from ddp_train import capture_rng_state, set_rank_rng
+from checkpointing import capture_rng_state, set_rank_rng
 
 STEPS = 8  # optimizer steps in each run below
 

@@ -35,7 +35,7 @@ def train_cfg(**keys):
 @pytest.mark.parametrize("world_size, microbatch, accumulation", [(8, 64, 1), (1, 64, 8), (2, 64, 4), (8, 16, 4),
                                                                   (1, 512, 1)])
 def test_global_batch_tokens_gives_the_same_tokens_per_step_on_any_world_size(world_size, microbatch, accumulation):
-    # The README's example: 524,288 tokens = 8 GPUs x 64 x 1024; on 1 GPU the same file accumulates 8.
+    # docs/configuration.md's example: 524,288 tokens = 8 GPUs x 64 x 1024; on 1 GPU the same file accumulates 8.
     cfg = train_cfg(global_batch_tokens=524_288, microbatch_size=microbatch)
     assert cfg.gradient_accumulation_steps is None  # nothing can read a fixed one by mistake
     assert gradient_accumulation_for(cfg, world_size, 1024, TRAIN_JSON) == accumulation

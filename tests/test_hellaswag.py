@@ -1,4 +1,4 @@
-"""eval_hellaswag.py: its scores against transformers' GPT-2 scored by hand, the
+"""eval_hellaswag.py and hellaswag_scoring.py: scores against transformers' GPT-2 scored by hand, the
 download cache, bad input, batching; and the evaluation scripts' --threads."""
 
 import http.server
@@ -12,7 +12,7 @@ from transformers import AutoTokenizer, GPT2LMHeadModel
 from evalkit import one_torch_thread  # noqa: F401  (autouse fixture)
 from evalkit import ITEMS, assert_one_error_line, run_script, tiny_config, write_items, write_model
 
-import eval_hellaswag
+import hellaswag_scoring
 from eval_common import load_model
 from token_data import get_tokenizer
 
@@ -49,9 +49,9 @@ def transformers_scores(hf_dir, items, context_length):
 def our_scores(model_json, weights, tokenizer_name, items, batch_size):
     model = load_model(model_json, weights, "cpu")
     tokenizer = get_tokenizer(tokenizer_name)
-    encoded = [eval_hellaswag.encode_item(eval_hellaswag.Item(item["ctx"], tuple(item["endings"]), item["label"]),
+    encoded = [hellaswag_scoring.encode_item(hellaswag_scoring.Item(item["ctx"], tuple(item["endings"]), item["label"]),
                                           tokenizer, model.cfg.context_length) for item in items]
-    return eval_hellaswag.score_items(model, encoded, batch_size)
+    return hellaswag_scoring.score_items(model, encoded, batch_size)
 
 
 def test_scores_match_transformers_gpt2_scored_by_hand(tmp_path):
@@ -102,8 +102,8 @@ def test_limit_and_batch_size_do_not_change_the_result(tmp_path, bytes_model):
     one_by_one, batched = (our_scores(*bytes_model, "bytes", ITEMS, batch_size) for batch_size in (1, 4))
     torch.testing.assert_close([s.sum_logprobs for s in batched], [s.sum_logprobs for s in one_by_one])
     torch.testing.assert_close([s.mean_losses for s in batched], [s.mean_losses for s in one_by_one])
-    assert eval_hellaswag.tally(batched) == eval_hellaswag.tally(one_by_one)
-    assert eval_hellaswag.tally(batched[:5]) == counts[0][:3]
+    assert hellaswag_scoring.tally(batched) == hellaswag_scoring.tally(one_by_one)
+    assert hellaswag_scoring.tally(batched[:5]) == counts[0][:3]
 
 
 class HellaSwagServer:

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import make_run, read_rows, run_training, tokens_for
 from evalkit import assert_one_error_line, run_script, write_items
-from eval_hellaswag import rank_share
+from hellaswag_scoring import rank_share
 
 STEPS = 4
 ITEMS_SCORED = 5  # of evalkit's 7

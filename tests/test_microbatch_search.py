@@ -57,14 +57,14 @@ def test_with_global_batch_tokens_write_sets_the_microbatch_only(tmp_path, verdi
     """In this process (a world of one), with microbatches above 5 failing as if out of memory:
     global_batch_tokens of 12 sequences of 32 tokens split best as microbatch 4 x accumulation 3."""
     run_dir = make_run(tmp_path / "run", verdict_dataset, global_batch_tokens=12 * 32)
-    real_make_trial = ddp_train.make_trial
+    real_make_trial = microbatch_search.make_trial
 
     def make_trial_up_to_5(*args):
         try_microbatch = real_make_trial(*args)
         return lambda size: None if size > 5 else try_microbatch(size)
 
-    monkeypatch.setattr(ddp_train, "require_gpu", lambda device: None)
-    monkeypatch.setattr(ddp_train, "make_trial", make_trial_up_to_5)
+    monkeypatch.setattr(microbatch_search, "require_gpu", lambda device: None)
+    monkeypatch.setattr(microbatch_search, "make_trial", make_trial_up_to_5)
     result = run_training([run_dir, "datasets", "-f", "--write"])
     assert "Largest microbatch that fits on every rank: 5" in result.stdout
     assert ("For train.json's global_batch_tokens 384 (12 sequences per rank on 1 rank(s)): microbatch_size 4, the "
@@ -91,7 +91,7 @@ def test_under_fsdp_the_search_trains_the_sharded_model(tmp_path, verdict_datase
     """-f with parallelism "fsdp" tries each size on the model sharded as training shards it
     (a world of one here). CPUs do not run out of memory, so the trial fails above 3
     sequences (a mock of what only a GPU does) and the search that needs CUDA is let run."""
-    real_make_trial = ddp_train.make_trial
+    real_make_trial = microbatch_search.make_trial
     sharded = []
 
     def make_trial(model, *args):
@@ -99,8 +99,8 @@ def test_under_fsdp_the_search_trains_the_sharded_model(tmp_path, verdict_datase
         try_microbatch = real_make_trial(model, *args)
         return lambda size: None if size > 3 else try_microbatch(size)
 
-    monkeypatch.setattr(ddp_train, "make_trial", make_trial)
-    monkeypatch.setattr(ddp_train, "require_gpu", lambda device: None)
+    monkeypatch.setattr(microbatch_search, "make_trial", make_trial)
+    monkeypatch.setattr(microbatch_search, "require_gpu", lambda device: None)
     run_dir = make_run(tmp_path / "run", verdict_dataset, parallelism="fsdp", microbatch_size=2)
     result = cli_in_process(ddp_train.main, [run_dir, "datasets", "-f", "--target-global-batch", "6", "--write"])
     assert result.returncode == 0, result.stdout + result.stderr

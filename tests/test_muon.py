@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import ddp_train
 import muon_fsdp_step
+import training
 from config import ModelConfig, TrainConfig
 from conftest import PROJECT_DIR, TINY_MODEL, make_run, read_rows, rewind_to_checkpoint, run_training, tokens_for, \
     train_env
@@ -139,13 +139,13 @@ def test_a_non_finite_loss_in_the_loop_skips_the_step_of_both_optimizers(tmp_pat
     """The real loop in this process, the loss made NaN at step 1: the checkpoints of steps 0
     and 1 hold the same weights and the same optimizer.pt (AdamW's and Muon's state)."""
     run_dir = muon_run(tmp_path / "run", verdict_dataset, 3, checkpoint_interval=1)
-    real_compute_loss, calls = ddp_train.compute_loss, []
+    real_compute_loss, calls = training.compute_loss, []
 
     def compute_loss(*args):
         calls.append(None)
         return real_compute_loss(*args) * (float("nan") if len(calls) == 2 else 1.0)
 
-    monkeypatch.setattr(ddp_train, "compute_loss", compute_loss)
+    monkeypatch.setattr(training, "compute_loss", compute_loss)
     run_training([run_dir, "datasets"])
     assert [row["skipped"] for row in read_rows(run_dir)] == [False, True, False]
     step0, step1 = (next((run_dir / "checkpoints").glob(f"*-iteration-{step}")) for step in (0, 1))

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-import ddp_train
+import microbatch_search
 import preflight
 from conftest import (PROJECT_DIR, SHARED_DATA, TINY_MODEL, cli_in_process, make_run, run_training, train_env,
                       write_byte_dataset)
@@ -157,13 +157,13 @@ def test_the_projection_matches_the_real_run_within_a_quarter(tmp_path, dataset)
 def test_a_microbatch_that_does_not_fit_is_searched_and_the_split_measured(tmp_path, dataset, monkeypatch):
     """CPUs do not run out of memory, so the trial is made to: above 4 sequences (a mock of
     what only a GPU can do)."""
-    real_make_trial = ddp_train.make_trial
+    real_make_trial = microbatch_search.make_trial
 
     def make_trial(*args):
         try_microbatch = real_make_trial(*args)
         return lambda size: None if size > 4 else try_microbatch(size)
 
-    monkeypatch.setattr(ddp_train, "make_trial", make_trial)
+    monkeypatch.setattr(microbatch_search, "make_trial", make_trial)
     run_dir = make_run(tmp_path / "run", dataset, model=MODEL, **{**TRAIN, "validation_interval": None})
     result, report = run_preflight(run_dir, tmp_path, "--steps", "2", "--warmup-steps", "1", "--compile", "off")
     fit = report["fit"]

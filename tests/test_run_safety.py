@@ -18,6 +18,7 @@ import torch
 
 import checkpointing
 import ddp_train
+import training
 from conftest import (PROJECT_DIR, SHARED_DATA, TINY_MODEL, make_run, read_rows, run_training, start_torchrun,
                       tokens_for, train_env, wait_for, worker_pid, write_byte_dataset)
 from config import ModelConfig, load_run
@@ -174,13 +175,13 @@ def poison_loss_at(monkeypatch, steps):
     """The training loss of these optimizer steps is NaN (accumulation 1, no validation:
     one training compute_loss call per step)."""
     calls = iter(range(10**6))
-    real_compute_loss = ddp_train.compute_loss
+    real_compute_loss = training.compute_loss
 
     def compute_loss(model, *args):
         loss = real_compute_loss(model, *args)
         return loss * float("nan") if model.training and next(calls) in steps else loss
 
-    monkeypatch.setattr(ddp_train, "compute_loss", compute_loss)
+    monkeypatch.setattr(training, "compute_loss", compute_loss)
 
 
 def test_a_skip_streak_that_ends_inside_a_log_window_stops_the_run(tmp_path, verdict_dataset, one_process_world,
@@ -196,16 +197,16 @@ def test_a_skip_streak_that_ends_inside_a_log_window_stops_the_run(tmp_path, ver
 def diverge_weights_at(monkeypatch, step):
     """The weights turn NaN in optimizer step `step` (what `weight_decay` 1e309 did)."""
     steps = iter(range(10**6))
-    real_train_step = ddp_train.train_step
+    real_train_step = training.train_step
 
-    def train_step(trainer, *args):
-        statistics = real_train_step(trainer, *args)
+    def train_step(setup, *args):
+        statistics = real_train_step(setup, *args)
         if next(steps) == step:
             with torch.no_grad():
-                trainer.state.model.tok_emb.weight[0, 0] = float("nan")
+                setup.state.model.tok_emb.weight[0, 0] = float("nan")
         return statistics
 
-    monkeypatch.setattr(ddp_train, "train_step", train_step)
+    monkeypatch.setattr(training, "train_step", train_step)
 
 
 @pytest.mark.parametrize("diverged_at, expected", [(0, "this run has no checkpoint yet"),
@@ -257,7 +258,7 @@ def test_a_write_that_fails_mid_checkpoint_removes_the_partial_directory(tmp_pat
     optimizer = torch.optim.AdamW(model.parameters())
     state = checkpointing.TrainingState(model, optimizer, torch.amp.GradScaler("cpu", enabled=False),
                                         torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0))
-    first = checkpointing.save_checkpoint(tmp_path, state, [None], {"global_step": 0}, is_best=True)
+    first = checkpointing.write_unsharded_checkpoint(tmp_path, state, [None], {"global_step": 0}, is_best=True)
 
     def full_disk(tensors, path, metadata=None):
         Path(path).write_bytes(b"partial")
@@ -265,7 +266,7 @@ def test_a_write_that_fails_mid_checkpoint_removes_the_partial_directory(tmp_pat
 
     monkeypatch.setattr(checkpointing, "save_safetensors", full_disk)
     with pytest.raises(UserError, match="could not write checkpoint .*-iteration-1 .*No space left on device"):
-        checkpointing.save_checkpoint(tmp_path, state, [None], {"global_step": 1}, is_best=True)
+        checkpointing.write_unsharded_checkpoint(tmp_path, state, [None], {"global_step": 1}, is_best=True)
     assert [p.name for p in tmp_path.iterdir() if not p.is_symlink()] == [first.name]
     assert (tmp_path / "latest").resolve() == (tmp_path / "best").resolve() == first
 
@@ -287,7 +288,7 @@ def test_checkpoint_files_get_the_usual_file_mode(tmp_path):
     optimizer = torch.optim.AdamW(model.parameters())
     state = checkpointing.TrainingState(model, optimizer, torch.amp.GradScaler("cpu", enabled=False),
                                         torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0))
-    checkpoint = checkpointing.save_checkpoint(tmp_path, state, [None], {"global_step": 0, "val_loss": float("nan")},
+    checkpoint = checkpointing.write_unsharded_checkpoint(tmp_path, state, [None], {"global_step": 0, "val_loss": float("nan")},
                                                is_best=False)
     modes = {p.name: p.stat().st_mode & 0o777 for p in checkpoint.iterdir()}
     assert modes["model.safetensors"] == modes["meta.json"] == modes["optimizer.pt"]

@@ -1,6 +1,15 @@
 """ddp_train.py with faults injected, for the end-to-end tests that need real processes
-(torchrun, signals, a second rank). The one place where tests reach into the trainer:
-production code has no test hooks. Run it exactly like ddp_train.py:
+(torchrun, signals, a second rank). Production code has no test hooks; this file
+replaces functions at these seams, each a module attribute that every caller looks up
+through its module:
+- training.train_step and training.compute_loss (the loop's step, and the loss that
+  train_step and evaluate compute);
+- checkpointing.save_safetensors (every model.safetensors a checkpoint writes);
+- microbatch_search.require_gpu and microbatch_search.make_trial (the -f search's
+  CUDA check and its trial of one microbatch size);
+- torch.distributed.checkpoint's FileSystemWriter.write_data (a sharded checkpoint's
+  writes).
+Run it exactly like ddp_train.py:
 
     torchrun --nproc_per_node=2 tests/train_with_faults.py RUN DATASETS_DIR ...
 
@@ -26,21 +35,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import checkpointing  # noqa: E402
 import ddp_train  # noqa: E402
+import microbatch_search  # noqa: E402
+import training  # noqa: E402
 
 
 def inject_nan_losses(spec):
     nan_steps = {int(rank): {int(step) for step in steps.split(",")}
                  for rank, steps in (item.split(":") for item in spec.split(";"))}
     steps = itertools.count()
-    real_train_step, real_compute_loss = ddp_train.train_step, ddp_train.compute_loss
+    real_train_step, real_compute_loss = training.train_step, training.compute_loss
 
-    def train_step(trainer, run, ctx, microbatches, stop_requested):
+    def train_step(setup, run, ctx, microbatches, stop_requested):
         poisoned = next(steps) in nan_steps.get(ctx.rank, ())
-        ddp_train.compute_loss = ((lambda *args: real_compute_loss(*args) * float("nan"))
-                                  if poisoned else real_compute_loss)
-        return real_train_step(trainer, run, ctx, microbatches, stop_requested)
+        training.compute_loss = ((lambda *args: real_compute_loss(*args) * float("nan"))
+                                 if poisoned else real_compute_loss)
+        return real_train_step(setup, run, ctx, microbatches, stop_requested)
 
-    ddp_train.train_step = train_step
+    training.train_step = train_step
 
 
 def delay_saves(seconds):
@@ -56,15 +67,15 @@ def delay_saves(seconds):
 def limit_microbatches(spec):
     limits = {int(rank): int(limit) for rank, limit in
               (item.split(":") for item in spec.split(","))}
-    real_make_trial = ddp_train.make_trial
+    real_make_trial = microbatch_search.make_trial
 
     def make_trial(model, optimizer, scaler, compute_loss, ctx, *args):
         try_microbatch = real_make_trial(model, optimizer, scaler, compute_loss, ctx, *args)
         limit = limits.get(ctx.rank)
         return lambda size: None if limit is not None and size > limit else try_microbatch(size)
 
-    ddp_train.require_gpu = lambda device: None
-    ddp_train.make_trial = make_trial
+    microbatch_search.require_gpu = lambda device: None
+    microbatch_search.make_trial = make_trial
 
 
 def fail_shard_write(spec):

@@ -1,0 +1,192 @@
+"""Everything one rank trains with, fresh or resumed from a checkpoint: the data, the
+model (wrapped for its parallelism), optimizer, scaler and schedule, the HellaSwag
+share, and the loop's progress state where a checkpoint left it.
+
+ddp_train.py's loop trains with what `set_up_training` returns; preflight.py times
+the same set-up.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+import checkpointing
+import hellaswag_scoring
+import token_data
+from batching import Microbatches, check_validation_length, count_optimizer_steps, gradient_accumulation_for
+from config import ModelConfig
+from distributed import run_and_share_errors
+from errors import UserError
+from initial_weights import load_initial_weights
+from parallelism import ParallelModel, wrap_for_training
+from training import build_model, make_lr_scheduler, move_lr_scheduler_to
+
+
+# ---------------------------------------------------------------- data
+
+@dataclass
+class Data:
+    train: Microbatches
+    validation: Microbatches | None
+    total_steps: int
+    global_batch_tokens: int
+    gradient_accumulation_steps: int  # train.json's, or derived from its global_batch_tokens for this world size
+    tokenizer: str  # the dataset's (its meta.json), for evaluations that tokenize text
+
+
+def load_data(run, ctx, datasets_dir):
+    train_cfg, context_length = run.train, run.model.context_length
+    train_json = run.run_dir / "train.json"
+    # Before any download: a global batch that this world size cannot split is a mistake in train.json.
+    accumulation = gradient_accumulation_for(train_cfg, ctx.world_size, context_length, train_json)
+    # Once per node, or once in all when every node sees the same DATASETS_DIR.
+    fetches = ctx.is_main if train_cfg.shared_filesystem else ctx.is_local_main
+    dataset_dir = run_and_share_errors(
+        fetches, lambda: token_data.fetch_dataset(train_cfg.dataset, datasets_dir, run.run_dir))
+    dataset_dir = dataset_dir or token_data.dataset_location(train_cfg.dataset, datasets_dir, run.run_dir)[1]
+    meta = token_data.read_meta(dataset_dir)
+    if run.model.vocab_size < meta.vocab_size:
+        raise UserError(f"{run.run_dir / 'model.json'}: key 'vocab_size' ({run.model.vocab_size}) is smaller "
+                        f"than the dataset's tokenizer vocabulary ({meta.tokenizer}: {meta.vocab_size}); "
+                        f"it must be at least {meta.vocab_size}")
+
+    microbatch_tokens = train_cfg.microbatch_size * context_length
+    global_batch_tokens = ctx.world_size * accumulation * microbatch_tokens
+    train_tokens = token_data.open_split(dataset_dir, "train")
+    total_steps = count_optimizer_steps(len(train_tokens), global_batch_tokens, train_cfg,
+                                        dataset_dir / "train.safetensors", train_json, run.model)
+    train = Microbatches(train_tokens, train_cfg.start_train_token,
+                         total_steps * global_batch_tokens // microbatch_tokens,
+                         train_cfg.microbatch_size, context_length, vocab_size=run.model.vocab_size,
+                         path=dataset_dir / "train.safetensors")
+
+    validation = None
+    if train_cfg.validation_interval:
+        val_tokens = token_data.open_split(dataset_dir, "validation")
+        check_validation_length(len(val_tokens), context_length, train_cfg, dataset_dir / "validation.safetensors",
+                                train_json)
+        validation = Microbatches(val_tokens, train_cfg.start_val_token, train_cfg.validation_batches,
+                                  train_cfg.microbatch_size, context_length, vocab_size=run.model.vocab_size,
+                                  path=dataset_dir / "validation.safetensors")
+    return Data(train, validation, total_steps, global_batch_tokens, accumulation, meta.tokenizer)
+
+
+# ---------------------------------------------------------------- progress, and resuming it
+
+@dataclass
+class Progress:
+    """What the loop decides with across steps and restarts: where the run is (from the last
+    recorded metrics row, or the checkpoint resumed), what is best, and what went wrong."""
+    start_step: int = 0
+    tokens_seen: int = 0
+    elapsed_s: float = 0.0  # training time up to the last recorded step, earlier sessions included
+    last_val_loss: float | None = None  # the newest validation loss of this session
+    last_row: dict | None = None  # the last metrics.jsonl row of this session
+    best_loss: float | None = None  # the score of the `best` checkpoint
+    last_checkpoint: str | None = None  # the newest checkpoint of this run, for messages
+    skipped_in_a_row: int = 0
+    init_from: dict | None = None  # where a run that started from existing weights started
+    wandb_run_id: str | None = None  # the W&B run a resumed run continues
+
+    def advance(self, rows):
+        """Move past recorded metrics rows (the last one is the newest)."""
+        self.last_row = rows[-1]
+        self.tokens_seen, self.elapsed_s = self.last_row["tokens"], self.last_row["elapsed_s"]
+        self.last_val_loss = self.last_row.get("val_loss", self.last_val_loss)
+
+
+def check_resumable(run, ctx, checkpoint_dir, meta, accumulation):
+    """Refuse a different model; allow a different split of the same global batch, and say so.
+    `accumulation`: this run's gradient accumulation steps (train.json's, or derived)."""
+    saved_model = meta.get("model_config")
+    if saved_model is not None:
+        # Through ModelConfig, so keys written at their defaults (or not at all) compare equal.
+        saved_model = ModelConfig.from_dict(saved_model, source=f"{checkpoint_dir / 'meta.json'} model_config")
+    if saved_model is not None and saved_model != run.model:
+        saved_model, now = saved_model.to_dict(), run.model.to_dict()
+        changed = sorted(k for k in saved_model.keys() | now.keys() if saved_model.get(k) != now.get(k))
+        raise UserError(f"checkpoint {checkpoint_dir.name} was trained with a different model.json "
+                        f"(differs in: {', '.join(changed)}); resume it with the model.json it was trained with")
+    saved_optimizer = meta.get("optimizer", "adamw")  # the reference harness's checkpoints: AdamW
+    if saved_optimizer != run.train.optimizer:
+        raise UserError(f"checkpoint {checkpoint_dir.name} was trained with optimizer \"{saved_optimizer}\"; resume "
+                        f"it with the same optimizer in train.json (its optimizer state fits no other)")
+    # The optimizer state holds the padded output layer: it only fits the same padding.
+    saved_padding = meta.get("pad_vocab_to_multiple_of", 1)
+    if saved_padding != run.train.pad_vocab_to_multiple_of:
+        raise UserError(f"checkpoint {checkpoint_dir.name} was trained with pad_vocab_to_multiple_of "
+                        f"{saved_padding}; resume it with the same value in train.json")
+    now = {"world_size": ctx.world_size, "microbatch_size": run.train.microbatch_size,
+           "gradient_accumulation_steps": accumulation}
+    saved = {key: meta.get(key) for key in now}
+    if None in saved.values() or saved == now:
+        return
+    if math.prod(saved.values()) != math.prod(now.values()):
+        raise UserError(
+            f"checkpoint {checkpoint_dir.name} was trained with a global batch of {math.prod(saved.values())} "
+            f"sequences ({saved}) but this run has {math.prod(now.values())} ({now}); keep world_size x "
+            "microbatch_size x gradient_accumulation_steps the same to resume (or global_batch_tokens "
+            f"{math.prod(saved.values()) * run.model.context_length})")
+    if ctx.is_main:
+        changes = ", ".join(f"{key} {saved[key]} -> {now[key]}" for key in now if saved[key] != now[key])
+        print(f"note: resuming with {changes} (same global batch, same data order)")
+
+
+def restore(run, ctx, checkpoint_dir, state, data):
+    """Load `checkpoint_dir` into `state`, put the schedule and every rank's RNG where it
+    was, and return the Progress it records."""
+    meta = checkpointing.read_checkpoint_meta(checkpoint_dir)
+    check_resumable(run, ctx, checkpoint_dir, meta, data.gradient_accumulation_steps)
+    meta, rng_states = checkpointing.load_training_state(checkpoint_dir, state, ctx.device)
+    start_step = meta["global_step"] + 1
+    # The schedule is a function of the step: this also continues a reference-harness run,
+    # whose scheduler.pt holds another kind of scheduler, or none.
+    move_lr_scheduler_to(state.scheduler, start_step)
+    if not checkpointing.set_rank_rng(ctx, run.train.random_seed, rng_states) and ctx.is_main:
+        print("note: checkpoint has no RNG state for this world size; dropout masks will differ "
+              "from an uninterrupted run")
+    best_dir = run.checkpoints_dir / "best"
+    best_meta = checkpointing.read_checkpoint_meta(best_dir) if best_dir.exists() else meta
+    best_loss = best_meta.get("best_loss", best_meta.get("val_loss") or best_meta.get("avg_train_loss"))
+    if ctx.is_main:
+        print(f"Resuming from {checkpoint_dir.name} at global step {start_step}")
+    return Progress(start_step=start_step,
+                    tokens_seen=meta.get("tokens_seen", start_step * data.global_batch_tokens),
+                    elapsed_s=meta.get("elapsed_s", 0.0), best_loss=best_loss,
+                    last_checkpoint=checkpoint_dir.name, init_from=meta.get("init_from"),
+                    wandb_run_id=meta.get("wandb_run_id"))
+
+
+# ---------------------------------------------------------------- set-up
+
+@dataclass
+class TrainingSetup:
+    """Everything one rank trains with."""
+    state: checkpointing.TrainingState  # the bare or sharded model, optimizer, scaler, schedule: what checkpoints hold
+    parallel: ParallelModel  # the forward model (DDP-wrapped, compiled or not) and the gradient-sync switch
+    data: Data
+    amp_dtype: torch.dtype | None  # the precision the model computes in
+    stop_flags: torch.Tensor  # [0., 1.] on the device
+    hellaswag: hellaswag_scoring.RankShare | None  # this rank's HellaSwag items, with hellaswag_interval
+
+
+def set_up_training(run, ctx, datasets_dir, resume_dir):
+    """(TrainingSetup, Progress): fresh, or resumed from the checkpoint `resume_dir` when given."""
+    # A resumed run's weights come from its checkpoint, whatever init_from says.
+    initial = (load_initial_weights(run.train, run.model, run.run_dir / "train.json")
+               if run.train.init_from and not resume_dir else None)
+    model, amp_dtype, optimizer, scaler = build_model(run, ctx, initial)
+    data = load_data(run, ctx, datasets_dir)
+    state = checkpointing.TrainingState(model, optimizer, scaler,
+                                        make_lr_scheduler(optimizer, run.train, data.total_steps))
+    if resume_dir:
+        progress = restore(run, ctx, resume_dir, state, data)
+    else:
+        progress = Progress(init_from=initial.origin if initial else None)
+        checkpointing.set_rank_rng(ctx, run.train.random_seed)
+    parallel = wrap_for_training(model, run.train, ctx, amp_dtype)
+    stop_flags = torch.tensor([0.0, 1.0], device=ctx.device)
+    hellaswag = (hellaswag_scoring.training_share(run, ctx, datasets_dir, data.tokenizer)
+                 if run.train.hellaswag_interval else None)
+    return TrainingSetup(state, parallel, data, amp_dtype, stop_flags, hellaswag), progress
