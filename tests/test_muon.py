@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import microbatch_search
 import muon_fsdp_step
 import training
 from config import ModelConfig, TrainConfig
@@ -258,3 +259,27 @@ def test_fsdp_muon_update_equals_the_unsharded_one_not_a_per_shard_one(tmp_path)
         assert relative_error(per_shard[name] - initial[name], expected) > 3 * tolerance, name
     for name in unsharded.keys() - set(matrices):  # AdamW's, whose second step sees the first Muon step's result
         torch.testing.assert_close(sharded[name], unsharded[name], rtol=0, atol=1e-3)
+
+
+def test_the_microbatch_search_trains_with_muon(tmp_path, verdict_dataset, monkeypatch):
+    """-f builds the optimizer as training does: its trials step MuonWithAdamW (on the model
+    sharded by fsdp, a world of one here). CPUs do not run out of memory, so the trial fails
+    above 3 sequences (a mock of what only a GPU does) and the search that needs CUDA is let run."""
+    real_make_trial, trained = microbatch_search.make_trial, []
+
+    def make_trial(model, optimizer, *args):
+        try_microbatch = real_make_trial(model, optimizer, *args)
+
+        def try_and_record(size):
+            before = [p.detach().clone() for p in optimizer.muon.param_groups[0]["params"]]
+            peak = try_microbatch(size)
+            trained.append(all(not torch.equal(a, p) for a, p in zip(before, optimizer.muon.param_groups[0]["params"])))
+            return None if size > 3 else peak
+        return try_and_record
+
+    monkeypatch.setattr(microbatch_search, "make_trial", make_trial)
+    monkeypatch.setattr(microbatch_search, "require_gpu", lambda device: None)
+    run_dir = make_run(tmp_path / "run", verdict_dataset, parallelism="fsdp", microbatch_size=2, **MUON)
+    result = run_training([run_dir, "datasets", "-f", "--target-global-batch", "6"])
+    assert "Largest microbatch that fits on every rank: 3" in result.stdout
+    assert trained and all(trained)
