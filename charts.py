@@ -3,7 +3,8 @@ the reference harness's file names (so the auto-refreshing chart page people kee
 their run directories shows them): loss-chart.png, grad-norm-chart.png and
 learning-rate-chart.png, plus charts.html, a page that shows all three and reloads
 them every few seconds. The loss chart also shows HellaSwag acc_norm, on a second axis,
-when the run evaluates it."""
+when the run evaluates it; a run with train.json `diagnostics` also gets
+diagnostics-chart.png: each parameter group's gradient norm and update-to-weight ratio."""
 
 import matplotlib
 
@@ -13,7 +14,7 @@ import numpy as np  # noqa: E402
 
 from chart_style import chart_style  # noqa: E402
 from checkpointing import read_checkpoint_meta  # noqa: E402
-from metrics import read_metrics  # noqa: E402
+from metrics import DIAGNOSTIC_PREFIXES, diagnostic_keys, read_metrics  # noqa: E402
 
 # About this many points per curve, however long the run.
 BINS = 200
@@ -86,7 +87,25 @@ def plot_learning_rate(rows, path):
     _save(fig, path)
 
 
+def plot_diagnostics(rows, path):
+    """One line per parameter group (its per-bin average), gradient norm above and
+    update-to-weight ratio below, both on log scales."""
+    fig, axes = plt.subplots(2, 1, figsize=(8, 8), sharex=True)
+    for ax, prefix, title in zip(axes, DIAGNOSTIC_PREFIXES, ("Gradient norm before clipping, per group",
+                                                             "||update|| / ||weight||, per group")):
+        for key in (key for key in diagnostic_keys(rows[-1]) if key.startswith(prefix)):
+            present = [r for r in rows if r.get(key)]  # null (non-finite) and 0 (a skipped step) left out
+            if present:
+                steps, _, mean, _ = _binned([r["step"] for r in present], [r[key] for r in present])
+                ax.plot(steps, mean, label=key.removeprefix(prefix))
+        ax.set(title=title, ylabel=prefix.rstrip("/"), yscale="log")
+        ax.legend()
+    axes[-1].set(xlabel="global step")
+    _save(fig, path)
+
+
 CHART_FILES = ("loss-chart.png", "grad-norm-chart.png", "learning-rate-chart.png")
+DIAGNOSTICS_CHART_FILE = "diagnostics-chart.png"
 VIEWER_FILE = "charts.html"
 VIEWER_PAGE = """<!doctype html>
 <html lang="en">
@@ -112,8 +131,8 @@ setInterval(() => {{
 """
 
 
-def write_viewer(run_dir):
-    images = "\n".join(f'<img src="{name}" data-file="{name}" alt="{name}">' for name in CHART_FILES)
+def write_viewer(run_dir, chart_files):
+    images = "\n".join(f'<img src="{name}" data-file="{name}" alt="{name}">' for name in chart_files)
     (run_dir / VIEWER_FILE).write_text(VIEWER_PAGE.format(images=images))
 
 
@@ -125,7 +144,10 @@ def write_charts(run_dir, rows, best_step=None, clip_norm=None):
         plot_loss(rows, run_dir / loss_file, best_step)
         plot_grad_norm(rows, run_dir / grad_norm_file, clip_norm)
         plot_learning_rate(rows, run_dir / learning_rate_file)
-    write_viewer(run_dir)
+        diagnosed = bool(diagnostic_keys(rows[-1]))
+        if diagnosed:
+            plot_diagnostics(rows, run_dir / DIAGNOSTICS_CHART_FILE)
+    write_viewer(run_dir, CHART_FILES + ((DIAGNOSTICS_CHART_FILE,) if diagnosed else ()))
 
 
 def draw_run_charts(run):

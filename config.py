@@ -230,6 +230,9 @@ class TrainConfig:
     muon_momentum: float = 0.95  # Nesterov momentum
     muon_weight_decay: float = 0.0  # Muon multiplies the matrices by 1 - muon_learning_rate x this each step
     muon_adjust_lr: str = "original"  # how the update's size depends on the matrix's shape
+    # Log, per group of parameters, the gradient norm and ||update|| / ||weight|| (training.Diagnostics):
+    # off by default, as it keeps a copy of the weights during each step.
+    diagnostics: bool = False
 
     def __post_init__(self):
         # With global_batch_tokens the accumulation depends on the world size, so it stays None

@@ -95,10 +95,11 @@ def save_training_checkpoint(run, ctx, setup, interval, progress):
 
 # ---------------------------------------------------------------- the loop
 
-def read_window(pending):
-    """(step, lr, {statistic: value}) for each pending step: one device-to-host copy."""
+def read_window(pending, names):
+    """(step, lr, {statistic: value}) for each pending step, `names` naming the statistics
+    (TrainingSetup.statistic_names): one device-to-host copy."""
     values = torch.stack([statistics for _, _, statistics in pending]).tolist()
-    return [(step, lr, dict(zip(training.STEP_STATISTICS, step_values)))
+    return [(step, lr, dict(zip(names, step_values)))
             for (step, lr, _), step_values in zip(pending, values)]
 
 
@@ -195,7 +196,7 @@ def train(run, ctx, datasets_dir, resume_dir):
                 if work.hellaswag:
                     evaluations |= hellaswag_scoring.distributed_scores(setup.state.model, setup.hellaswag,
                                                                      setup.parallel.autocast_dtype)
-                window = read_window(pending)
+                window = read_window(pending, setup.statistic_names)
                 pending = []
                 rows = log.record(window, evaluations, progress.tokens_seen, progress.elapsed_s)
                 progress.advance(rows)

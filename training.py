@@ -18,11 +18,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 import perf
 from errors import UserError
 from gpt import GPTModel
 from initial_weights import apply_initial_weights
+from metrics import DIAGNOSTIC_PREFIXES
 from parallelism import check_supported, clip_gradients, local_tensor, shard, shard_count
 
 # The reference harness's LinearLR warmup starts at learning_rate x this.
@@ -224,6 +226,57 @@ def build_model(run, ctx, initial=None):
     return model, amp_dtype, optimizer, scaler
 
 
+# ---------------------------------------------------------------- diagnostics
+
+def diagnostic_group(name):
+    """The group train.json `diagnostics` reports a parameter in: embeddings (token and
+    position), attention (its projections and their biases), mlp, norms (every norm's
+    scale and shift), head (an untied output layer; a tied one is the token embedding),
+    or other (anything a new architecture option adds outside these)."""
+    parts = name.split(".")
+    if any("norm" in part for part in parts[:-1]):
+        return "norms"
+    if parts[0] in ("tok_emb", "pos_emb"):
+        return "embeddings"
+    if parts[0] == "out_head":
+        return "head"
+    if parts[0] == "trf_blocks" and parts[2] in ("att", "ff"):
+        return {"att": "attention", "ff": "mlp"}[parts[2]]
+    return "other"
+
+
+def total_norm(tensors):
+    """The 2-norm of all of `tensors` together; under FSDP over every rank's shards."""
+    norm = torch.nn.utils.get_total_norm(tensors)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+class Diagnostics:
+    """train.json `diagnostics`: for each diagnostic_group, the norm of its gradients before
+    clipping and ||update|| / ||weight||, the norm of its weights' change in the step over
+    their norm before it, as device tensors that train_step appends to the step's statistics
+    (read with them once per log window: no wait for the device). The update is measured,
+    not derived from an optimizer's formula: a copy of the weights is kept during the step.
+    A skipped step's ratio is 0; under FSDP the norms are over the full tensors (one
+    all-reduce per group and statistic)."""
+
+    def __init__(self, model):
+        self.groups = {}
+        for name, param in model.named_parameters():
+            self.groups.setdefault(diagnostic_group(name), []).append(param)
+        self.names = tuple(prefix + group for prefix in DIAGNOSTIC_PREFIXES for group in self.groups)
+
+    def gradient_norms(self):
+        return [total_norm([p.grad for p in params if p.grad is not None]) for params in self.groups.values()]
+
+    def weights(self):
+        return {param: param.detach().clone() for params in self.groups.values() for param in params}
+
+    def update_ratios(self, before):
+        return [total_norm([p.detach() - before[p] for p in params]) / total_norm([before[p] for p in params])
+                for params in self.groups.values()]
+
+
 # ---------------------------------------------------------------- one step
 
 # What train_step returns: one device tensor per step holding these, in this order,
@@ -235,7 +288,8 @@ def train_step(setup, run, ctx, microbatches, stop_requested):
     """One optimizer step over `gradient_accumulation_steps` microbatches on every rank
     (`setup`: a training_setup.TrainingSetup).
 
-    Returns, without waiting for the device, a tensor of STEP_STATISTICS: the loss
+    Returns, without waiting for the device, a tensor of STEP_STATISTICS (and with
+    train.json diagnostics, then setup.diagnostics.names): the loss
     (mean over ranks and microsteps), the gradient norm before clipping, the number of
     ranks with a non-finite loss and of ranks asking to stop, and 1 if the step was
     skipped (else 0). A step with a non-finite
@@ -256,6 +310,7 @@ def train_step(setup, run, ctx, microbatches, stop_requested):
         loss_sum += loss.detach()
 
     state.scaler.unscale_(state.optimizer)
+    gradient_norms = setup.diagnostics.gradient_norms() if setup.diagnostics else []
     grad_norm = clip_gradients(state.model.parameters(), run.train.gradient_clip_norm)
     # One all-reduce carries the loss, the non-finite flag and the stop flag. The stop flag is
     # picked from constants already on the device: making a tensor from a Python value would
@@ -265,6 +320,7 @@ def train_step(setup, run, ctx, microbatches, stop_requested):
     dist.all_reduce(reduced)
     mean_loss, nonfinite_ranks, stop_votes = reduced
     skipped = ((nonfinite_ranks > 0) | ~torch.isfinite(grad_norm)).float()
+    weights_before = setup.diagnostics.weights() if setup.diagnostics else None
     if state.scaler.is_enabled():
         # float16: the scaler found any inf/NaN in the (all-reduced) gradients and skips for us.
         state.scaler.step(state.optimizer)
@@ -274,7 +330,9 @@ def train_step(setup, run, ctx, microbatches, stop_requested):
         state.optimizer.step()
         del state.optimizer.found_inf
     state.optimizer.zero_grad(set_to_none=True)
-    return torch.stack([mean_loss / ctx.world_size, grad_norm.float(), nonfinite_ranks, stop_votes, skipped])
+    update_ratios = setup.diagnostics.update_ratios(weights_before) if setup.diagnostics else []
+    return torch.stack([mean_loss / ctx.world_size, grad_norm.float(), nonfinite_ranks, stop_votes, skipped,
+                        *gradient_norms, *update_ratios])
 
 
 @torch.no_grad()

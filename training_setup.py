@@ -20,7 +20,7 @@ from distributed import run_and_share_errors
 from errors import UserError
 from initial_weights import load_initial_weights
 from parallelism import ParallelModel, wrap_for_training
-from training import build_model, make_lr_scheduler, move_lr_scheduler_to
+from training import STEP_STATISTICS, Diagnostics, build_model, make_lr_scheduler, move_lr_scheduler_to
 
 
 # ---------------------------------------------------------------- data
@@ -169,6 +169,12 @@ class TrainingSetup:
     amp_dtype: torch.dtype | None  # the precision the model computes in
     stop_flags: torch.Tensor  # [0., 1.] on the device
     hellaswag: hellaswag_scoring.RankShare | None  # this rank's HellaSwag items, with hellaswag_interval
+    diagnostics: Diagnostics | None  # with train.json diagnostics: per-group statistics of each step
+
+    @property
+    def statistic_names(self):
+        """What each of train_step's statistics is, in order."""
+        return STEP_STATISTICS + (self.diagnostics.names if self.diagnostics else ())
 
 
 def set_up_training(run, ctx, datasets_dir, resume_dir):
@@ -189,4 +195,5 @@ def set_up_training(run, ctx, datasets_dir, resume_dir):
     stop_flags = torch.tensor([0.0, 1.0], device=ctx.device)
     hellaswag = (hellaswag_scoring.training_share(run, ctx, datasets_dir, data.tokenizer)
                  if run.train.hellaswag_interval else None)
-    return TrainingSetup(state, parallel, data, amp_dtype, stop_flags, hellaswag), progress
+    diagnostics = Diagnostics(model) if run.train.diagnostics else None
+    return TrainingSetup(state, parallel, data, amp_dtype, stop_flags, hellaswag, diagnostics), progress
