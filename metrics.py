@@ -8,8 +8,8 @@ tokens_per_sec_per_device, mfu (null when the device's peak is unknown), eta_s a
 elapsed_s; validated steps also carry val_loss, and steps with a HellaSwag evaluation
 hellaswag_acc and hellaswag_acc_norm. With train.json `diagnostics`, every row also has
 grad_norm/GROUP (before clipping) and update_ratio/GROUP (||update|| / ||weight before
-the step||) for each group of parameters (training.diagnostic_group). Non-finite values are null. With train.json
-`wandb_project` rank 0 also logs every row to Weights & Biases.
+the step||) for each group of parameters (training.diagnostic_group). Non-finite values
+are null. With train.json `wandb_project` rank 0 also logs every row to Weights & Biases.
 Throughput, ETA and elapsed time are measured over each log window (log_interval
 steps, read from the device in one transfer) and interpolated within it.
 """
