@@ -131,6 +131,27 @@ def test_a_step_flagged_non_finite_leaves_weights_and_both_optimizers_states_unt
         assert all(not value.any() for value in after.values())
 
 
+def test_with_the_float16_gradient_scaler_an_inf_skips_both_optimizers():
+    """float16 autocast steps through torch's GradScaler, which finds the inf after unscaling
+    and does not step this optimizer at all; a finite step then moves both groups."""
+    model = tiny_model()
+    optimizer = make_optimizer(model, train_config())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    tokens = torch.randint(0, TINY_MODEL["vocab_size"], (2, TINY_MODEL["context_length"] + 1))
+    weights = [p.detach().clone() for p in model.parameters()]
+    for poisoned in (True, False):
+        scaler.scale(model(tokens[:, :-1], tokens[:, 1:])).backward()
+        if poisoned:
+            model.trf_blocks[0].att.W_query.weight.grad[0, 0] = float("inf")  # a Muon matrix's gradient
+        scaler.unscale_(optimizer)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        unchanged = [torch.equal(p, w) for p, w in zip(model.parameters(), weights)]
+        assert all(unchanged) if poisoned else not any(unchanged)
+        assert bool(optimizer.state) != poisoned
+
+
 def muon_run(run_dir, dataset, steps, **train):
     return make_run(run_dir, dataset, min_train_tokens=tokens_for(steps, 1), clipping_max_norm=0.5,
                     schedule_learning_rate=True, warmup_period_percent=25, **MUON, **train)
