@@ -113,11 +113,16 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm: str = "layernorm"  # or "rmsnorm"
     norm_eps: float = 1e-5
-    mlp: str = "gelu"  # or "swiglu"
+    mlp: str = "gelu"  # or "swiglu", or "relu2" (ReLU squared)
     mlp_hidden_dim: int | None = None  # default 4 x emb_dim
     n_kv_heads: int | None = None  # grouped-query attention; default n_heads
     bias: bool = True  # biases of the output projection and feed-forward, and LayerNorm's shift
     init_std: float | None = None  # weights ~ N(0, init_std), biases 0 (GPT-2, Llama: 0.02); default PyTorch's
+    # Interventions from the modded-nanogpt speedruns (docs/architecture-options.md), all off by default.
+    qk_norm: bool = False  # parameter-free RMSNorm of each query and key head, before RoPE
+    zero_init_projections: bool = False  # attention's and the feed-forward's output projections start at zero
+    logit_softcap: float | None = None  # logits = cap * tanh(logits / cap), in the loss and in generation
+    unet_skips: bool = False  # layer i's output joins the input of layer n_layers - 1 - i, by a learnable scalar
 
     @classmethod
     def from_dict(cls, raw, source="model.json"):
@@ -134,13 +139,15 @@ class ModelConfig:
             value = getattr(self, key)
             _require(value in choices, source, key,
                      f"must be one of {', '.join(json.dumps(c) for c in choices)}, got {json.dumps(value)}")
-        for key in ("rope_theta", "norm_eps", "mlp_hidden_dim", "n_kv_heads", "init_std"):
+        for key in ("rope_theta", "norm_eps", "mlp_hidden_dim", "n_kv_heads", "init_std", "logit_softcap"):
             value = getattr(self, key)
             _require(value is None or value > 0, source, key, f"must be positive, got {value}")
         _require(self.n_heads % self.kv_heads == 0, source, "n_kv_heads",
                  f"({self.kv_heads}) must divide n_heads ({self.n_heads})")
         _require(self.pos_emb != "rope" or self.head_dim % 2 == 0, source, "pos_emb",
                  f"\"rope\" rotates pairs of dimensions: emb_dim / n_heads ({self.head_dim}) must be even")
+        _require(not self.unet_skips or self.n_layers >= 2, source, "unet_skips",
+                 f"joins the first half of the layers to the second: needs n_layers >= 2, got {self.n_layers}")
 
     @property
     def head_dim(self):
@@ -162,9 +169,10 @@ class ModelConfig:
                 if key not in defaults or value != defaults[key]}
 
 
-ARCHITECTURE_CHOICES = {"pos_emb": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu")}
+ARCHITECTURE_CHOICES = {"pos_emb": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"),
+                        "mlp": ("gelu", "swiglu", "relu2")}
 ARCHITECTURE_KEYS = ("pos_emb", "rope_theta", "norm", "norm_eps", "mlp", "mlp_hidden_dim", "n_kv_heads", "bias",
-                     "init_std")
+                     "init_std", "qk_norm", "zero_init_projections", "logit_softcap", "unet_skips")
 
 
 @dataclass(frozen=True)

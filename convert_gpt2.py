@@ -49,7 +49,7 @@ def from_hf(hf_dir_or_repo, out_dir):
 def to_hf(model_json, model_safetensors, out_dir, repo_id, tokenizer_name, datasets_dir):
     """MODEL_JSON + MODEL_SAFETENSORS -> OUT_DIR loadable by transformers' from_pretrained:
     as LlamaForCausalLM when model.json is Llama-shaped (pos_emb "rope", norm "rmsnorm",
-    mlp "swiglu"), as GPT2LMHeadModel when it is GPT-2-shaped (the defaults)."""
+    mlp "swiglu"), as GPT2LMHeadModel when it is GPT-2-shaped (the defaults; mlp "gelu" or "relu2")."""
     out_dir = Path(out_dir)
     convert_to_hf(model_json, model_safetensors, out_dir, tokenizer_name, datasets_dir, repo_id)
     print(f"wrote {out_dir}")

@@ -22,6 +22,12 @@ and TransformerBlock is the one place a block is assembled from them:
 All of them set as Llama does, it is a Llama-3-style model; their defaults are
 GPT-2, bit for bit.
 
+The modded-nanogpt speedruns' interventions are switches of the same kind, all off
+by default (docs/architecture-options.md): `qk_norm` (HeadRMSNorm on queries and keys),
+`mlp` "relu2" (FeedForward with ReLUSquared), `zero_init_projections` (the blocks'
+output projections start at zero), `logit_softcap` (GPTModel._logits) and `unet_skips`
+(GPTModel._run_blocks, with GPTModel.skip_weights).
+
 `generate` keeps each layer's keys and values (KVCache) through
 GPTModel.next_token_logits, an inference-only pass that leaves `forward` as training uses it.
 """
@@ -90,6 +96,20 @@ class RotaryEmbedding(nn.Module):
         return x * cos + torch.cat([-second_half, first_half], dim=-1) * sin
 
 
+class HeadRMSNorm(nn.Module):
+    """QK-norm: each query and key head scaled to unit root mean square, with no learnable
+    scale (as modded-nanogpt), so the attention scores q.k / sqrt(head_dim) lie within
+    +-sqrt(head_dim) and cannot grow with the weights. It runs in fp32, as autocast runs
+    layer_norm, and returns the projections' dtype, which attention expects of q, k and v alike."""
+
+    def __init__(self, eps):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).type_as(x)
+
+
 class MultiHeadAttention(nn.Module):
     """The three projections run as one matmul over their weights concatenated at
     forward time, instead of three.
@@ -101,7 +121,8 @@ class MultiHeadAttention(nn.Module):
 
     With `n_kv_heads` below `n_heads` (grouped-query attention) the key and value
     projections have n_kv_heads heads, each shared by n_heads / n_kv_heads
-    consecutive query heads, as in Llama."""
+    consecutive query heads, as in Llama. With `qk_norm` queries and keys are normalised
+    per head (HeadRMSNorm) before RoPE, which, a rotation, keeps their norm anyway."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -114,6 +135,7 @@ class MultiHeadAttention(nn.Module):
         self.drop_rate = cfg.drop_rate
         self.rope = (RotaryEmbedding(self.head_dim, cfg.context_length, cfg.rope_theta)
                      if cfg.pos_emb == "rope" else None)
+        self.qk_norm = HeadRMSNorm(cfg.norm_eps) if cfg.qk_norm else None
 
     def _split_heads(self, x, heads):
         batch, seq_len, _ = x.shape
@@ -139,6 +161,8 @@ class MultiHeadAttention(nn.Module):
         queries, keys, values = project_qkv(x)
         queries = self._split_heads(queries, self.n_heads)
         keys, values = self._split_heads(keys, self.n_kv_heads), self._split_heads(values, self.n_kv_heads)
+        if self.qk_norm is not None:
+            queries, keys = self.qk_norm(queries), self.qk_norm(keys)
         if self.rope is not None:
             queries, keys = self.rope(queries, start_position), self.rope(keys, start_position)
         if kv_cache is not None:
@@ -177,8 +201,8 @@ def _causal_mask(query_len, key_len, device):
 class KVCache:
     """One attention layer's keys and values for the positions processed so far, for generate.
 
-    Keys are stored rotated (RoPE) and with n_kv_heads heads, so grouped-query attention's
-    smaller cache is kept. The buffers hold `max_length` positions, allocated on first use
+    Keys are stored normalised (qk_norm) and rotated (RoPE), and with n_kv_heads heads, so
+    grouped-query attention's smaller cache is kept. The buffers hold `max_length` positions, allocated on first use
     with the keys' batch size, dtype and device, so that a step writes only its new position
     instead of copying the whole cache."""
 
@@ -228,18 +252,30 @@ def _causal_attention_with_dropout(queries, keys, values, dropout_p, query_block
     return torch.cat(blocks, dim=-2)
 
 
+class ReLUSquared(nn.Module):
+    """relu(x)^2 (So et al., "Primer", 2021; the modded-nanogpt MLP)."""
+
+    def forward(self, x):
+        return F.relu(x).square()
+
+
 class FeedForward(nn.Module):
-    """GPT-2's feed-forward: Linear, GELU (tanh approximation), Linear."""
+    """GPT-2's feed-forward: Linear, GELU (tanh approximation), Linear; with `mlp` "relu2"
+    ReLU squared instead of the GELU."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        # Index 1 is the (parameter-free) GELU, so the Linear layers keep the
+        # Index 1 is the (parameter-free) activation, so the Linear layers keep the
         # reference key names `ff.layers.0` and `ff.layers.2`.
         self.layers = nn.Sequential(
             nn.Linear(cfg.emb_dim, cfg.ff_hidden_dim, bias=cfg.bias),
-            nn.GELU(approximate="tanh"),
+            ReLUSquared() if cfg.mlp == "relu2" else nn.GELU(approximate="tanh"),
             nn.Linear(cfg.ff_hidden_dim, cfg.emb_dim, bias=cfg.bias),
         )
+
+    @property
+    def output_projection(self):
+        return self.layers[2]
 
     def forward(self, x):
         return self.layers(x)
@@ -253,6 +289,10 @@ class SwiGLUFeedForward(nn.Module):
         self.gate = nn.Linear(cfg.emb_dim, cfg.ff_hidden_dim, bias=cfg.bias)
         self.up = nn.Linear(cfg.emb_dim, cfg.ff_hidden_dim, bias=cfg.bias)
         self.down = nn.Linear(cfg.ff_hidden_dim, cfg.emb_dim, bias=cfg.bias)
+
+    @property
+    def output_projection(self):
+        return self.down
 
     def forward(self, x):
         return self.down(F.silu(self.gate(x)) * self.up(x))
@@ -282,6 +322,15 @@ class TransformerBlock(nn.Module):
         x = x + self.drop_shortcut(self.ff(self.norm2(x)))
         return x
 
+    def zero_output_projections(self):
+        """Make both residual branches output zero, so the block starts as the identity
+        (zero_init_projections). Gradients still reach these weights, from the first step."""
+        with torch.no_grad():
+            for projection in (self.att.out_proj, self.ff.output_projection):
+                projection.weight.zero_()
+                if projection.bias is not None:
+                    projection.bias.zero_()
+
 
 # The tensors whose rows are vocabulary entries, and so carry the padding rows.
 VOCAB_ROW_KEYS = ("tok_emb.weight", "out_head.weight")
@@ -300,6 +349,9 @@ class GPTModel(nn.Module):
 
     `activation_checkpointing` and `loss_chunk_tokens` trade compute for memory
     (train.json's keys of the same names); neither changes what is computed.
+
+    With `unet_skips` the model has one more parameter, `skip_weights` (n_layers // 2
+    scalars, starting at 1): see _run_blocks.
     """
 
     def __init__(self, cfg, pad_vocab_to_multiple_of=1, activation_checkpointing=False, loss_chunk_tokens=None):
@@ -320,8 +372,13 @@ class GPTModel(nn.Module):
         self.out_head = nn.Linear(cfg.emb_dim, self.padded_vocab_size, bias=False)
         if cfg.tie_weights:
             self.out_head.weight = self.tok_emb.weight
+        self.skip_weights = nn.Parameter(torch.ones(cfg.n_layers // 2)) if cfg.unet_skips else None
         if cfg.init_std is not None:
             self.apply(lambda module: _init_normal(module, cfg.init_std))
+        if cfg.zero_init_projections:
+            # After the usual draws, so that every other weight is what it would be without.
+            for block in self.trf_blocks:
+                block.zero_output_projections()
         if self.padded_vocab_size != cfg.vocab_size:
             with torch.no_grad():
                 self.out_head.weight[cfg.vocab_size:].zero_()
@@ -339,7 +396,7 @@ class GPTModel(nn.Module):
         x = self.tok_emb(idx)
         if self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(seq_len, device=idx.device))
-        x = self.final_norm(self.trf_blocks(self.drop_emb(x)))
+        x = self.final_norm(self._run_blocks(self.drop_emb(x)))
         if targets is None:
             return self._logits(x)
         return self._loss(x.flatten(0, 1), targets.flatten())
@@ -363,12 +420,33 @@ class GPTModel(nn.Module):
         x = self.tok_emb(idx)
         if self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(start, end, device=idx.device))
-        for block, kv_cache in zip(self.trf_blocks, kv_caches, strict=True):
-            x = block(x, kv_cache)
-        return self._logits(self.final_norm(x[:, -1]))
+        return self._logits(self.final_norm(self._run_blocks(x, kv_caches)[:, -1]))
+
+    def _run_blocks(self, x, kv_caches=None):
+        """The blocks in turn, each with its KVCache when `kv_caches` is given.
+
+        With `unet_skips` (modded-nanogpt's U-net), the output of block i in the first half
+        is also added, times the learnable skip_weights[i], to the input of its mirror image
+        n_layers - 1 - i in the second half; with an odd n_layers the middle block has none."""
+        n_layers = len(self.trf_blocks)
+        n_skips = 0 if self.skip_weights is None else len(self.skip_weights)
+        first_half_outputs = []
+        for i, block in enumerate(self.trf_blocks):
+            mirror = n_layers - 1 - i
+            if mirror < n_skips:
+                x = x + self.skip_weights[mirror] * first_half_outputs.pop()
+            x = block(x, None if kv_caches is None else kv_caches[i])
+            if i < n_skips:
+                first_half_outputs.append(x)
+        return x
 
     def _logits(self, x):
-        return self.out_head(x)[..., :self.cfg.vocab_size]  # without pad columns
+        logits = self.out_head(x)[..., :self.cfg.vocab_size]  # without pad columns
+        if self.cfg.logit_softcap is None:
+            return logits
+        # In fp32, which the loss is computed in anyway.
+        cap = self.cfg.logit_softcap
+        return cap * torch.tanh(logits.float() / cap)
 
     def _loss(self, x, targets):
         if self.loss_chunk_tokens is None or self.loss_chunk_tokens >= len(targets):

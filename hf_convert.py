@@ -6,7 +6,10 @@ or a Hub repo id) into model.json + model.safetensors for gpt.py; `load_hf_check
 is the same conversion without the files, for other importers. `to-hf` writes a
 directory that transformers loads with no custom code: a `LlamaForCausalLM` for a
 Llama-shaped model.json (pos_emb "rope", norm "rmsnorm", mlp "swiglu"), a
-`GPT2LMHeadModel` for a GPT-2-shaped one. Both directions give the same logits.
+`GPT2LMHeadModel` for a GPT-2-shaped one (mlp "gelu", or "relu2" as transformers'
+activation "relu2"). Both directions give the same logits. Of the modded-nanogpt switches
+(docs/architecture-options.md) neither class has qk_norm, logit_softcap or unet_skips:
+to-hf refuses them.
 transformers itself is not needed: the files are read and written with json and
 safetensors.
 
@@ -40,6 +43,12 @@ from token_data import ByteTokenizer
 
 # gpt.py's GELU is the tanh approximation; these are its names in transformers.
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
+# GPT2Config's activation_function for model.json's mlp; transformers' "relu2" is relu(x)^2.
+GPT2_ACTIVATIONS = {"gelu": "gelu_new", "relu2": "relu2"}
+# model.json switches that neither transformers class has a layer for, and what each is.
+# zero_init_projections only sets the starting weights: its trained models convert as any other.
+UNCONVERTIBLE_SWITCHES = {"qk_norm": "QK-norm", "logit_softcap": "logit soft-capping",
+                          "unet_skips": "U-net skip connections"}
 SILUS = ("silu", "swish")  # SwiGLU's activation; transformers has both names for it
 EOT_IDS = {"gpt2": 50256, "bytes": ByteTokenizer.eot_id}
 # Where tiktoken gets the GPT-2 BPE files; they are Hugging Face's vocab.json and
@@ -186,8 +195,8 @@ def gpt2_model_config(hf_config, source):
     for key in ("n_embd", "n_head", "n_layer", "n_positions", "vocab_size"):
         require(isinstance(hf_config.get(key), int), f"needs an integer '{key}'")
     activation = hf_config.get("activation_function", "gelu_new")
-    require(activation in TANH_GELUS, f"activation_function {activation!r}: gpt.py only has "
-                                      f"the tanh-approximated GELU ({', '.join(TANH_GELUS)})")
+    require(activation in (*TANH_GELUS, "relu2"), f"activation_function {activation!r}: gpt.py only has "
+                                                  f"the tanh-approximated GELU ({', '.join(TANH_GELUS)}) and relu2")
     require(hf_config.get("scale_attn_weights", True)
             and not hf_config.get("scale_attn_by_inverse_layer_idx", False),
             "only standard 1/sqrt(head_dim) attention scaling is supported")
@@ -203,6 +212,7 @@ def gpt2_model_config(hf_config, source):
         "tie_weights": hf_config.get("tie_word_embeddings", True),
         "norm_eps": hf_config.get("layer_norm_epsilon", 1e-5),  # GPT2Config's default
         "mlp_hidden_dim": hf_config.get("n_inner"),  # None: 4 x n_embd, in both
+        "mlp": "relu2" if activation == "relu2" else "gelu",
     }, source=source)
 
 
@@ -273,7 +283,7 @@ def gpt2_hf_config(cfg, eot_id):
         "n_head": cfg.n_heads,
         "n_layer": cfg.n_layers,
         "n_inner": cfg.mlp_hidden_dim,
-        "activation_function": "gelu_new",
+        "activation_function": GPT2_ACTIVATIONS[cfg.mlp],
         "layer_norm_epsilon": cfg.norm_eps,
         "resid_pdrop": cfg.drop_rate,
         "embd_pdrop": cfg.drop_rate,
@@ -326,7 +336,7 @@ class Family:
     name: str
     hf_class: str
     model_type: str  # config.json's
-    shape: dict  # model.json's architecture choices that the class has
+    shape: dict  # model.json's architecture choices: the values of each that the class has
     grouped_query_attention: bool  # whether n_kv_heads may be below n_heads
     key_prefix: str  # before every Hugging Face key but lm_head's
     buffers: re.Pattern  # what older checkpoints store besides the weights
@@ -337,12 +347,13 @@ class Family:
 
 
 GPT2 = Family(name="GPT-2", hf_class="GPT2LMHeadModel", model_type="gpt2",
-              shape={"pos_emb": "learned", "norm": "layernorm", "mlp": "gelu"}, grouped_query_attention=False,
+              shape={"pos_emb": ("learned",), "norm": ("layernorm",), "mlp": tuple(GPT2_ACTIVATIONS)},
+              grouped_query_attention=False,
               key_prefix="transformer.", buffers=re.compile(r"(^|\.)attn\.(bias|masked_bias)$"),  # causal masks
               model_config=gpt2_model_config, hf_config=gpt2_hf_config,
               hf_to_ours=gpt2_hf_to_ours, ours_to_hf=gpt2_ours_to_hf)
 LLAMA = Family(name="Llama", hf_class="LlamaForCausalLM", model_type="llama",
-               shape={"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu"}, grouped_query_attention=True,
+               shape={"pos_emb": ("rope",), "norm": ("rmsnorm",), "mlp": ("swiglu",)}, grouped_query_attention=True,
                key_prefix="model.", buffers=re.compile(r"\.rotary_emb\.inv_freq$"),  # RoPE's frequencies
                model_config=llama_model_config, hf_config=llama_hf_config,
                hf_to_ours=llama_hf_to_ours, ours_to_hf=llama_ours_to_hf)
@@ -363,9 +374,15 @@ def hf_family(hf_config, source):
 
 def family_for(cfg, source):
     """The family whose transformers class holds a model of this ModelConfig; UserError
-    for the mixtures that neither does."""
+    for the mixtures and switches that neither does."""
+    for key, feature in UNCONVERTIBLE_SWITCHES.items():
+        value = getattr(cfg, key)
+        if value not in (False, None):
+            raise UserError(f"{source}: {key} {json.dumps(value)}: neither "
+                            f"{' nor '.join(f.hf_class for f in FAMILIES)} has {feature}")
     shape = {key: getattr(cfg, key) for key in ARCHITECTURE_CHOICES}
-    family = next((family for family in FAMILIES if family.shape == shape), None)
+    family = next((family for family in FAMILIES
+                   if all(value in family.shape[key] for key, value in shape.items())), None)
     if family is None:
         known = " nor ".join(f"{f.name} ({spelled(f.shape)})" for f in FAMILIES)
         raise UserError(f"{source}: {spelled(shape)} is neither {known}: no transformers class has it")
@@ -376,8 +393,10 @@ def family_for(cfg, source):
 
 
 def spelled(choices):
-    """model.json keys and values as a message names them: `pos_emb "rope", norm "rmsnorm"`."""
-    return ", ".join(f"{key} {json.dumps(value)}" for key, value in choices.items())
+    """model.json keys and values as a message names them: `pos_emb "rope", mlp "gelu" or "relu2"`
+    (a tuple of values is the choices allowed)."""
+    return ", ".join(f"{key} {' or '.join(json.dumps(v) for v in (value if isinstance(value, tuple) else (value,)))}"
+                     for key, value in choices.items())
 
 
 # ---------------------------------------------------------------- from-hf

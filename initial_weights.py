@@ -29,7 +29,7 @@ from hf_convert import load_hf_checkpoint
 from errors import UserError
 
 # Keys a run may change from its source: they do not describe the weights.
-FREE_KEYS = ("drop_rate", "init_std", "context_length")
+FREE_KEYS = ("drop_rate", "init_std", "zero_init_projections", "context_length")
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,8 @@ def check_same_network(source_config, model_cfg, train_cfg, train_json):
     if differing:
         details = ", ".join(f"{key} {source.get(key)} -> {run.get(key)}" for key in differing)
         raise UserError(f"{train_json}: init_from {train_cfg.init_from} holds a different model ({details}); "
-                        "model.json must match it in every key but drop_rate, init_std and context_length")
+                        "model.json must match it in every key but drop_rate, init_std, zero_init_projections "
+                        "and context_length")
     if (model_cfg.pos_emb == "learned" and model_cfg.context_length > source_config.context_length
             and not train_cfg.extend_positions):
         raise UserError(f"{train_json}: context_length {model_cfg.context_length} is longer than init_from's "

@@ -7,13 +7,14 @@ activations and weights, 2x the forward). The forward pass per token costs
 - 2 FLOPs per weight of every matmul: N = per layer the query and output
   projections (2 * emb_dim^2), the key and value projections (2 * emb_dim *
   n_kv_heads * head_dim: smaller under grouped-query attention), the feed-forward
-  (2 * emb_dim * hidden for GELU, 3 * emb_dim * hidden for SwiGLU's gate, up and
-  down; hidden = mlp_hidden_dim, 4 * emb_dim by default), plus the output head,
+  (2 * emb_dim * hidden for GELU or ReLU^2, 3 * emb_dim * hidden for SwiGLU's gate,
+  up and down; hidden = mlp_hidden_dim, 4 * emb_dim by default), plus the output head,
   vocab_size * emb_dim. GPT-2 small's layer is the familiar 12 * emb_dim^2. The
   output head counts whether or not it is
   tied to the token embedding, because it is a matmul either way. The token and
-  position embeddings are lookups and count nothing; nor do biases, norms,
-  GELU/SiLU, RoPE's rotations, softmax or the loss (elementwise work, a few FLOPs per activation);
+  position embeddings are lookups and count nothing; nor do biases, norms (QK-norm
+  too), GELU/SiLU/ReLU^2, RoPE's rotations, softmax, the logit soft cap, U-net skips'
+  weighted sums or the loss (elementwise work, a few FLOPs per activation);
 - attention: per layer, scores q.k against context_length keys (2 * T * emb)
   and the weighted sum of values (2 * T * emb). As in PaLM and nanoGPT the full
   T x T square is counted although causal masking makes half of it unneeded.
@@ -48,7 +49,8 @@ def parameter_count(model_cfg):
     matmul weight (matmul_weights, less the output head when it is tied to the token
     embedding), the token embedding, the position table with learned positions, the
     norms' scales (and LayerNorm's shifts with `bias`), the query/key/value biases with
-    qkv_bias, and the output projection's and feed-forward's biases with `bias`."""
+    qkv_bias, the output projection's and feed-forward's biases with `bias`, and the
+    n_layers // 2 skip weights with unet_skips (QK-norm has no parameters)."""
     emb, hidden, kv_dim = model_cfg.emb_dim, model_cfg.ff_hidden_dim, model_cfg.kv_heads * model_cfg.head_dim
     norm = emb * (2 if model_cfg.norm == "layernorm" and model_cfg.bias else 1)
     biases = (emb + 2 * kv_dim if model_cfg.qkv_bias else 0)
@@ -56,7 +58,9 @@ def parameter_count(model_cfg):
         biases += emb + (2 * hidden if model_cfg.mlp == "swiglu" else hidden) + emb  # output projection; ff
     embeddings = model_cfg.vocab_size * emb + (model_cfg.context_length * emb if model_cfg.pos_emb == "learned" else 0)
     tied_head = model_cfg.vocab_size * emb if model_cfg.tie_weights else 0
-    return (matmul_weights(model_cfg) - tied_head + embeddings + model_cfg.n_layers * (2 * norm + biases) + norm)
+    skip_weights = model_cfg.n_layers // 2 if model_cfg.unet_skips else 0
+    return (matmul_weights(model_cfg) - tied_head + embeddings + model_cfg.n_layers * (2 * norm + biases) + norm
+            + skip_weights)
 
 
 def training_flops_per_token(model_cfg):

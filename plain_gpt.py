@@ -6,7 +6,11 @@ either.
 
 model.json's architecture options are written out the same plain way, from their
 papers rather than from gpt.py: RMSNorm as its formula, RoPE as complex
-multiplication, SwiGLU, and grouped-query attention by copying key/value heads."""
+multiplication, SwiGLU, and grouped-query attention by copying key/value heads; and
+the modded-nanogpt switches: QK-norm as the RMS formula over each head, ReLU squared
+as max(x, 0) * max(x, 0), the logit soft cap as its formula, and U-net skips by keeping
+every block's output in a list. zero_init_projections changes only the initialisation,
+which PlainGPT never does (its weights are always loaded)."""
 
 import math
 
@@ -53,6 +57,11 @@ class PlainGELU(nn.Module):
         return 0.5 * x * (1 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3))))
 
 
+def plain_head_rms_norm(x, eps):
+    """Each head's vector over the root mean square of its entries, with no scale."""
+    return x / torch.sqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
+
+
 def plain_rope(x, theta):
     """RoFormer's rotation as complex multiplication: dimensions i and i + head_dim / 2 of
     the head at position m form the complex number x_i + j x_(i + head_dim/2), turned by
@@ -88,6 +97,8 @@ class PlainMultiHeadAttention(nn.Module):
             projection(x).view(batch, seq_len, heads, self.head_dim).transpose(1, 2)
             for projection, heads in ((self.W_query, self.n_heads), (self.W_key, self.n_kv_heads),
                                       (self.W_value, self.n_kv_heads)))
+        if self.cfg.qk_norm:
+            queries, keys = (plain_head_rms_norm(t, self.cfg.norm_eps) for t in (queries, keys))
         if self.cfg.pos_emb == "rope":
             queries, keys = plain_rope(queries, self.cfg.rope_theta), plain_rope(keys, self.cfg.rope_theta)
         # Query head h reads key/value head h // (n_heads / n_kv_heads).
@@ -100,10 +111,17 @@ class PlainMultiHeadAttention(nn.Module):
         return self.out_proj(context)
 
 
+class PlainReLUSquared(nn.Module):
+    def forward(self, x):
+        positive = torch.maximum(x, torch.zeros_like(x))
+        return positive * positive
+
+
 class PlainFeedForward(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.layers = nn.Sequential(nn.Linear(cfg.emb_dim, cfg.ff_hidden_dim, bias=cfg.bias), PlainGELU(),
+        activation = PlainReLUSquared() if cfg.mlp == "relu2" else PlainGELU()
+        self.layers = nn.Sequential(nn.Linear(cfg.emb_dim, cfg.ff_hidden_dim, bias=cfg.bias), activation,
                                     nn.Linear(cfg.ff_hidden_dim, cfg.emb_dim, bias=cfg.bias))
 
     def forward(self, x):
@@ -146,6 +164,7 @@ class PlainGPT(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
         self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim) if cfg.pos_emb == "learned" else None
         self.drop_emb = nn.Dropout(cfg.drop_rate)
@@ -154,15 +173,33 @@ class PlainGPT(nn.Module):
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
             self.out_head.weight = self.tok_emb.weight
+        if cfg.unet_skips:
+            self.skip_weights = nn.Parameter(torch.ones(cfg.n_layers // 2))
 
     def forward(self, idx, targets=None):
         x = self.tok_emb(idx)
         if self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(idx.shape[1], device=idx.device))
-        logits = self.out_head(self.final_norm(self.trf_blocks(self.drop_emb(x))))
+        logits = self.out_head(self.final_norm(self.blocks(self.drop_emb(x))))
+        if self.cfg.logit_softcap is not None:
+            logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
         if targets is None:
             return logits
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+    def blocks(self, x):
+        """The blocks in turn; with unet_skips, block j < n_layers // 2's output is also
+        added, weighted by skip_weights[j], to the input of block n_layers - 1 - j."""
+        if not self.cfg.unet_skips:
+            return self.trf_blocks(x)
+        n_layers, outputs = len(self.trf_blocks), []
+        for i, block in enumerate(self.trf_blocks):
+            j = n_layers - 1 - i
+            if j < len(self.skip_weights):
+                x = x + self.skip_weights[j] * outputs[j]
+            x = block(x)
+            outputs.append(x)
+        return x
 
 
 class SeparateQKVAttention(MultiHeadAttention):

@@ -1,5 +1,6 @@
 """model.json's architecture options (RoPE, RMSNorm, SwiGLU, grouped-query attention, no
-biases) against plain_gpt's independent implementations, the Llama-3-style seed model's
+biases, and the modded-nanogpt switches: tests/test_architecture_switches.py has more on
+those) against plain_gpt's independent implementations, the Llama-3-style seed model's
 size, and the memory levers (activation checkpointing, chunked loss) against the plain path."""
 
 import json
@@ -16,8 +17,16 @@ from plain_gpt import PlainGPT
 BASE = dict(vocab_size=61, context_length=16, emb_dim=24, n_heads=4, n_layers=2, drop_rate=0.0)
 LLAMA_LIKE = dict(pos_emb="rope", rope_theta=500000.0, norm="rmsnorm", mlp="swiglu", mlp_hidden_dim=40,
                   n_kv_heads=2, bias=False, tie_weights=True)
+# The modded-nanogpt switches together, with 4 layers so that a U-net skip to the wrong
+# mirror image would show.
+SWITCHES = dict(qk_norm=True, mlp="relu2", zero_init_projections=True, logit_softcap=1.0, unet_skips=True,
+                n_layers=4, pos_emb="rope", norm="rmsnorm", bias=False)
 OPTIONS = [{"pos_emb": "rope"}, {"norm": "rmsnorm"}, {"mlp": "swiglu"}, {"mlp": "gelu", "mlp_hidden_dim": 40},
-           {"n_kv_heads": 1}, {"n_kv_heads": 2, "qkv_bias": True}, {"bias": False}, LLAMA_LIKE]
+           {"n_kv_heads": 1}, {"n_kv_heads": 2, "qkv_bias": True}, {"bias": False}, LLAMA_LIKE,
+           {"qk_norm": True}, {"qk_norm": True, "pos_emb": "rope", "n_kv_heads": 2}, {"mlp": "relu2"},
+           {"mlp": "relu2", "mlp_hidden_dim": 40, "bias": False}, {"zero_init_projections": True},
+           {"logit_softcap": 1.0}, {"unet_skips": True, "n_layers": 4}, {"unet_skips": True, "n_layers": 3},
+           {**LLAMA_LIKE, "logit_softcap": 1.0, "qk_norm": True}, SWITCHES]
 
 # "How to Train an LLM, part 1": the Llama-3-style 1.2B model, as model.json keys.
 SEED_MODEL = dict(vocab_size=2**17, context_length=2048, emb_dim=2048, n_heads=32, n_layers=16, drop_rate=0.0,
@@ -91,7 +100,7 @@ def test_gpt2_model_json_is_unchanged_by_the_new_keys():
 @pytest.mark.parametrize("change, fragments", [
     ({"pos_emb": "alibi"}, ["'pos_emb'", '"learned", "rope"', '"alibi"']),
     ({"norm": "batchnorm"}, ["'norm'", '"layernorm", "rmsnorm"']),
-    ({"mlp": "relu"}, ["'mlp'", '"gelu", "swiglu"']),
+    ({"mlp": "relu"}, ["'mlp'", '"gelu", "swiglu", "relu2"']),
     ({"n_kv_heads": 3}, ["'n_kv_heads'", "(3) must divide n_heads (4)"]),
     ({"n_kv_heads": 0}, ["'n_kv_heads'", "positive"]),
     ({"emb_dim": 20, "n_heads": 4, "pos_emb": "rope"}, ["'pos_emb'", "(5) must be even"]),
@@ -112,7 +121,7 @@ def loss_and_gradients(model, idx, targets, seed=1):
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("options", [{}, LLAMA_LIKE])
+@pytest.mark.parametrize("options", [{}, LLAMA_LIKE, SWITCHES])
 def test_activation_checkpointing_gives_the_same_loss_and_gradients(options):
     cfg = {**BASE, **options, "drop_rate": 0.2}  # dropout on: the recomputation must replay its masks
     plain = random_model(cfg).train()

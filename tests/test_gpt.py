@@ -17,7 +17,10 @@ SMALL = dict(vocab_size=61, context_length=16, emb_dim=24, n_heads=3, n_layers=2
              qkv_bias=True)
 LLAMA_SMALL = dict(vocab_size=61, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0,
                    pos_emb="rope", norm="rmsnorm", mlp="swiglu", n_kv_heads=2, bias=False, tie_weights=True)
-GENERATION_CONFIGS = {"gpt2": SMALL, "llama": LLAMA_SMALL}
+# The modded-nanogpt switches on (docs/architecture-options.md), with a soft cap well inside
+# these models' logit range, so that generating without it would pick other tokens.
+SWITCHES_SMALL = dict(LLAMA_SMALL, n_layers=3, qk_norm=True, mlp="relu2", logit_softcap=1.0, unet_skips=True)
+GENERATION_CONFIGS = {"gpt2": SMALL, "llama": LLAMA_SMALL, "switches": SWITCHES_SMALL}
 
 
 def plain_gpt_like(model):
