@@ -31,6 +31,8 @@ ARCHITECTURES = {
     "gpt2": {},
     "gpt2-tied-head": {"tie_weights": True, "qkv_bias": True},
     "llama": {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu", "n_kv_heads": 1, "bias": False},
+    # U-net skip weights: a vector outside the blocks, AdamW's.
+    "switches": {"qk_norm": True, "mlp": "relu2", "unet_skips": True, "logit_softcap": 30.0},
 }
 
 
