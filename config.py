@@ -69,6 +69,15 @@ def _check_type(source, key, value, annotation):
     raise UserError(f"{source}: key '{key}' must be {expected}, got {json.dumps(value)}")
 
 
+def closest_or_all(name, valid, kind):
+    """The end of an error about an unknown `name`: the closest of `valid` when one is close
+    (a typo), otherwise all of them, called `kind`."""
+    close = difflib.get_close_matches(name, valid, n=1)
+    if close:
+        return f" (did you mean '{close[0]}'?)"
+    return f"; {kind}: {', '.join(valid) or 'none'}"
+
+
 def _parse(cls, raw, source):
     """Build dataclass `cls` from a JSON object, checking keys and types."""
     if not isinstance(raw, dict):
@@ -78,9 +87,7 @@ def _parse(cls, raw, source):
     known = [f.name for f in dataclasses.fields(cls)]
     for key in raw:
         if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise UserError(f"{source}: unknown key '{key}'{hint}; valid keys: {', '.join(known)}")
+            raise UserError(f"{source}: unknown key '{key}'{closest_or_all(key, known, 'valid keys')}")
     values = {}
     for field in dataclasses.fields(cls):
         if field.name in raw:
@@ -227,6 +234,12 @@ class TrainConfig:
     hellaswag_interval: int | None = None
     hellaswag_items: int | None = None
     hellaswag_data: str | None = None  # a local JSONL file or a URL (downloaded into DATASETS_DIR/hellaswag/)
+    # CORE during training (core_scoring.training_share): every core_interval steps and the last, on each
+    # task's first core_items items (null: all) of core_tasks (comma-separated labels; null: all) of core_bundle.
+    core_interval: int | None = None
+    core_items: int | None = None
+    core_tasks: str | None = None
+    core_bundle: str | None = None  # a local directory or zip, or a URL (null: nanochat's eval_bundle.zip)
     # Log every metrics row and the config to this Weights & Biases project (rank 0; needs the wandb extra).
     wandb_project: str | None = None
     wandb_entity: str | None = None  # default: the W&B account's default entity
@@ -292,11 +305,14 @@ class TrainConfig:
                  f"must be \"bfloat16\" or \"float16\", got {json.dumps(self.amp_dtype)}")
         for key in ("gradient_accumulation_steps", "keep_last_checkpoints", "max_skipped_steps", "log_interval",
                     "peak_tflops", "pad_vocab_to_multiple_of", "global_batch_tokens", "train_tokens_per_parameter",
-                    "train_flops", "loss_chunk_tokens", "hellaswag_interval", "hellaswag_items"):
+                    "train_flops", "loss_chunk_tokens", "hellaswag_interval", "hellaswag_items", "core_interval",
+                    "core_items"):
             value = getattr(self, key)
             _require(value is None or value > 0, source, key, f"must be positive, got {value}")
-        for key in ("hellaswag_data", "wandb_project", "wandb_entity", "wandb_run_name"):
+        for key in ("hellaswag_data", "core_tasks", "core_bundle", "wandb_project", "wandb_entity", "wandb_run_name"):
             _require(getattr(self, key) != "", source, key, "must be a non-empty string or null, got \"\"")
+        _require(self.core_tasks is None or all(label.strip() for label in self.core_tasks.split(",")), source,
+                 "core_tasks", f"must be comma-separated task labels (core.yaml's), got {json.dumps(self.core_tasks)}")
         if self.gradient_accumulation_steps is not None and self.global_batch_tokens is not None:
             raise UserError(f"{source}: keys 'gradient_accumulation_steps' and 'global_batch_tokens' are alternatives "
                             "(global_batch_tokens derives the accumulation from the world size); give one of them")
@@ -352,7 +368,8 @@ def resolve_run_dir(run):
     if named.is_dir():
         return named
     available = sorted(p.name for p in RUNS_DIR.iterdir() if p.is_dir()) if RUNS_DIR.is_dir() else []
-    raise UserError(f"run '{run}': no such directory (runs available: {', '.join(available) or 'none'})")
+    raise UserError(f"run '{run}': no such directory, nor a run under {RUNS_DIR}"
+                    f"{closest_or_all(run, available, 'runs available')}")
 
 
 def load_run(run):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 import checkpointing
+import core_scoring
 import hellaswag_scoring
 import token_data
 from batching import Microbatches, check_validation_length, count_optimizer_steps, gradient_accumulation_for
@@ -20,7 +21,8 @@ from distributed import run_and_share_errors
 from errors import UserError
 from initial_weights import load_initial_weights
 from parallelism import ParallelModel, wrap_for_training
-from training import STEP_STATISTICS, Diagnostics, build_model, make_lr_scheduler, move_lr_scheduler_to
+from training import (STEP_STATISTICS, Diagnostics, build_model, make_lr_scheduler, move_lr_scheduler_to,
+                      schedule_change_note, schedule_record)
 
 
 # ---------------------------------------------------------------- data
@@ -138,6 +140,10 @@ def restore(run, ctx, checkpoint_dir, state, data):
     was, and return the Progress it records."""
     meta = checkpointing.read_checkpoint_meta(checkpoint_dir)
     check_resumable(run, ctx, checkpoint_dir, meta, data.gradient_accumulation_steps)
+    schedule_note = schedule_change_note(meta.get("schedule"), schedule_record(run.train, data.total_steps),
+                                         meta["global_step"] + 1, checkpoint_dir.name)
+    if schedule_note and ctx.is_main:
+        print(schedule_note)
     meta, rng_states = checkpointing.load_training_state(checkpoint_dir, state, ctx.device)
     start_step = meta["global_step"] + 1
     # The schedule is a function of the step: this also continues a reference-harness run,
@@ -169,6 +175,7 @@ class TrainingSetup:
     amp_dtype: torch.dtype | None  # the precision the model computes in
     stop_flags: torch.Tensor  # [0., 1.] on the device
     hellaswag: hellaswag_scoring.RankShare | None  # this rank's HellaSwag items, with hellaswag_interval
+    core: core_scoring.RankShare | None  # the CORE items and this rank's rows, with core_interval
     diagnostics: Diagnostics | None  # with train.json diagnostics: per-group statistics of each step
 
     @property
@@ -195,5 +202,7 @@ def set_up_training(run, ctx, datasets_dir, resume_dir):
     stop_flags = torch.tensor([0.0, 1.0], device=ctx.device)
     hellaswag = (hellaswag_scoring.training_share(run, ctx, datasets_dir, data.tokenizer)
                  if run.train.hellaswag_interval else None)
+    core = (core_scoring.training_share(run, ctx, datasets_dir, data.tokenizer)
+            if run.train.core_interval else None)
     diagnostics = Diagnostics(model) if run.train.diagnostics else None
-    return TrainingSetup(state, parallel, data, amp_dtype, stop_flags, hellaswag, diagnostics), progress
+    return TrainingSetup(state, parallel, data, amp_dtype, stop_flags, hellaswag, core, diagnostics), progress
