@@ -3,10 +3,11 @@ the reference harness's file names (so the auto-refreshing chart page people kee
 their run directories shows them): loss-chart.png, grad-norm-chart.png and
 learning-rate-chart.png, plus charts.html, a page that shows all three and reloads
 them every few seconds. The loss chart also shows HellaSwag acc_norm and CORE (with its
-standard error as error bars), on a second axis, when the run evaluates them. Every chart
-is headed with the run's name and its planned steps, and spans them; charts.html says
-where the run is (step, latest loss, ETA, or "finished"), refreshed with the charts
-through charts-status.js."""
+standard error as error bars), on a second axis, when the run evaluates them; a run with
+train.json `diagnostics` also gets diagnostics-chart.png: each parameter group's gradient
+norm and update-to-weight ratio. Every chart is headed with the run's name and its planned
+steps, and spans them; charts.html says where the run is (step, latest loss, ETA, or
+"finished"), refreshed with the charts through charts-status.js."""
 
 import html
 import json
@@ -21,7 +22,7 @@ import numpy as np  # noqa: E402
 from chart_style import chart_style  # noqa: E402
 from checkpointing import read_checkpoint_meta  # noqa: E402
 from console import duration_text, loss_text  # noqa: E402
-from metrics import read_metrics  # noqa: E402
+from metrics import DIAGNOSTIC_PREFIXES, diagnostic_keys, read_metrics  # noqa: E402
 
 # About this many points per curve, however long the run.
 BINS = 200
@@ -116,7 +117,25 @@ def plot_learning_rate(rows, path, heading=None):
     _save(fig, path, heading)
 
 
+def plot_diagnostics(rows, path, heading=None):
+    """One line per parameter group (its per-bin average), gradient norm above and
+    update-to-weight ratio below, both on log scales."""
+    fig, axes = plt.subplots(2, 1, figsize=(8, 8), sharex=True)
+    for ax, prefix, title in zip(axes, DIAGNOSTIC_PREFIXES, ("Gradient norm before clipping, per group",
+                                                             "||update|| / ||weight||, per group")):
+        for key in (key for key in diagnostic_keys(rows[-1]) if key.startswith(prefix)):
+            present = [r for r in rows if r.get(key)]  # null (non-finite) and 0 (a skipped step) left out
+            if present:
+                steps, _, mean, _ = _binned([r["step"] for r in present], [r[key] for r in present])
+                ax.plot(steps, mean, label=key.removeprefix(prefix))
+        ax.set(title=title, ylabel=prefix.rstrip("/"), yscale="log")
+        ax.legend()
+    axes[-1].set(xlabel="global step")
+    _save(fig, path, heading)
+
+
 CHART_FILES = ("loss-chart.png", "grad-norm-chart.png", "learning-rate-chart.png")
+DIAGNOSTICS_CHART_FILE = "diagnostics-chart.png"
 VIEWER_FILE = "charts.html"
 STATUS_FILE = "charts-status.js"
 VIEWER_PAGE = """<!doctype html>
@@ -158,8 +177,8 @@ def status_text(rows, heading):
             f"ETA {duration_text(row['eta_s'])}")
 
 
-def write_viewer(run_dir, status, title):
-    images = "\n".join(f'<img src="{name}" data-file="{name}" alt="{name}">' for name in CHART_FILES)
+def write_viewer(run_dir, chart_files, status, title):
+    images = "\n".join(f'<img src="{name}" data-file="{name}" alt="{name}">' for name in chart_files)
     (run_dir / VIEWER_FILE).write_text(VIEWER_PAGE.format(images=images, status=html.escape(status),
                                                           title=html.escape(title), status_file=STATUS_FILE))
     (run_dir / STATUS_FILE).write_text(f'document.getElementById("status").textContent = {json.dumps(status)};\n')
@@ -174,10 +193,15 @@ def write_charts(run_dir, rows, best_step=None, clip_norm=None, heading=None):
         plot_loss(rows, run_dir / loss_file, best_step, heading)
         plot_grad_norm(rows, run_dir / grad_norm_file, clip_norm, heading)
         plot_learning_rate(rows, run_dir / learning_rate_file, heading)
+        diagnosed = bool(diagnostic_keys(rows[-1]))
+        if diagnosed:
+            plot_diagnostics(rows, run_dir / DIAGNOSTICS_CHART_FILE, heading)
+    chart_files = CHART_FILES + ((DIAGNOSTICS_CHART_FILE,) if diagnosed else ())
     if heading is None:
-        write_viewer(run_dir, f"step {rows[-1]['step']:,}, loss {loss_text(rows[-1]['loss'])}", "Training run charts")
+        write_viewer(run_dir, chart_files, f"step {rows[-1]['step']:,}, loss {loss_text(rows[-1]['loss'])}",
+                     "Training run charts")
     else:
-        write_viewer(run_dir, status_text(rows, heading), f"{heading.run_name}: training charts")
+        write_viewer(run_dir, chart_files, status_text(rows, heading), f"{heading.run_name}: training charts")
 
 
 def draw_run_charts(run, total_steps):

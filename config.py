@@ -25,6 +25,9 @@ RUNS_DIR = PROJECT_DIR / "runs"
 MAX_RANDOM_SEED = 2**62
 MAX_DIST_TIMEOUT_MINUTES = 7 * 24 * 60
 PARALLELISMS = ("ddp", "fsdp", "hsdp")
+OPTIMIZERS = ("adamw", "muon")
+# torch.optim.Muon's adjust_lr_fn choices offered here (docs/recipe.md says what each does).
+MUON_ADJUST_LR = ("original", "match_rms_adamw")
 # Old reference configs spelled microbatch_size this way.
 LEGACY_ALIASES = {"minibatch_size": "microbatch_size"}
 # train.json's ways of saying how long to train; min_train_tokens -1 (its default) says none of them.
@@ -247,6 +250,16 @@ class TrainConfig:
     wandb_project: str | None = None
     wandb_entity: str | None = None  # default: the W&B account's default entity
     wandb_run_name: str | None = None  # default: the run directory's name
+    # "muon": torch.optim.Muon for the transformer blocks' weight matrices, AdamW (learning_rate,
+    # weight_decay) for the rest (training.make_optimizer; docs/recipe.md).
+    optimizer: str = "adamw"
+    muon_learning_rate: float = 0.02
+    muon_momentum: float = 0.95  # Nesterov momentum
+    muon_weight_decay: float = 0.0  # Muon multiplies the matrices by 1 - muon_learning_rate x this each step
+    muon_adjust_lr: str = "original"  # how the update's size depends on the matrix's shape
+    # Log, per group of parameters, the gradient norm and ||update|| / ||weight|| (training.Diagnostics):
+    # off by default, as it keeps a copy of the weights during each step.
+    diagnostics: bool = False
 
     def __post_init__(self):
         # With global_batch_tokens the accumulation depends on the world size, so it stays None
@@ -284,6 +297,16 @@ class TrainConfig:
                  f"must be between 0 and 100, got {self.warmup_period_percent}")
         _require(self.parallelism in PARALLELISMS, source, "parallelism",
                  f"must be one of {', '.join(json.dumps(p) for p in PARALLELISMS)}, got {json.dumps(self.parallelism)}")
+        for key, choices in (("optimizer", OPTIMIZERS), ("muon_adjust_lr", MUON_ADJUST_LR)):
+            _require(getattr(self, key) in choices, source, key, f"must be one of "
+                     f"{', '.join(json.dumps(c) for c in choices)}, got {json.dumps(getattr(self, key))}")
+        _require(self.muon_learning_rate > 0, source, "muon_learning_rate",
+                 f"must be positive, got {self.muon_learning_rate}")
+        _require(0 <= self.muon_momentum < 1, source, "muon_momentum", f"must be in [0, 1), got {self.muon_momentum}")
+        _require(self.muon_weight_decay >= 0 and self.muon_learning_rate * self.muon_weight_decay < 1, source,
+                 "muon_weight_decay", f"must be >= 0 and, times muon_learning_rate, below 1 (Muon scales the "
+                 f"matrices by 1 - muon_learning_rate x muon_weight_decay each step), got {self.muon_weight_decay} "
+                 f"x {self.muon_learning_rate}")
         _require(self.amp_dtype in (None, "bfloat16", "float16"), source, "amp_dtype",
                  f"must be \"bfloat16\" or \"float16\", got {json.dumps(self.amp_dtype)}")
         for key in ("gradient_accumulation_steps", "keep_last_checkpoints", "max_skipped_steps", "log_interval",

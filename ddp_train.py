@@ -73,7 +73,7 @@ def checkpoint_meta(run, ctx, data, interval, progress):
             "microbatch_size": train_cfg.microbatch_size,
             "gradient_accumulation_steps": data.gradient_accumulation_steps,
             "pad_vocab_to_multiple_of": train_cfg.pad_vocab_to_multiple_of,
-            "parallelism": train_cfg.parallelism,
+            "parallelism": train_cfg.parallelism, "optimizer": train_cfg.optimizer,
             "model_config": run.model.to_dict(), "schedule": training.schedule_record(train_cfg, data.total_steps),
             "train_config": dataclasses.asdict(train_cfg), "overrides": run.overrides,
             **({"init_from": progress.init_from} if progress.init_from else {}),
@@ -106,10 +106,11 @@ def save_training_checkpoint(run, ctx, setup, interval, progress, console):
 
 # ---------------------------------------------------------------- the loop
 
-def read_window(pending):
-    """(step, lr, {statistic: value}) for each pending step: one device-to-host copy."""
+def read_window(pending, names):
+    """(step, lr, {statistic: value}) for each pending step, `names` naming the statistics
+    (TrainingSetup.statistic_names): one device-to-host copy."""
     values = torch.stack([statistics for _, _, statistics in pending]).tolist()
-    return [(step, lr, dict(zip(training.STEP_STATISTICS, step_values)))
+    return [(step, lr, dict(zip(names, step_values)))
             for (step, lr, _), step_values in zip(pending, values)]
 
 
@@ -233,7 +234,7 @@ def train(run, ctx, datasets_dir, resume_dir, quiet=False, summary_out=None):
                 if work.core:
                     evaluations |= core_scoring.distributed_core(setup.state.model, setup.core,
                                                                  setup.parallel.autocast_dtype)
-                window = read_window(pending)
+                window = read_window(pending, setup.statistic_names)
                 pending = []
                 rows = log.record(window, evaluations, progress.tokens_seen, progress.elapsed_s)
                 progress.advance(rows)

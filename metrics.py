@@ -7,8 +7,10 @@ step not applied), tokens (cumulative, all ranks), tokens_per_sec (all ranks) an
 tokens_per_sec_per_device, mfu (null when the device's peak is unknown), eta_s and
 elapsed_s; validated steps also carry val_loss, steps with a HellaSwag evaluation
 hellaswag_acc and hellaswag_acc_norm, and steps with a CORE evaluation core, core_se and
-core/<task label> (each task's centered accuracy). Non-finite values are null. With train.json
-`wandb_project` rank 0 also logs every row to Weights & Biases.
+core/<task label> (each task's centered accuracy). With train.json `diagnostics`, every row
+also has grad_norm/GROUP (before clipping) and update_ratio/GROUP (||update|| / ||weight
+before the step||) for each group of parameters (training.diagnostic_group). Non-finite
+values are null. With train.json `wandb_project` rank 0 also logs every row to Weights & Biases.
 Throughput, ETA and elapsed time are measured over each log window (log_interval
 steps, read from the device in one transfer) and interpolated within it.
 """
@@ -32,6 +34,12 @@ TENSORBOARD_TAGS = {"loss": "train/loss", "val_loss": "validation/loss", "lr": "
                     "grad_norm": "train/grad_norm", "tokens_per_sec": "throughput/tokens_per_sec",
                     "mfu": "throughput/mfu", "hellaswag_acc": "hellaswag/acc",
                     "hellaswag_acc_norm": "hellaswag/acc_norm", "core": "core/CORE", "core_se": "core/CORE_se"}
+# The step statistics train.json `diagnostics` adds, one per group: these prefixes and the group's name.
+DIAGNOSTIC_PREFIXES = ("grad_norm/", "update_ratio/")
+
+
+def diagnostic_keys(row):
+    return [key for key in row if key.startswith(DIAGNOSTIC_PREFIXES)]
 
 
 def read_metrics(path):
@@ -120,6 +128,9 @@ class TensorBoardLog:
         for key, tag in tags.items():
             if row.get(key) is not None:
                 self.writer.add_scalar(tag, row[key], global_step=row["step"])
+        for key in diagnostic_keys(row):
+            if row[key] is not None:
+                self.writer.add_scalar(f"diagnostics/{key}", row[key], global_step=row["step"])
 
     def close(self):
         self.writer.close()
@@ -240,6 +251,7 @@ class TrainingLog:
                    "mfu": perf.mfu(per_device, self.flops_per_token, self.peak_flops),
                    "eta_s": (self.total_steps - step - 1) * window_seconds / len(window),
                    "elapsed_s": elapsed_before + window_seconds * (position + 1) / len(window)}
+            row |= {key: finite_or_none(statistics[key]) for key in diagnostic_keys(statistics)}
             if position == len(window) - 1:
                 row |= {key: finite_or_none(value) for key, value in evaluations.items()}
             self._write(row)

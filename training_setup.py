@@ -22,7 +22,8 @@ from distributed import run_and_share_errors
 from errors import UserError
 from initial_weights import load_initial_weights
 from parallelism import ParallelModel, wrap_for_training
-from training import build_model, make_lr_scheduler, move_lr_scheduler_to, schedule_change_note, schedule_record
+from training import (STEP_STATISTICS, Diagnostics, build_model, make_lr_scheduler, move_lr_scheduler_to,
+                      schedule_change_note, schedule_record)
 
 
 # ---------------------------------------------------------------- data
@@ -114,6 +115,10 @@ def check_resumable(run, ctx, checkpoint_dir, meta, accumulation):
         changed = sorted(k for k in saved_model.keys() | now.keys() if saved_model.get(k) != now.get(k))
         raise UserError(f"checkpoint {checkpoint_dir.name} was trained with a different model.json "
                         f"(differs in: {', '.join(changed)}); resume it with the model.json it was trained with")
+    saved_optimizer = meta.get("optimizer", "adamw")  # the reference harness's checkpoints: AdamW
+    if saved_optimizer != run.train.optimizer:
+        raise UserError(f"checkpoint {checkpoint_dir.name} was trained with optimizer \"{saved_optimizer}\"; resume "
+                        f"it with the same optimizer in train.json (its optimizer state fits no other)")
     # The optimizer state holds the padded output layer: it only fits the same padding.
     saved_padding = meta.get("pad_vocab_to_multiple_of", 1)
     if saved_padding != run.train.pad_vocab_to_multiple_of:
@@ -191,6 +196,12 @@ class TrainingSetup:
     stop_flags: torch.Tensor  # [0., 1.] on the device
     hellaswag: hellaswag_scoring.RankShare | None  # this rank's HellaSwag items, with hellaswag_interval
     core: core_scoring.RankShare | None  # the CORE items and this rank's rows, with core_interval
+    diagnostics: Diagnostics | None  # with train.json diagnostics: per-group statistics of each step
+
+    @property
+    def statistic_names(self):
+        """What each of train_step's statistics is, in order."""
+        return STEP_STATISTICS + (self.diagnostics.names if self.diagnostics else ())
 
 
 def set_up_training(run, ctx, datasets_dir, resume_dir):
@@ -215,4 +226,5 @@ def set_up_training(run, ctx, datasets_dir, resume_dir):
                  if run.train.hellaswag_interval else None)
     core = (core_scoring.training_share(run, ctx, datasets_dir, data.tokenizer)
             if run.train.core_interval else None)
-    return TrainingSetup(state, parallel, data, amp_dtype, stop_flags, hellaswag, core), progress
+    diagnostics = Diagnostics(model) if run.train.diagnostics else None
+    return TrainingSetup(state, parallel, data, amp_dtype, stop_flags, hellaswag, core, diagnostics), progress
