@@ -411,13 +411,13 @@ def resolve_run_dir(run):
         return named
     available = sorted(p.name for p in RUNS_DIR.iterdir() if p.is_dir()) if RUNS_DIR.is_dir() else []
     raise UserError(f"run '{run}': no such directory, nor a run under {RUNS_DIR}"
-                    f"{closest_or_all(run, available, 'runs available')}")
+                    f"{closest_or_all(str(run), available, 'runs available')}")
 
 
 def load_model_config(run_or_model_json):
     """The ModelConfig of a model.json file, or of a run (a name under runs/ or a run directory)."""
     path = Path(run_or_model_json)
-    model_json = path if path.is_file() else resolve_run_dir(run_or_model_json) / "model.json"
+    model_json = path if path.suffix == ".json" else resolve_run_dir(run_or_model_json) / "model.json"
     return ModelConfig.from_dict(load_json(model_json), source=str(model_json))
 
 
