@@ -43,13 +43,16 @@ def masked_dataset(tmp_path_factory):
     return write_masked_dataset(tmp_path_factory.mktemp("datasets") / "masked")
 
 
+def microbatch(tokens, mask, index):
+    """(inputs, targets, targets' mask) of microbatch `index` of a token stream, by slicing."""
+    begin = index * MICROBATCH_TOKENS
+    window, window_mask = tokens[begin:begin + MICROBATCH_TOKENS + 1], mask[begin:begin + MICROBATCH_TOKENS + 1]
+    return (window[:-1].view(MICROBATCH_SIZE, CONTEXT), window[1:].view(MICROBATCH_SIZE, CONTEXT),
+            window_mask[1:].view(MICROBATCH_SIZE, CONTEXT))
+
+
 def microbatches(tokens, mask, first, count):
-    """(inputs, targets, targets' mask) of microbatches first.. of a token stream, by slicing."""
-    for index in range(first, first + count):
-        begin = index * MICROBATCH_TOKENS
-        window, window_mask = tokens[begin:begin + MICROBATCH_TOKENS + 1], mask[begin:begin + MICROBATCH_TOKENS + 1]
-        yield (window[:-1].view(MICROBATCH_SIZE, CONTEXT), window[1:].view(MICROBATCH_SIZE, CONTEXT),
-               window_mask[1:].view(MICROBATCH_SIZE, CONTEXT))
+    return [microbatch(tokens, mask, index) for index in range(first, first + count)]
 
 
 def token_losses(model, inputs, targets):
@@ -57,12 +60,14 @@ def token_losses(model, inputs, targets):
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
 
 
-def hand_first_step(tokens, mask, global_microbatches):
-    """The loss and gradient norm of step 0, by hand: the initial model (seeded as training seeds it),
-    the cross-entropy of every target of the global batch, averaged over the masked-in ones."""
+def hand_first_step_over(global_batch):
+    """The loss and gradient norm of step 0, by hand, over `global_batch` ((token stream, its mask),
+    microbatch index) for each microbatch: the initial model (seeded as training seeds it), the
+    cross-entropy of every target, averaged over the masked-in ones; and the mean of the
+    microbatches' means (what a wrong implementation would give)."""
     torch.manual_seed(SEED)
     model = GPTModel(ModelConfig.from_dict(TINY_MODEL))
-    batches = list(microbatches(tokens, mask, 0, global_microbatches))
+    batches = [microbatch(tokens, mask, index) for (tokens, mask), index in global_batch]
     loss_sum = sum((token_losses(model, inputs, targets) * m).sum() for inputs, targets, m in batches)
     loss = loss_sum / sum(m.sum() for _, _, m in batches)
     loss.backward()
@@ -90,7 +95,7 @@ def first_step_run(run_dir, dataset_dir, world_size, accumulation):
 
 def check_first_step(run_dir, masked_dataset):
     _, tokens, mask, splits = masked_dataset
-    loss, grad_norm, mean_of_means = hand_first_step(tokens, mask, global_microbatches=2)
+    loss, grad_norm, mean_of_means = hand_first_step_over([((tokens, mask), index) for index in range(2)])
     assert abs(mean_of_means - loss) > 1e-3  # the test tells the two averages apart
     (row,) = read_rows(run_dir)
     assert row["loss"] == pytest.approx(loss, rel=1e-5)
@@ -122,3 +127,22 @@ def test_loss_mask_round_trips_through_safetensors(masked_dataset):
     assert torch.equal(stored["tokens"].long(), tokens[splits["train"]])
     assert torch.equal(stored["loss_mask"].float(), mask[splits["train"]])
     assert json.loads((dataset_dir / "meta.json").read_text())["tokenizer"] == "bytes"
+
+
+def test_weighted_loss_in_chunks_is_the_same_sum(masked_dataset):
+    """loss_chunk_tokens splits the weighted sum as it splits the mean: the same value and gradients
+    as the plain per-token cross-entropy times the weights."""
+    _, tokens, mask, _ = masked_dataset
+    inputs, targets, target_mask = microbatch(tokens, mask, 3)
+    weights = target_mask * 0.37
+    torch.manual_seed(SEED)
+    chunked = GPTModel(ModelConfig.from_dict(TINY_MODEL), loss_chunk_tokens=50)
+    plain = GPTModel(ModelConfig.from_dict(TINY_MODEL))
+    plain.load_state_dict(chunked.state_dict())
+    by_chunks = chunked(inputs, targets, weights)
+    by_hand = (token_losses(plain, inputs, targets) * weights).sum()
+    by_chunks.backward()
+    by_hand.backward()
+    assert by_chunks.item() == pytest.approx(by_hand.item(), rel=1e-6)
+    for mine, reference in zip(chunked.parameters(), plain.parameters()):
+        torch.testing.assert_close(mine.grad, reference.grad, rtol=1e-5, atol=1e-7)
