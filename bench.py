@@ -1,9 +1,9 @@
 """Training throughput of gpt.py's GPTModel on this device: tokens/s, step time,
 peak memory and MFU for each microbatch size.
 
-    uv run bench.py 8xh100m80 --microbatch 1,2,4
-    uv run bench.py runs/demo/model.json --steps 3 --warmup 1 --compare
-    uv run torchrun --nproc_per_node=8 bench.py 8xh100m80 --microbatch 8 --parallelism fsdp
+    uv run bench.py 8xh100m80 --microbatch-size 1,2,4
+    uv run bench.py runs/demo/model.json --steps 3 --warmup-steps 1 --compare
+    uv run torchrun --nproc_per_node=8 bench.py 8xh100m80 --microbatch-size 8 --parallelism fsdp
 
 RUN_OR_MODEL_JSON is a run name under runs/, a run directory, or a model.json.
 A step is what ddp_train.py does for one microbatch on one rank: its compute_loss
@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 
 import perf
+from cli_aliases import command_with_old_spellings
 from config import ModelConfig, TrainConfig, load_json, resolve_run_dir
 from devices import machine_description, peak_memory, release, reset_peak_memory, synchronize
 from distributed import DistContext, check_connectivity, init_distributed
@@ -309,18 +310,22 @@ def parse_microbatches(text):
     try:
         sizes = [int(part) for part in text.split(",")]
     except ValueError:
-        raise UserError(f"--microbatch: expected comma-separated integers, got {text!r}")
+        raise UserError(f"--microbatch-size: expected comma-separated integers, got {text!r}")
     if not sizes or min(sizes) < 1:
-        raise UserError(f"--microbatch: sizes must be positive, got {text!r}")
+        raise UserError(f"--microbatch-size: sizes must be positive, got {text!r}")
     return sizes
 
 
-@click.command()
+@click.command(cls=command_with_old_spellings({"--microbatch": "--microbatch-size", "--warmup": "--warmup-steps"}),
+               epilog="""\b
+Examples:
+  uv run bench.py 8xh100m80 --microbatch-size 1,2,4
+  uv run torchrun --nproc_per_node=8 bench.py 8xh100m80 --microbatch-size 8 --parallelism fsdp""")
 @click.argument("run_or_model_json")
-@click.option("--microbatch", "microbatch_text", default="1,2,4", show_default=True,
+@click.option("--microbatch-size", "microbatch_text", default="1,2,4", show_default=True,
               help="Comma-separated microbatch sizes to measure.")
 @click.option("--steps", default=10, show_default=True, type=click.IntRange(min=1), help="Timed steps.")
-@click.option("--warmup", default=2, show_default=True, type=click.IntRange(min=0),
+@click.option("--warmup-steps", "warmup", default=2, show_default=True, type=click.IntRange(min=0),
               help="Untimed steps first (allocation, kernel selection, optimizer state).")
 @click.option("--parallelism", type=click.Choice(["ddp", "fsdp"]), default="ddp", show_default=True,
               help="ddp: one device, no process group. fsdp: shard the model as training does, over the "
@@ -348,6 +353,8 @@ def parse_microbatches(text):
 @report_user_errors
 def main(run_or_model_json, microbatch_text, steps, warmup, parallelism, compare, amp, dtype, fused_qkv, pad_vocab,
          activation_checkpointing, loss_chunk_tokens, compile_model, threads, peak_tflops):
+    """Training throughput, step time, peak memory and MFU of RUN_OR_MODEL_JSON's model (a run
+    name under runs/, a run directory, or a model.json) for each microbatch size."""
     cfg = load_model_config(run_or_model_json)
     microbatches = parse_microbatches(microbatch_text)
     if parallelism == "fsdp":

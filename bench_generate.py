@@ -72,7 +72,9 @@ def print_report(cfg, device, batch, prompt_tokens, new_tokens, repeats, times, 
           f"outputs identical token for token: {'yes' if identical else 'NO'}")
 
 
-@click.command()
+@click.command(epilog="""\b
+Example:
+  uv run bench_generate.py runs/demo/model.json --new-tokens 200 --threads 1""")
 @click.argument("run_or_model_json")
 @click.option("--prompt-tokens", default=16, show_default=True, type=click.IntRange(min=1))
 @click.option("--new-tokens", default=200, show_default=True, type=click.IntRange(min=1))
@@ -84,6 +86,8 @@ def print_report(cfg, device, batch, prompt_tokens, new_tokens, repeats, times, 
                    "other work, 1 avoids stalls while a descheduled thread holds up the others.")
 @report_user_errors
 def main(run_or_model_json, prompt_tokens, new_tokens, batch, repeats, threads):
+    """Tokens/s of generate with and without the KV cache, for RUN_OR_MODEL_JSON (a run name
+    under runs/, a run directory, or a model.json) with random weights."""
     cfg = load_model_config(run_or_model_json)
     if prompt_tokens > cfg.context_length:
         raise UserError(f"--prompt-tokens {prompt_tokens} exceeds context_length {cfg.context_length}")

@@ -261,7 +261,9 @@ def compare(corpus, workers, repeats, out_dir):
     return max(peaks)
 
 
-@click.command()
+@click.command(epilog="""\b
+Example:
+  uv run bench_prepare.py --megabytes 50 --scale 10 --workers 2 --repeats 3""")
 @click.option("--megabytes", type=float, default=50, show_default=True, help="Size of the smaller corpus (MB of text).")
 @click.option("--scale", type=int, default=10, show_default=True, help="The larger corpus is this many times bigger.")
 @click.option("--workers", type=int, default=os.cpu_count(), show_default="CPU count")

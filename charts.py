@@ -2,8 +2,8 @@
 the reference harness's file names (so the auto-refreshing chart page people keep in
 their run directories shows them): loss-chart.png, grad-norm-chart.png and
 learning-rate-chart.png, plus charts.html, a page that shows all three and reloads
-them every few seconds. The loss chart also shows HellaSwag acc_norm, on a second axis,
-when the run evaluates it."""
+them every few seconds. The loss chart also shows HellaSwag acc_norm and CORE (with its
+standard error as error bars), on a second axis, when the run evaluates them."""
 
 import matplotlib
 
@@ -54,12 +54,19 @@ def plot_loss(rows, path, best_step=None):
         ax.axvline(best_step, color="red", linestyle="--", linewidth=1.2, label=f"best (step {best_step})")
     ax.set(title="Loss", xlabel="global step", ylabel="loss")
     hellaswag = [r for r in rows if r.get("hellaswag_acc_norm") is not None]
-    if hellaswag:
-        # An accuracy, on its own axis on the right; the legend, on top of both, lists every curve.
+    core = [r for r in rows if r.get("core") is not None]
+    if hellaswag or core:
+        # Accuracies, on their own axis on the right; the legend, on top of both, lists every curve.
         accuracy_ax = ax.twinx()
-        accuracy_ax.plot([r["step"] for r in hellaswag], [r["hellaswag_acc_norm"] for r in hellaswag],
-                         color="tab:purple", marker="s", label="HellaSwag acc_norm")
-        accuracy_ax.set(ylabel="HellaSwag acc_norm")
+        if hellaswag:
+            accuracy_ax.plot([r["step"] for r in hellaswag], [r["hellaswag_acc_norm"] for r in hellaswag],
+                             color="tab:purple", marker="s", label="HellaSwag acc_norm")
+        if core:
+            accuracy_ax.errorbar([r["step"] for r in core], [r["core"] for r in core],
+                                 yerr=[r.get("core_se") or 0.0 for r in core], color="tab:green", marker="D",
+                                 capsize=3, label="CORE (± standard error)")
+        accuracy_ax.set(ylabel=" / ".join(name for name, present in (("HellaSwag acc_norm", hellaswag),
+                                                                       ("CORE", core)) if present))
         handles, labels = ax.get_legend_handles_labels()
         more_handles, more_labels = accuracy_ax.get_legend_handles_labels()
         accuracy_ax.legend(handles + more_handles, labels + more_labels)

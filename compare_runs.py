@@ -207,7 +207,9 @@ def plot(runs, smooth, path):
         plt.close(fig)
 
 
-@click.command()
+@click.command(epilog="""\b
+Example:
+  uv run compare_runs.py my-run my-other-run --out comparison""")
 @click.argument("runs", nargs=-1, required=True)
 @click.option("--smooth", type=click.FloatRange(0, 1, max_open=True), default=0.9, show_default=True,
               help="EMA weight for the loss curves and the best loss (0 = unsmoothed).")

@@ -276,6 +276,12 @@ class TrainConfig:
     hellaswag_interval: int | None = None
     hellaswag_items: int | None = None
     hellaswag_data: str | None = None  # a local JSONL file or a URL (downloaded into DATASETS_DIR/hellaswag/)
+    # CORE during training (core_scoring.training_share): every core_interval steps and the last, on each
+    # task's first core_items items (null: all) of core_tasks (comma-separated labels; null: all) of core_bundle.
+    core_interval: int | None = None
+    core_items: int | None = None
+    core_tasks: str | None = None
+    core_bundle: str | None = None  # a local directory or zip, or a URL (null: nanochat's eval_bundle.zip)
     # Log every metrics row and the config to this Weights & Biases project (rank 0; needs the wandb extra).
     wandb_project: str | None = None
     wandb_entity: str | None = None  # default: the W&B account's default entity
@@ -328,11 +334,14 @@ class TrainConfig:
                  f"must be \"bfloat16\" or \"float16\", got {json.dumps(self.amp_dtype)}")
         for key in ("gradient_accumulation_steps", "keep_last_checkpoints", "max_skipped_steps", "log_interval",
                     "peak_tflops", "pad_vocab_to_multiple_of", "global_batch_tokens", "train_tokens_per_parameter",
-                    "train_flops", "loss_chunk_tokens", "hellaswag_interval", "hellaswag_items"):
+                    "train_flops", "loss_chunk_tokens", "hellaswag_interval", "hellaswag_items", "core_interval",
+                    "core_items"):
             value = getattr(self, key)
             _require(value is None or value > 0, source, key, f"must be positive, got {value}")
-        for key in ("hellaswag_data", "wandb_project", "wandb_entity", "wandb_run_name"):
+        for key in ("hellaswag_data", "core_tasks", "core_bundle", "wandb_project", "wandb_entity", "wandb_run_name"):
             _require(getattr(self, key) != "", source, key, "must be a non-empty string or null, got \"\"")
+        _require(self.core_tasks is None or all(label.strip() for label in self.core_tasks.split(",")), source,
+                 "core_tasks", f"must be comma-separated task labels (core.yaml's), got {json.dumps(self.core_tasks)}")
         if self.gradient_accumulation_steps is not None and self.global_batch_tokens is not None:
             raise UserError(f"{source}: keys 'gradient_accumulation_steps' and 'global_batch_tokens' are alternatives "
                             "(global_batch_tokens derives the accumulation from the world size); give one of them")

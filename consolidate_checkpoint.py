@@ -16,7 +16,9 @@ from checkpointing import consolidate_weights
 from errors import report_user_errors
 
 
-@click.command()
+@click.command(epilog="""\b
+Example:
+  uv run consolidate_checkpoint.py runs/my-run/checkpoints/latest""")
 @click.argument("checkpoint_dir", type=click.Path(exists=True, file_okay=False))
 @report_user_errors
 def main(checkpoint_dir):

@@ -3,7 +3,8 @@
 
     uv run convert_gpt2.py from-hf openai-community/gpt2 converted/gpt2
     uv run convert_gpt2.py from-hf path/to/a-llama-checkpoint converted/my-llama
-    uv run convert_gpt2.py to-hf runs/my-run/model.json runs/my-run/checkpoints/best/model.safetensors hf/my-run
+    uv run convert_gpt2.py to-hf my-run hf/my-run          # its best checkpoint, else its latest
+    uv run convert_gpt2.py to-hf my-run latest hf/my-run --license mit
 
 See hf_convert.py for what each direction writes and how the layouts differ.
 """
@@ -16,16 +17,22 @@ from huggingface_hub import HfApi
 from errors import report_user_errors
 from eval_common import tokenizer_options
 from hf_convert import convert_from_hf, convert_to_hf
+from model_source import GRAMMAR, model_arguments, resolve_model
 
 
 # ---------------------------------------------------------------- the CLI
 
-@click.group()
+@click.group(epilog="""\b
+Examples:
+  uv run convert_gpt2.py from-hf openai-community/gpt2 converted/gpt2
+  uv run convert_gpt2.py to-hf my-run hf/my-run""")
 def cli():
     """Convert GPT-2 and Llama weights between Hugging Face transformers and gpt.py."""
 
 
-@cli.command("from-hf")
+@cli.command("from-hf", epilog="""\b
+Example:
+  uv run convert_gpt2.py from-hf openai-community/gpt2 converted/gpt2""")
 @click.argument("hf_dir_or_repo")
 @click.argument("out_dir")
 @report_user_errors
@@ -37,21 +44,26 @@ def from_hf(hf_dir_or_repo, out_dir):
           f"({cfg.n_layers} layers, emb_dim {cfg.emb_dim}, context {cfg.context_length})")
 
 
-@cli.command("to-hf")
-@click.argument("model_json")
-@click.argument("model_safetensors")
+@cli.command("to-hf", epilog=f"""{GRAMMAR}
+
+\b
+Example:
+  uv run convert_gpt2.py to-hf my-run best hf/my-run --license mit""")
+@model_arguments
 @click.argument("out_dir")
+@click.option("--license", "license_id", default=None,
+              help="The model card's license, as the Hub names licenses (mit, apache-2.0, ...). Default: none.")
 @click.option("--push-to-hub", "repo_id", default=None,
               help="Also upload OUT_DIR to this Hub model repo (created if needed; uses your "
                    "`hf auth login` token or HF_TOKEN).")
 @tokenizer_options
 @report_user_errors
-def to_hf(model_json, model_safetensors, out_dir, repo_id, tokenizer_name, datasets_dir):
-    """MODEL_JSON + MODEL_SAFETENSORS -> OUT_DIR loadable by transformers' from_pretrained:
-    as LlamaForCausalLM when model.json is Llama-shaped (pos_emb "rope", norm "rmsnorm",
+def to_hf(model_args, out_dir, license_id, repo_id, tokenizer_name, datasets_dir):
+    """The model -> OUT_DIR loadable by transformers' from_pretrained, with a model card:
+    as LlamaForCausalLM when the model is Llama-shaped (pos_emb "rope", norm "rmsnorm",
     mlp "swiglu"), as GPT2LMHeadModel when it is GPT-2-shaped (the defaults; mlp "gelu" or "relu2")."""
     out_dir = Path(out_dir)
-    convert_to_hf(model_json, model_safetensors, out_dir, tokenizer_name, datasets_dir, repo_id)
+    convert_to_hf(resolve_model(model_args), out_dir, tokenizer_name, datasets_dir, repo_id, license_id)
     print(f"wrote {out_dir}")
     if repo_id:
         api = HfApi()

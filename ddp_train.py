@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 import charts
 import checkpointing
+import core_scoring
 import hellaswag_scoring
 import training
 from batching import prefetch_to_device, rank_microbatch_indices, token_budget
@@ -192,7 +193,7 @@ def train(run, ctx, datasets_dir, resume_dir):
                 work = training.work_after_step(global_step, setup.data.total_steps, train_cfg,
                                                 validates=setup.data.validation is not None,
                                                 scores_hellaswag=setup.hellaswag is not None)
-                if not (work.save_checkpoint or work.validation or work.hellaswag or stop_requested
+                if not (work.save_checkpoint or work.validation or work.hellaswag or work.core or stop_requested
                         or (global_step + 1) % log_interval == 0):
                     continue
                 evaluations = {}
@@ -201,7 +202,10 @@ def train(run, ctx, datasets_dir, resume_dir):
                                                               setup.parallel.autocast_dtype)
                 if work.hellaswag:
                     evaluations |= hellaswag_scoring.distributed_scores(setup.state.model, setup.hellaswag,
-                                                                     setup.parallel.autocast_dtype)
+                                                                        setup.parallel.autocast_dtype)
+                if work.core:
+                    evaluations |= core_scoring.distributed_core(setup.state.model, setup.core,
+                                                                 setup.parallel.autocast_dtype)
                 window = read_window(pending)
                 pending = []
                 rows = log.record(window, evaluations, progress.tokens_seen, progress.elapsed_s)
@@ -280,7 +284,15 @@ def check_same_checkpoint(ctx, resume_dir):
                         "must see the same run directory (a shared filesystem)")
 
 
-@click.command()
+@click.command(epilog="""\b
+Launch under torchrun, one process per GPU (without torchrun: a single process):
+  uv run torchrun --nproc_per_node=8 ddp_train.py 8xh100m80 datasets
+  uv run torchrun --nproc_per_node=8 ddp_train.py 8xh100m80 datasets latest   # resume
+  uv run torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
+      ddp_train.py 8xh100m80 datasets   # on each of two machines
+\b
+Example (the demo, two CPU processes):
+  uv run torchrun --nproc_per_node=2 ddp_train.py demo datasets""")
 @click.argument("run")
 @click.argument("datasets_dir", type=click.Path(file_okay=False))
 @click.argument("resume_from", metavar="[CHECKPOINT]", required=False)

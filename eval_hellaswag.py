@@ -1,8 +1,8 @@
 """Zero-shot HellaSwag accuracy of a model on the command line; the scoring is
 hellaswag_scoring.py's (completion style, as llm.c and build-nanogpt evaluate it: see there).
 
-    uv run eval_hellaswag.py my-run runs/my-run/checkpoints/best/model.safetensors
-    uv run eval_hellaswag.py converted/gpt2/model.json converted/gpt2/model.safetensors --json gpt2-hellaswag.json
+    uv run eval_hellaswag.py my-run                  # its best checkpoint, else its latest
+    uv run eval_hellaswag.py converted/gpt2 --json gpt2-hellaswag.json
 """
 
 import datetime
@@ -11,19 +11,11 @@ from pathlib import Path
 import click
 import torch
 
-from config import resolve_run_dir
 from errors import UserError, report_user_errors
-from eval_common import load_model, load_tokenizer, pick_device, threads_option, tokenizer_options
+from eval_common import load_tokenizer, pick_device, threads_option, tokenizer_options
 from hellaswag_scoring import DATA_URL, PROTOCOL, SPLIT_FILES, encode_item, fetch, read_items, score_items, tally
 from jsonfiles import strict_json
-
-
-def model_json_for(run_or_model_json):
-    """A model.json path, or a run (a name under runs/ or a directory) whose model.json it is."""
-    path = Path(run_or_model_json)
-    if path.is_file() or path.suffix == ".json":
-        return path
-    return resolve_run_dir(run_or_model_json) / "model.json"
+from model_source import GRAMMAR, load_model, model_arguments, resolve_model
 
 
 def device_for(name):
@@ -38,37 +30,42 @@ def device_for(name):
     return device
 
 
-@click.command()
-@click.argument("run_or_model_json")
-@click.argument("weights")
+@click.command(epilog=f"""{GRAMMAR}
+
+\b
+Example:
+  uv run eval_hellaswag.py my-run --limit 500 --json my-run-hellaswag.json""")
+@model_arguments
 @click.option("--data", "data_source", default=None,
               help="A HellaSwag JSONL file, or a URL downloaded once into --cache-dir. "
                    "Default: the public file of --split.")
 @click.option("--split", default="validation", show_default=True, type=click.Choice(list(SPLIT_FILES)),
               help="Which public file is the default --data (the test split's labels are not public).")
-@click.option("--cache-dir", default="datasets/hellaswag", show_default=True, help="Where downloads are kept.")
+@click.option("--cache-dir", default=None, help="Where downloads are kept. Default: DATASETS_DIR/hellaswag, as in "
+                                                "training.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Score only the first N items.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
               help="Items per forward pass (4 rows each).")
-@click.option("--json", "json_path", default=None, help="Also write the result as JSON to this path.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the result as JSON to this path.")
 @click.option("--device", "device_name", default=None, help="Default: cuda when available, else cpu.")
 @click.option("--amp/--no-amp", default=True, show_default=True,
               help="On CUDA, run the model under bfloat16 autocast. The CPU always runs float32.")
 @tokenizer_options
 @threads_option
 @report_user_errors
-def main(run_or_model_json, weights, data_source, split, cache_dir, limit, batch_size, json_path,
-         device_name, amp, tokenizer_name, datasets_dir):
-    """Zero-shot HellaSwag accuracy (acc, acc_norm) of RUN_OR_MODEL_JSON with WEIGHTS (a model.safetensors)."""
-    model_json = model_json_for(run_or_model_json)
+def main(model_args, data_source, split, cache_dir, limit, batch_size, json_path, device_name, amp, tokenizer_name,
+         datasets_dir):
+    """Zero-shot HellaSwag accuracy (acc, acc_norm) of the model."""
+    source = resolve_model(model_args)
     data_source = data_source or DATA_URL.format(SPLIT_FILES[split])
     is_url = data_source.startswith(("http://", "https://"))
-    data_file = fetch(data_source, cache_dir) if is_url else Path(data_source)
+    data_file = fetch(data_source, cache_dir or Path(datasets_dir) / "hellaswag") if is_url else Path(data_source)
     items = read_items(data_file, data_source, limit)
 
     device = device_for(device_name)
-    model = load_model(model_json, weights, device)
-    tokenizer = load_tokenizer(model_json, tokenizer_name, datasets_dir, model.cfg.vocab_size)
+    model = load_model(source, device)
+    tokenizer = load_tokenizer(source, tokenizer_name, datasets_dir)
     encoded = [encode_item(item, tokenizer, model.cfg.context_length) for item in items]
     truncated = sum(item.truncated for item in encoded)
     autocast_dtype = torch.bfloat16 if amp and device.type == "cuda" else None
@@ -91,8 +88,8 @@ def main(run_or_model_json, weights, data_source, split, cache_dir, limit, batch
             "data": data_source,
             "data_file": str(Path(data_file).resolve()),
             "limit": limit,
-            "model_json": str(Path(model_json).resolve()),
-            "weights": str(Path(weights).resolve()),
+            "model_config": source.config_source,
+            "weights": str(source.weights.resolve()),
             "parameters": model.num_parameters(),
             "tokenizer": tokenizer.name,
             "context_length": model.cfg.context_length,

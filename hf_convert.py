@@ -37,8 +37,10 @@ from tiktoken.load import read_file_cached
 from checkpointing import save_safetensors
 from config import ARCHITECTURE_CHOICES, ModelConfig, load_json
 from errors import UserError
-from eval_common import load_model, load_model_config, one_line, tokenizer_name_for
+from eval_common import one_line, tokenizer_name_for
 from gpt import GPTModel
+from model_card import model_card
+from model_source import load_model
 from token_data import ByteTokenizer
 
 # gpt.py's GELU is the tanh approximation; these are its names in transformers.
@@ -55,6 +57,8 @@ EOT_IDS = {"gpt2": 50256, "bytes": ByteTokenizer.eot_id}
 # merges.txt, byte for byte.
 GPT2_ENCODER_JSON_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json"
 GPT2_VOCAB_BPE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe"
+# The same tokenizer on the Hub, for a card whose directory lacks the files.
+GPT2_HUB_TOKENIZER = "openai-community/gpt2"
 
 
 # ---------------------------------------------------------------- key mapping
@@ -505,37 +509,14 @@ def write_gpt2_tokenizer(out_dir, context_length):
     return None
 
 
-def model_card(title, location, cfg, family, model_json, tokenizer_name):
-    """README.md for the Hub: what the model is, its config, how to load it."""
-    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags:",
-             f"- {family.model_type}", "---", "", f"# {title}", "",
-             f"A {family.name}-architecture base model pre-trained from scratch with PyTorch DDP "
-             "(in the manner of gpjt/ddp-base-model-from-scratch), converted to transformers' "
-             f"`{family.hf_class}` format by `convert_gpt2.py to-hf`.", "",
-             f"Tokenizer: `{tokenizer_name}`.", "",
-             "## Model config (model.json)", "", "| key | value |", "| --- | --- |"]
-    lines += [f"| {key} | {json.dumps(value)} |" for key, value in cfg.to_dict().items()]
-    train_json = Path(model_json).parent / "train.json"
-    if train_json.is_file():
-        raw = load_json(train_json)
-        if isinstance(raw, dict):
-            lines += ["", "## Training config (train.json)", "", "| key | value |", "| --- | --- |"]
-            lines += [f"| {key} | {json.dumps(value)} |" for key, value in raw.items()]
-    lines += ["", "## Usage", "", "```python",
-              f"from transformers import AutoTokenizer, {family.hf_class}", "",
-              f'model = {family.hf_class}.from_pretrained("{location}")',
-              f'tokenizer = AutoTokenizer.from_pretrained("{location}")',
-              'ids = tokenizer("Every effort moves you", return_tensors="pt").input_ids',
-              "print(tokenizer.decode(model.generate(ids, max_new_tokens=20)[0]))", "```", ""]
-    return "\n".join(lines)
-
-
-def convert_to_hf(model_json, weights, out_dir, tokenizer_name, datasets_dir, repo_id=None):
-    cfg = load_model_config(model_json)  # with its real drop_rate for the HF config
-    family = family_for(cfg, model_json)
-    model = load_model(model_json, weights, "cpu")
+def convert_to_hf(source, out_dir, tokenizer_name, datasets_dir, repo_id=None, license_id=None):
+    """Write `source` (a model_source.ModelSource) into `out_dir` as a transformers model
+    with its tokenizer files (where transformers has its tokenizer) and model card."""
+    cfg = source.config  # with its real drop_rate for the HF config
+    family = family_for(cfg, source.config_source)
+    model = load_model(source, "cpu")
     if tokenizer_name is None:
-        tokenizer_name, _ = tokenizer_name_for(model_json, datasets_dir)
+        tokenizer_name, _ = tokenizer_name_for(source, datasets_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_safetensors(family.ours_to_hf(model.state_dict(), cfg), out_dir / "model.safetensors",
                      metadata={"format": "pt"})  # transformers requires the format tag
@@ -549,6 +530,9 @@ def convert_to_hf(model_json, weights, out_dir, tokenizer_name, datasets_dir, re
     if missing:
         print(f"note: no tokenizer files written: {missing}")
     (out_dir / "config.json").write_text(json.dumps(family.hf_config(cfg, eot_id), indent=2) + "\n")
-    title = repo_id or Path(model_json).resolve().parent.name
-    (out_dir / "README.md").write_text(
-        model_card(title, repo_id or str(out_dir), cfg, family, model_json, tokenizer_name))
+    location = repo_id or str(out_dir)
+    tokenizer_location = (None if tokenizer_name != "gpt2" else
+                          GPT2_HUB_TOKENIZER if missing else location)
+    card = model_card(source, family, repo_id or source.name, location, tokenizer_name, tokenizer_location,
+                      license_id, datasets_dir)
+    card.save(out_dir / "README.md")

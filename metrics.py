@@ -5,8 +5,9 @@ metrics.jsonl has one JSON object per optimizer step: step, loss (mean over rank
 and microsteps), lr, grad_norm (before clipping), clipped, skipped (a non-finite
 step not applied), tokens (cumulative, all ranks), tokens_per_sec (all ranks) and
 tokens_per_sec_per_device, mfu (null when the device's peak is unknown), eta_s and
-elapsed_s; validated steps also carry val_loss, and steps with a HellaSwag evaluation
-hellaswag_acc and hellaswag_acc_norm. Non-finite values are null. With train.json
+elapsed_s; validated steps also carry val_loss, steps with a HellaSwag evaluation
+hellaswag_acc and hellaswag_acc_norm, and steps with a CORE evaluation core, core_se and
+core/<task label> (each task's centered accuracy). Non-finite values are null. With train.json
 `wandb_project` rank 0 also logs every row to Weights & Biases.
 Throughput, ETA and elapsed time are measured over each log window (log_interval
 steps, read from the device in one transfer) and interpolated within it.
@@ -31,7 +32,7 @@ from jsonfiles import finite_or_none, strict_json
 TENSORBOARD_TAGS = {"loss": "train/loss", "val_loss": "validation/loss", "lr": "train/learning_rate",
                     "grad_norm": "train/grad_norm", "tokens_per_sec": "throughput/tokens_per_sec",
                     "mfu": "throughput/mfu", "hellaswag_acc": "hellaswag/acc",
-                    "hellaswag_acc_norm": "hellaswag/acc_norm"}
+                    "hellaswag_acc_norm": "hellaswag/acc_norm", "core": "core/CORE", "core_se": "core/CORE_se"}
 
 
 def read_metrics(path):
@@ -95,7 +96,9 @@ class TensorBoardLog:
         self.writer = require_tensorboard()(log_dir=str(log_dir))
 
     def append(self, row):
-        for key, tag in TENSORBOARD_TAGS.items():
+        # Each CORE task's centered accuracy keeps its metrics.jsonl key, core/<task label>, as its tag.
+        tags = TENSORBOARD_TAGS | {key: key for key in row if key.startswith("core/")}
+        for key, tag in tags.items():
             if row.get(key) is not None:
                 self.writer.add_scalar(tag, row[key], global_step=row["step"])
 
@@ -202,7 +205,7 @@ class TrainingLog:
         """`window`: (step, lr, statistics) for each step since the last call, statistics
         being a dict of the step's training.STEP_STATISTICS. `evaluations`: the keys the
         evaluations at the window's last step add to its row (val_loss, hellaswag_acc,
-        hellaswag_acc_norm). `tokens_before`, `elapsed_before`: the run's tokens and
+        hellaswag_acc_norm, core, ...). `tokens_before`, `elapsed_before`: the run's tokens and
         training seconds before the window. Returns the rows."""
         now = time.time()
         window_seconds = max(now - self.last_record, 1e-9)

@@ -17,10 +17,10 @@ model, data, step, validation and checkpoint writer) with the run's config on ev
 5. projection: the run's wall-clock time, GPU-hours and cost, as configured and with the
    recommended settings.
 
-Rank 0 prints the report (markdown), and writes --json, --markdown and a chart of the step
-times. The run directory's checkpoints, metrics and train.json are not touched: the
-checkpoint save goes into a hidden temporary directory in the run directory (the same
-disk), removed afterwards.
+Rank 0 prints the report (markdown), and writes --json, --markdown and --chart (the step
+times) where they are given. The run directory's checkpoints, metrics and train.json are
+not touched: the checkpoint save goes into a hidden temporary directory in the run
+directory (the same disk), removed afterwards.
 """
 
 import gc
@@ -284,7 +284,7 @@ def evaluation_times(run, ctx, setup, scratch_dir):
                                                                                autocast_dtype))
     if setup.hellaswag is not None:
         times["hellaswag_s"] = timed(ctx, lambda: hellaswag_scoring.distributed_scores(model, setup.hellaswag,
-                                                                                     autocast_dtype))
+                                                                                        autocast_dtype))
     scratch_run = replace(run, run_dir=scratch_dir)
 
     def save():
@@ -468,9 +468,13 @@ def write_outputs(report, json_path, markdown_path, chart_path):
     if json_path:
         Path(json_path).write_text(strict_json(report, indent=2) + "\n")
     if markdown_path:
-        Path(markdown_path).write_text(text + f"\n![step times]({Path(chart_path).name})\n")
-    draw_step_times(report, chart_path)
-    print(f"Wrote {', '.join(str(p) for p in (json_path, markdown_path, chart_path) if p)}")
+        chart_link = f"\n![step times]({Path(chart_path).name})\n" if chart_path else ""
+        Path(markdown_path).write_text(text + "\n" + chart_link)
+    if chart_path:
+        draw_step_times(report, chart_path)
+    written = [str(path) for path in (json_path, markdown_path, chart_path) if path]
+    if written:
+        print(f"Wrote {', '.join(written)}")
 
 
 def check_output_paths(*paths):
@@ -533,7 +537,10 @@ def preflight(run, ctx, datasets_dir, steps, warmup_steps, compile_modes, price_
 COMPILE_MODES = {"both": (False, True), "off": (False,), "on": (True,)}
 
 
-@click.command()
+@click.command(epilog="""\b
+Example (8 GPUs on one machine):
+  uv run torchrun --nproc_per_node=8 preflight.py 8xh100m80 datasets --price-per-gpu-hour 2.99 \\
+      --markdown preflight.md --chart preflight.png""")
 @click.argument("run")
 @click.argument("datasets_dir", type=click.Path(file_okay=False))
 @click.option("--steps", default=30, show_default=True, type=click.IntRange(min=1),
@@ -548,14 +555,13 @@ COMPILE_MODES = {"both": (False, True), "off": (False,), "on": (True,)}
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None,
               help="Write the report as markdown (for pasting into an issue).")
 @click.option("--chart", "chart_path", type=click.Path(dir_okay=False), default=None,
-              help="The step-time chart (PNG). Default: preflight-<run name>.png here.")
+              help="Also draw the step-time chart (PNG) to this path.")
 @report_user_errors
 def main(run, datasets_dir, steps, warmup_steps, compile_choice, price_per_gpu_hour, json_path, markdown_path,
          chart_path):
     """Measure RUN (a name under runs/ or a run directory) on this machine with its datasets
     under DATASETS_DIR, and project its time and cost."""
     run = load_run(run)
-    chart_path = chart_path or f"preflight-{run.name}.png"
     ctx = init_distributed(run.train.dist_timeout_minutes)
     scratch_dir = None
     try:

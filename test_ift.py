@@ -1,7 +1,7 @@
 """Instruction fine-tuning test, as in chapter 7 of "Build a Large Language Model
 (from Scratch)" and the reference harness gpjt/ddp-base-model-from-scratch.
 
-    uv run test_ift.py generate my-run runs/my-run/model.json runs/my-run/checkpoints/best/model.safetensors
+    uv run test_ift.py generate my-run my-run       # NAME, then the model: RUN [CHECKPOINT]
     uv run test_ift.py judge my-run-ift-test-results.json gpt2-ift-test-results.json
 
 `generate` fine-tunes the model on Alpaca-style instruction data (by default the
@@ -36,10 +36,10 @@ from tqdm import tqdm
 
 from config import load_json
 from errors import UserError, report_user_errors
-from eval_common import (load_model, load_model_config, load_tokenizer, one_line, pick_device, threads_option,
-                         tokenizer_options)
+from eval_common import load_tokenizer, one_line, pick_device, threads_option, tokenizer_options
 from gpt import generate
 from jsonfiles import strict_json
+from model_source import GRAMMAR, load_model, model_arguments, resolve_model
 
 BOOK_DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
                  "ch07/01_main-chapter-code/instruction-data.json")
@@ -52,7 +52,7 @@ MAX_NEW_TOKENS = 256
 IGNORE_INDEX = -100  # F.cross_entropy skips targets with this value
 # Without --epochs, a backstop for a validation loss that never rises.
 MAX_EPOCHS = 100
-# --dropout: "model" trains with model.json's drop_rate, "on" with GPT-2's rate
+# --dropout: "model" trains with the model config's drop_rate, "on" with GPT-2's rate
 # (the one the reference harness's runs with dropout use), "off" without dropout.
 DROPOUT_CHOICES = ("model", "on", "off")
 GPT2_DROP_RATE = 0.1
@@ -211,10 +211,10 @@ def fine_tune(model, optimizer, train_encoded, val_batches, pad_id, epochs, gene
     return history, len(history)
 
 
-def fine_tuning_drop_rate(dropout, model_json):
+def fine_tuning_drop_rate(dropout, model_config):
     """The dropout rate fine-tuning trains with for a --dropout choice."""
     if dropout == "model":
-        return load_model_config(model_json).drop_rate
+        return model_config.drop_rate
     return GPT2_DROP_RATE if dropout == "on" else 0.0
 
 
@@ -606,15 +606,21 @@ def write_json_atomically(path, data):
 
 # ---------------------------------------------------------------- the CLI
 
-@click.group()
+@click.group(epilog="""\b
+Example:
+  uv run test_ift.py generate my-run my-run
+  uv run test_ift.py judge my-run-ift-test-results.json gpt2-ift-test-results.json""")
 def cli():
     """Instruction fine-tuning test: generate responses, then judge them."""
 
 
-@cli.command("generate")
+@cli.command("generate", epilog=f"""{GRAMMAR}
+
+\b
+Example:
+  uv run test_ift.py generate my-run my-run     # writes my-run-ift-test-results.json""")
 @click.argument("name")
-@click.argument("model_json")
-@click.argument("model_safetensors")
+@model_arguments
 @click.option("--data", "data_source", default=BOOK_DATA_URL, show_default=True,
               help="Alpaca-format JSON: a local path, or a URL downloaded once into --cache-dir.")
 @click.option("--cache-dir", default=None,
@@ -623,7 +629,7 @@ def cli():
               help="Train exactly this many epochs. Default: until the validation loss rises, "
                    "then keep the previous epoch's weights.")
 @click.option("--dropout", type=click.Choice(DROPOUT_CHOICES), default="model", show_default=True,
-              help=f"Dropout while fine-tuning: 'model' is model.json's drop_rate (as the base model "
+              help=f"Dropout while fine-tuning: 'model' is the model config's drop_rate (as the base model "
                    f"was trained, which is what the reference harness does), 'on' is GPT-2's "
                    f"{GPT2_DROP_RATE}, 'off' is none. Responses are always generated without dropout.")
 @click.option("--seed", default=42, show_default=True,
@@ -633,9 +639,9 @@ def cli():
 @tokenizer_options
 @threads_option
 @report_user_errors
-def generate_command(name, model_json, model_safetensors, data_source, cache_dir, epochs, dropout,
-                     seed, out_dir, tokenizer_name, datasets_dir):
-    """Fine-tune on instruction data; answer every test item; write NAME-ift-test-results.json."""
+def generate_command(name, model_args, data_source, cache_dir, epochs, dropout, seed, out_dir, tokenizer_name,
+                     datasets_dir):
+    """Fine-tune the model on instruction data; answer every test item; write NAME-ift-test-results.json."""
     if not name or Path(name).name != name or name in (".", ".."):
         raise UserError(f"NAME '{name}' must be a plain file-name prefix")
     data = load_instruction_data(data_source, cache_dir or default_cache_dir())
@@ -644,9 +650,10 @@ def generate_command(name, model_json, model_safetensors, data_source, cache_dir
         raise UserError(f"{data_source}: {len(data)} items give {len(train)} train, {len(test)} "
                         f"test and {len(validation)} validation items; it needs at least "
                         f"{BATCH_SIZE} train items and one of each other (20 items will do)")
-    drop_rate = fine_tuning_drop_rate(dropout, model_json)
-    model = load_model(model_json, model_safetensors, pick_device(), drop_rate)
-    tokenizer = load_tokenizer(model_json, tokenizer_name, datasets_dir, model.cfg.vocab_size)
+    source = resolve_model(model_args)
+    drop_rate = fine_tuning_drop_rate(dropout, source.config)
+    model = load_model(source, pick_device(), drop_rate)
+    tokenizer = load_tokenizer(source, tokenizer_name, datasets_dir)
     pad_id, context_length = tokenizer.eot_id, model.cfg.context_length
     torch.manual_seed(seed)  # the dropout masks come from the global generator
 
@@ -667,8 +674,8 @@ def generate_command(name, model_json, model_safetensors, data_source, cache_dir
              for entry in tqdm(test, desc="responding")]
     results = {
         "name": name,
-        "model_json": str(Path(model_json).resolve()),
-        "weights": str(Path(model_safetensors).resolve()),
+        "model_config": source.config_source,
+        "weights": str(source.weights.resolve()),
         "data": data_source,
         "tokenizer": tokenizer.name,
         "split_sizes": {"train": len(train), "test": len(test), "validation": len(validation)},
@@ -686,7 +693,9 @@ def generate_command(name, model_json, model_safetensors, data_source, cache_dir
     print(f"wrote {path}")
 
 
-@cli.command("judge")
+@cli.command("judge", epilog="""\b
+Example:
+  OPENAI_API_KEY=sk-... uv run test_ift.py judge my-run-ift-test-results.json gpt2-ift-test-results.json""")
 @click.argument("results_files", nargs=-1, required=True)
 @click.option("--base-url", envvar="OPENAI_BASE_URL", default="https://api.openai.com/v1",
               show_default=True, help="OpenAI-compatible API root (env OPENAI_BASE_URL), e.g. "

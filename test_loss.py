@@ -1,18 +1,20 @@
 """Test loss: the model's mean cross-entropy on a fixed slice of a token dataset.
 
-    uv run test_loss.py datasets runs/my-run/model.json runs/my-run/checkpoints/best/model.safetensors
+    uv run test_loss.py my-run --json runs/my-run/test_loss.json
+    uv run test_loss.py converted/gpt2 --dataset gpjt/fineweb-gpt2-tokens
 
-The defaults reproduce the reference harness's test set exactly: 3,200 batches
-of 6 sequences of the model's context length (19,660,800 tokens for a 1,024-token
-context) from the validation split of gpjt/fineweb-gpt2-tokens, starting at
-token 50,000,000. Batch i's inputs are the batch_size * context_length tokens
-from start + i * batch_size * context_length, its targets the same shifted by
-one; the result is the mean of the per-batch losses.
+The dataset is the run's own (its train.json's `dataset`, under --datasets-dir), or
+--dataset; a model with no run (a converted one) defaults to the reference harness's
+test set. The other defaults reproduce that test set exactly: 3,200 batches of 6
+sequences of the model's context length (19,660,800 tokens for a 1,024-token context)
+from the validation split of gpjt/fineweb-gpt2-tokens, starting at token 50,000,000.
+Batch i's inputs are the batch_size * context_length tokens from start + i *
+batch_size * context_length, its targets the same shifted by one; the result is the
+mean of the per-batch losses.
 
-With --json the result is also written as JSON: to `<run>/test_loss.json` when
-the weights are in a run's checkpoint directory
-(`runs/<run>/checkpoints/<checkpoint>/model.safetensors`), otherwise to
-`test_loss.json` beside the weights; --json-path overrides both.
+--json PATH also writes the result as JSON (compare_runs.py reads a run's
+runs/<run>/test_loss.json). The older `test_loss.py DATASETS_DIR MODEL_JSON WEIGHTS`
+still works.
 """
 
 import datetime
@@ -23,13 +25,16 @@ import torch
 from tqdm import tqdm
 
 from batching import Microbatches
+from cli_aliases import command_with_old_spellings
 from errors import UserError, report_user_errors
-from eval_common import load_model, pick_device, threads_option
+from eval_common import pick_device, threads_option
 from jsonfiles import strict_json
+from model_source import GRAMMAR, load_model, model_arguments, resolve_model
 from token_data import SPLITS, fetch_dataset, open_split, read_meta
 from training import compute_loss
 
-TEST_LOSS_JSON = "test_loss.json"
+# The reference harness's test set, for a model with no run.
+DEFAULT_DATASET = "gpjt/fineweb-gpt2-tokens"
 
 
 def mean_batch_loss(model, tokens, start_token, batches, batch_size, autocast_dtype=None):
@@ -51,22 +56,27 @@ def mean_batch_loss(model, tokens, start_token, batches, batch_size, autocast_dt
     return total / batches
 
 
-def run_checkpoint(weights):
-    """(run directory, checkpoint name) for weights inside
-    runs/<run>/checkpoints/<checkpoint>/ (`latest` and `best` resolved), else None."""
-    checkpoint_dir = Path(weights).resolve().parent
-    if checkpoint_dir.parent.name == "checkpoints":
-        return checkpoint_dir.parent.parent, checkpoint_dir.name
-    return None
+OLD_ARGUMENTS = 3  # DATASETS_DIR MODEL_JSON WEIGHTS
 
 
-@click.command()
-@click.argument("datasets_dir")
-@click.argument("model_json")
-@click.argument("model_safetensors")
-@click.option("--dataset", default="gpjt/fineweb-gpt2-tokens", show_default=True,
-              help="Hugging Face dataset repo id (downloaded into DATASETS_DIR), a local "
-                   "dataset directory, or 'demo'.")
+def split_old_form(model_args, datasets_dir):
+    """(model arguments, datasets directory): the older form puts DATASETS_DIR first."""
+    if len(model_args) == OLD_ARGUMENTS and model_args[1].endswith(".json"):
+        return model_args[1:], model_args[0]
+    return model_args, datasets_dir
+
+
+@click.command(cls=command_with_old_spellings({"--json-path": "--json"}), epilog=f"""{GRAMMAR}
+
+\b
+Example:
+  uv run test_loss.py my-run best --json runs/my-run/test_loss.json""")
+@model_arguments
+@click.option("--dataset", default=None,
+              help="A Hugging Face dataset repo id (downloaded into --datasets-dir), a local dataset "
+                   f"directory, or 'demo'. Default: the run's (train.json), else {DEFAULT_DATASET}.")
+@click.option("--datasets-dir", default="datasets", show_default=True,
+              help="Where datasets named by repo id (and the demo) live.")
 @click.option("--split", default="validation", show_default=True, type=click.Choice(SPLITS))
 @click.option("--start-token", default=50_000_000, show_default=True, type=click.IntRange(min=0))
 @click.option("--batches", default=3200, show_default=True, type=click.IntRange(min=1))
@@ -74,18 +84,18 @@ def run_checkpoint(weights):
 @click.option("--amp/--no-amp", default=True, show_default=True,
               help="On CUDA, run the model under float16 autocast as the reference harness "
                    "does. The CPU always runs float32.")
-@click.option("--json", "write_json", is_flag=True,
-              help="Also write the result as JSON (see --json-path).")
-@click.option("--json-path", default=None,
-              help="Where --json writes (implies --json). Default: <run>/test_loss.json for "
-                   "weights in a run's checkpoint directory, else test_loss.json beside them.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the result as JSON to this path.")
 @threads_option
 @report_user_errors
-def main(datasets_dir, model_json, model_safetensors, dataset, split, start_token, batches,
-         batch_size, amp, write_json, json_path):
+def main(model_args, dataset, datasets_dir, split, start_token, batches, batch_size, amp, json_path):
+    """The model's mean cross-entropy on a fixed slice of a token dataset's split."""
+    model_args, datasets_dir = split_old_form(model_args, datasets_dir)
+    source = resolve_model(model_args)
+    dataset = dataset or source.dataset or DEFAULT_DATASET
     device = pick_device()
-    model = load_model(model_json, model_safetensors, device)
-    dataset_dir = fetch_dataset(dataset, datasets_dir)
+    model = load_model(source, device)
+    dataset_dir = fetch_dataset(dataset, datasets_dir, source.run_dir)
     meta = read_meta(dataset_dir)
     if meta.vocab_size > model.cfg.vocab_size:
         raise UserError(f"dataset '{dataset}' has token ids up to {meta.vocab_size - 1} but the "
@@ -95,17 +105,15 @@ def main(datasets_dir, model_json, model_safetensors, dataset, split, start_toke
     loss = mean_batch_loss(model, tokens, start_token, batches, batch_size, autocast_dtype)
     print(f"Loss against our test dataset: {loss:.6f}")
 
-    if write_json or json_path:
-        in_run = run_checkpoint(model_safetensors)
-        default_path = in_run[0] / TEST_LOSS_JSON if in_run else Path(model_safetensors).parent / TEST_LOSS_JSON
-        path = Path(json_path) if json_path else default_path
+    if json_path:
         result = {
             "loss": loss,
             "tokens": batches * batch_size * model.cfg.context_length,
             "parameters": model.num_parameters(),
-            "weights": str(Path(model_safetensors).resolve()),
-            "checkpoint": in_run[1] if in_run else None,
-            "model_json": str(Path(model_json).resolve()),
+            "weights": str(source.weights.resolve()),
+            "run": str(source.run_dir) if source.run_dir else None,
+            "checkpoint": source.checkpoint_dir.name if source.checkpoint_dir else None,
+            "model_config": source.config_source,
             "dataset": dataset,
             "split": split,
             "start_token": start_token,
@@ -115,6 +123,7 @@ def main(datasets_dir, model_json, model_safetensors, dataset, split, start_toke
             "autocast_dtype": None if autocast_dtype is None else "float16",
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
+        path = Path(json_path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(strict_json(result, indent=2) + "\n")
         print(f"wrote {path}")

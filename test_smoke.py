@@ -1,6 +1,7 @@
 """Smoke test: print a prompt and the model's continuation of it.
 
-    uv run test_smoke.py runs/my-run/model.json runs/my-run/checkpoints/best/model.safetensors
+    uv run test_smoke.py my-run                      # its best checkpoint, else its latest
+    uv run test_smoke.py my-run latest --temperature 0 --max-new-tokens 50
 
 The defaults (prompt "Every effort moves you", 20 tokens, temperature 1.4,
 top-k 25) are the reference harness's. Temperature 0 is greedy decoding;
@@ -11,8 +12,9 @@ import click
 import torch
 
 from errors import UserError, report_user_errors
-from eval_common import load_model, load_tokenizer, pick_device, threads_option, tokenizer_options
+from eval_common import load_tokenizer, pick_device, threads_option, tokenizer_options
 from gpt import generate
+from model_source import GRAMMAR, load_model, model_arguments, resolve_model
 
 
 def continue_prompt(model, tokenizer, prompt, max_new_tokens, temperature, top_k, seed):
@@ -28,9 +30,12 @@ def continue_prompt(model, tokenizer, prompt, max_new_tokens, temperature, top_k
     return tokenizer.decode(out[0].tolist())
 
 
-@click.command()
-@click.argument("model_json")
-@click.argument("model_safetensors")
+@click.command(epilog=f"""{GRAMMAR}
+
+\b
+Example:
+  uv run test_smoke.py demo --prompt "def main(" --temperature 0 --max-new-tokens 100""")
+@model_arguments
 @click.option("--prompt", default="Every effort moves you", show_default=True)
 @click.option("--max-new-tokens", default=20, show_default=True, type=click.IntRange(min=0))
 @click.option("--temperature", default=1.4, show_default=True, type=click.FloatRange(min=0.0),
@@ -41,12 +46,12 @@ def continue_prompt(model, tokenizer, prompt, max_new_tokens, temperature, top_k
 @tokenizer_options
 @threads_option
 @report_user_errors
-def main(model_json, model_safetensors, prompt, max_new_tokens, temperature, top_k, seed,
-         tokenizer_name, datasets_dir):
-    model = load_model(model_json, model_safetensors, pick_device())
-    tokenizer = load_tokenizer(model_json, tokenizer_name, datasets_dir, model.cfg.vocab_size)
-    print(continue_prompt(model, tokenizer, prompt, max_new_tokens, temperature,
-                          top_k or None, seed))
+def main(model_args, prompt, max_new_tokens, temperature, top_k, seed, tokenizer_name, datasets_dir):
+    """Print PROMPT and the model's continuation of it."""
+    source = resolve_model(model_args)
+    model = load_model(source, pick_device())
+    tokenizer = load_tokenizer(source, tokenizer_name, datasets_dir)
+    print(continue_prompt(model, tokenizer, prompt, max_new_tokens, temperature, top_k or None, seed))
 
 
 if __name__ == "__main__":

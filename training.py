@@ -260,6 +260,7 @@ class StepWork:
     save_checkpoint: bool
     validation: bool
     hellaswag: bool
+    core: bool
 
 
 def work_after_step(global_step, total_steps, train_cfg, validates, scores_hellaswag):
@@ -271,4 +272,6 @@ def work_after_step(global_step, total_steps, train_cfg, validates, scores_hella
     validation = validates and (global_step % train_cfg.validation_interval == 0 or save_checkpoint)
     # HellaSwag at the last step too, so the final weights always have a score.
     hellaswag = scores_hellaswag and (global_step % train_cfg.hellaswag_interval == 0 or is_last)
-    return StepWork(save_checkpoint, validation, hellaswag)
+    # CORE likewise (core_scoring.training_share is set up whenever core_interval is).
+    core = train_cfg.core_interval is not None and (global_step % train_cfg.core_interval == 0 or is_last)
+    return StepWork(save_checkpoint, validation, hellaswag, core)

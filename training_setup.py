@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 import checkpointing
+import core_scoring
 import hellaswag_scoring
 import token_data
 from batching import (Microbatches, MixtureSchedule, ScheduledMicrobatches, check_validation_length,
@@ -224,6 +225,7 @@ class TrainingSetup:
     amp_dtype: torch.dtype | None  # the precision the model computes in
     stop_flags: torch.Tensor  # [0., 1.] on the device
     hellaswag: hellaswag_scoring.RankShare | None  # this rank's HellaSwag items, with hellaswag_interval
+    core: core_scoring.RankShare | None  # the CORE items and this rank's rows, with core_interval
 
 
 def set_up_training(run, ctx, datasets_dir, resume_dir):
@@ -244,4 +246,6 @@ def set_up_training(run, ctx, datasets_dir, resume_dir):
     stop_flags = torch.tensor([0.0, 1.0], device=ctx.device)
     hellaswag = (hellaswag_scoring.training_share(run, ctx, datasets_dir, data.tokenizer)
                  if run.train.hellaswag_interval else None)
-    return TrainingSetup(state, parallel, data, amp_dtype, stop_flags, hellaswag), progress
+    core = (core_scoring.training_share(run, ctx, datasets_dir, data.tokenizer)
+            if run.train.core_interval else None)
+    return TrainingSetup(state, parallel, data, amp_dtype, stop_flags, hellaswag, core), progress

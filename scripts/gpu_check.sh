@@ -52,11 +52,11 @@ $PY -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cu
 # 1. Model throughput, GPT-2 small at context 1024 (the 8xh100m80 preset's model), bf16
 #    autocast, eager: fused QKV (the default) against three matmuls, vocabulary 50257
 #    against 50304 (padded to a multiple of 64). Then compiled and padded.
-BENCH="bench.py runs/8xh100m80/model.json --microbatch 16 --steps 10 --warmup 2"
+BENCH="bench.py runs/8xh100m80/model.json --microbatch-size 16 --steps 10 --warmup-steps 2"
 step bench-eager 45 $PY $BENCH
 step bench-separate-qkv 45 $PY $BENCH --separate-qkv
 step bench-pad64 45 $PY $BENCH --pad-vocab 64
-step bench-compiled-pad64 90 $PY $BENCH --pad-vocab 64 --compile --warmup 3
+step bench-compiled-pad64 90 $PY $BENCH --pad-vocab 64 --compile --warmup-steps 3
 
 # 2. A GPT-2 small run on the demo corpus (built locally: no network needed), bf16; -f
 #    finds the largest microbatch (ddp_train.py's search) and writes the split for a global
@@ -92,7 +92,7 @@ cp "$RUN/metrics.jsonl" "$OUT_DIR/train-metrics.jsonl" 2>/dev/null
 
 # 5. The Llama-3-style 1.2B preset's model (vocabulary 131,072, context 2048) with
 #    activation checkpointing, bf16, eager.
-step bench-llama-1b-ac 60 $PY bench.py runs/llama3-1b-8xh100/model.json --microbatch 4 --steps 4 --warmup 2 \
+step bench-llama-1b-ac 60 $PY bench.py runs/llama3-1b-8xh100/model.json --microbatch-size 4 --steps 4 --warmup-steps 2 \
     --activation-checkpointing
 
 echo "total: $(( $(date +%s) - STARTED ))s" | tee -a "$LOG" "$OUT_DIR/timings.txt"

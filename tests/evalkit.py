@@ -24,6 +24,7 @@ sys.path.insert(0, str(PROJECT_DIR))
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED_DIR / "tiktoken"))
 
 from gpt import GPTModel  # noqa: E402  (needs the path above)
+from model_source import load_model as load_model_source, resolve_model  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -65,6 +66,11 @@ def write_model(directory, cfg, seed=0):
     (directory / "model.json").write_text(json.dumps(cfg))
     save_state(model.state_dict(), directory / "model.safetensors")
     return directory / "model.json", directory / "model.safetensors", model
+
+
+def load_model(model_json, weights, device="cpu", drop_rate=0.0):
+    """The model of a model.json and its weights, loaded as the scripts load it."""
+    return load_model_source(resolve_model([model_json, weights]), device, drop_rate)
 
 
 def run_script(script, *args):

@@ -11,11 +11,11 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from evalkit import one_torch_thread  # noqa: F401  (autouse fixture)
-from evalkit import assert_one_error_line, random_model, run_script, save_state, tiny_config, write_model
+from evalkit import (assert_one_error_line, load_model, random_model, run_script, save_state, tiny_config,
+                     write_model)
 
 import convert_gpt2
 import hf_convert
-from eval_common import load_model
 
 TOKENS = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(0))
 

@@ -11,10 +11,9 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from evalkit import one_torch_thread  # noqa: F401  (autouse fixture)
-from evalkit import assert_one_error_line, run_script, tiny_config, write_model
+from evalkit import assert_one_error_line, load_model, run_script, tiny_config, write_model
 
 import hf_convert
-from eval_common import load_model
 from gpt import GPTModel
 
 TOKENS = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(0))

@@ -10,10 +10,9 @@ import torch
 from transformers import AutoTokenizer, GPT2LMHeadModel
 
 from evalkit import one_torch_thread  # noqa: F401  (autouse fixture)
-from evalkit import ITEMS, assert_one_error_line, run_script, tiny_config, write_items, write_model
+from evalkit import ITEMS, assert_one_error_line, load_model, run_script, tiny_config, write_items, write_model
 
 import hellaswag_scoring
-from eval_common import load_model
 from token_data import get_tokenizer
 
 # GPT-2-tokenized, with a context short enough that the third item is cut.

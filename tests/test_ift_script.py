@@ -19,10 +19,11 @@ import torch
 from click.testing import CliRunner
 
 from evalkit import one_torch_thread  # noqa: F401  (autouse fixture)
-from evalkit import (INSTRUCTION_DATA, PROJECT_DIR, assert_one_error_line, random_model, run_script, save_state,
-                     tiny_config)
+from evalkit import (INSTRUCTION_DATA, PROJECT_DIR, assert_one_error_line, load_model, random_model, run_script,
+                     save_state, tiny_config)
 
 import test_ift
+from model_source import load_model_config
 from token_data import ByteTokenizer
 
 P = 50256  # GPT-2 end-of-text as the pad id
@@ -219,8 +220,8 @@ def test_dropout_option_sets_the_rate_fine_tuning_trains_with(tmp_path, instruct
     def fine_tuned(dropout, global_seed):
         """One epoch from the same weights and batch order; only the global RNG
         (which draws the dropout masks) varies with `global_seed`."""
-        drop_rate = test_ift.fine_tuning_drop_rate(dropout, model_json)
-        model = test_ift.load_model(model_json, weights, "cpu", drop_rate)
+        drop_rate = test_ift.fine_tuning_drop_rate(dropout, load_model_config(model_json))
+        model = load_model(model_json, weights, "cpu", drop_rate)
         rates = ({m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
                  | {block.att.drop_rate for block in model.trf_blocks})
         torch.manual_seed(global_seed)

@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from evalkit import one_torch_thread  # noqa: F401  (autouse fixture)
-from evalkit import assert_one_error_line, run_script, tiny_config, write_model
+from evalkit import assert_one_error_line, run_cli, run_script, tiny_config, write_model
 
 import test_loss
 from token_data import TokenFileWriter
@@ -53,34 +53,33 @@ def printed_loss(output):
     return float(re.search(r"^Loss against our test dataset: (\d+\.\d{6})$", output, re.M).group(1))
 
 
-def test_loss_matches_plain_loop_and_json_lands_in_the_run_dir(tmp_path):
+def test_loss_matches_plain_loop_and_json_is_written_only_where_asked(tmp_path):
     tokens = np.random.default_rng(0).integers(0, 300, size=400, dtype=np.uint16)
     dataset_dir = write_dataset(tmp_path / "data", tokens)
     checkpoint = tmp_path / "runs" / "r" / "checkpoints" / "20250101Z000000-iteration-5"
     model_json, _, model = write_model(checkpoint, CFG)
     (checkpoint.parent / "best").symlink_to(checkpoint.name)
-    args = [str(tmp_path), str(model_json), str(checkpoint.parent / "best" / "model.safetensors"),
-            "--dataset", str(dataset_dir), "--start-token", "7", "--batches", "3", "--batch-size", "2",
-            "--json"]
+    options = ["--dataset", str(dataset_dir), "--start-token", "7", "--batches", "3", "--batch-size", "2"]
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
 
-    result = CliRunner().invoke(test_loss.main, args)
-    assert result.exit_code == 0, result.output + result.stderr
+    result = run_cli("test_loss.py", [checkpoint.parent / "best", *options], cwd=cwd)
+    assert result.returncode == 0, result.stderr
     expected = plain_test_loss(model, tokens, start=7, batches=3, batch_size=2)
     assert printed_loss(result.stdout) == round(expected, 6)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # no --json: no file
 
-    written = json.loads((tmp_path / "runs" / "r" / "test_loss.json").read_text())
-    assert math.isclose(written["loss"], expected, abs_tol=1e-6)
-    assert written["tokens"] == 3 * 2 * CONTEXT
-    assert written["parameters"] == sum(p.numel() for p in model.parameters())
-    assert written["checkpoint"] == checkpoint.name
-
-    # Weights outside a run: the JSON goes beside them.
-    loose = tmp_path / "loose"
-    shutil.copytree(checkpoint, loose)
-    args[1:3] = [str(loose / "model.json"), str(loose / "model.safetensors")]
-    assert CliRunner().invoke(test_loss.main, args).exit_code == 0
-    beside = json.loads((loose / "test_loss.json").read_text())
-    assert beside["loss"] == written["loss"] and beside["checkpoint"] is None
+    for spelling in ("--json", "--json-path"):  # --json-path: the older spelling, hidden
+        path = tmp_path / "out" / f"{spelling}.json"
+        result = run_cli("test_loss.py", [model_json, checkpoint.parent / "best" / "model.safetensors",
+                                          *options, spelling, path], cwd=cwd)
+        assert result.returncode == 0, result.stderr
+        written = json.loads(path.read_text())
+        assert math.isclose(written["loss"], expected, abs_tol=1e-6)
+        assert written["tokens"] == 3 * 2 * CONTEXT
+        assert written["parameters"] == sum(p.numel() for p in model.parameters())
+    assert "--json-path" not in run_cli("test_loss.py", ["--help"], cwd=cwd).stdout
 
 
 def test_hub_dataset_is_downloaded_into_datasets_dir(tmp_path, monkeypatch):

@@ -140,7 +140,7 @@ CPU_HEADER = ["model", "microbatch", "tokens/s", "step", "mean", "s", "step", "p
 
 def test_bench_prints_a_row_per_model_and_microbatch_and_the_ratio(tmp_path):
     (tmp_path / "model.json").write_text(json.dumps({**TINY, "drop_rate": 0.1}))
-    lines = bench_lines(tmp_path, "--microbatch", "1,2", "--steps", "2", "--warmup", "1", "--compare",
+    lines = bench_lines(tmp_path, "--microbatch-size", "1,2", "--steps", "2", "--warmup-steps", "1", "--compare",
                         "--threads", "1")
     assert lines[0].startswith("machine: CPU ") and "1 threads" in lines[0]
     assert "parallelism: ddp: one device, the step without the gradient all-reduce" in lines

@@ -36,8 +36,9 @@ def snapshot(directory):
     return {p.relative_to(directory): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(directory.rglob("*"))}
 
 
-def run_preflight(run_dir, out_dir, *options):
-    outputs = ["--json", out_dir / "report.json", "--markdown", out_dir / "report.md", "--chart", out_dir / "steps.png"]
+def run_preflight(run_dir, out_dir, *options, chart=True):
+    outputs = ["--json", out_dir / "report.json", "--markdown", out_dir / "report.md"]
+    outputs += ["--chart", out_dir / "steps.png"] if chart else []
     result = cli_in_process(preflight.main, [run_dir, "datasets", *outputs, *options])
     assert result.returncode == 0, result.stdout + result.stderr
     return result, json.loads((out_dir / "report.json").read_text())
@@ -165,7 +166,11 @@ def test_a_microbatch_that_does_not_fit_is_searched_and_the_split_measured(tmp_p
 
     monkeypatch.setattr(microbatch_search, "make_trial", make_trial)
     run_dir = make_run(tmp_path / "run", dataset, model=MODEL, **{**TRAIN, "validation_interval": None})
-    result, report = run_preflight(run_dir, tmp_path, "--steps", "2", "--warmup-steps", "1", "--compile", "off")
+    charts_before = sorted(PROJECT_DIR.glob("*.png"))
+    result, report = run_preflight(run_dir, tmp_path, "--steps", "2", "--warmup-steps", "1", "--compile", "off",
+                                   chart=False)
+    # Without --chart no chart is drawn, in the working directory (the project's) or anywhere.
+    assert sorted(PROJECT_DIR.glob("*.png")) == charts_before and not list(tmp_path.rglob("*.png"))
     fit = report["fit"]
     assert (fit["fits"], fit["searched"], fit["largest_microbatch"]) == (False, True, 4)
     assert fit["suggested"] == {"microbatch_size": 4, "gradient_accumulation_steps": 2}  # the same 8 sequences
