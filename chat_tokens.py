@@ -18,7 +18,7 @@ learn to write, and to stop), 0 elsewhere (<|assistant_start|> included: the pro
 Message text is encoded as ordinary text: a literal "<|user_end|>" in a message is not one.
 
 chat.py / serve.py prompt the model with `render_prompt(messages)` and stop at
-<|assistant_end|> (or end-of-text).
+`reply_end_ids()` (<|assistant_end|>, or end-of-text).
 """
 
 from dataclasses import dataclass
@@ -78,6 +78,10 @@ class Renderer:
         ids, _ = self.render_conversation(messages, where)
         return ids + [self.token_id("<|assistant_start|>")]
 
+    def reply_end_ids(self):
+        """The ids that end an assistant's reply: <|assistant_end|>, and end-of-text."""
+        return self.token_id("<|assistant_end|>"), self.encoding.eot_token
+
 
 _renderer = None
 
@@ -95,6 +99,10 @@ def render_conversation(messages, where="conversation"):
 
 def render_prompt(messages, where="conversation"):
     return renderer().render_prompt(messages, where)
+
+
+def reply_end_ids():
+    return renderer().reply_end_ids()
 
 
 def check_messages(messages, where):

@@ -5,7 +5,6 @@ token ids; a model too small for the chat vocabulary is one error line."""
 
 import json
 
-import numpy as np
 import pytest
 import tiktoken
 from click.testing import CliRunner
@@ -48,6 +47,7 @@ def test_a_conversation_renders_with_the_assistant_masked_in():
     assert list(zip(ids, mask)) == expected
     assert chat_tokens.render_prompt(messages[:2]) == [CONVERSATION_START, SYSTEM_START, *e("Be brief."), SYSTEM_END,
                                                       USER_START, *e("Hi <|user_end|>"), USER_END, ASSISTANT_START]
+    assert chat_tokens.reply_end_ids() == (ASSISTANT_END, END_OF_TEXT)
 
 
 @pytest.mark.parametrize("messages, says", [
