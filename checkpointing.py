@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from config import ModelConfig
 from distributed import run_and_share_errors, share_from_main
-from errors import UserError
+from errors import UserError, debug_details, debug_enabled
 from gpt import GPTModel
 from jsonfiles import strict_json
 from parallelism import is_sharded
@@ -355,25 +355,32 @@ def consolidate_weights(checkpoint_dir):
     if not (checkpoint_dir / SHARDED_DIR).is_dir():
         raise UserError(f"{checkpoint_dir}: not a sharded checkpoint (no {SHARDED_DIR}/); its model.safetensors "
                         "is already the full model")
-    model = GPTModel(ModelConfig.from_dict(meta["model_config"], source=f"{checkpoint_dir / 'meta.json'}"))
-    loaded = {"model": model.state_dict()}
-    try:
-        with warnings.catch_warnings():
-            # DCP's note that, with no process group, it reads in this one process: meant here.
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(loaded, checkpoint_id=checkpoint_dir / SHARDED_DIR)
-    except (Exception, CheckpointException) as e:  # noqa: BLE001 - damaged files fail in many ways
-        raise UserError(f"{checkpoint_dir / SHARDED_DIR}: not readable for this model ({checkpoint_error_text(e)})")
-    model.load_state_dict(loaded["model"])
+    weights = read_sharded_weights(checkpoint_dir, meta)
     weights_path = checkpoint_dir / "model.safetensors"
     partial = checkpoint_dir / ".model.safetensors.partial"
-    save_safetensors(full_weights(model), partial)
+    save_safetensors(weights, partial)
     os.replace(partial, weights_path)
     manifest = {**meta["files"], weights_path.name: weights_path.stat().st_size}
     text = strict_json({**meta, "files": manifest}, indent=2) + "\n"
     _write_file(checkpoint_dir / ".meta.json.partial", lambda f: f.write(text.encode()))
     os.replace(checkpoint_dir / ".meta.json.partial", checkpoint_dir / "meta.json")
     return weights_path
+
+
+def read_sharded_weights(checkpoint_dir, meta):
+    """A sharded checkpoint's full model weights, read on the CPU by this process alone
+    (no collective: every rank that calls it reads everything), as a state dict."""
+    model = GPTModel(ModelConfig.from_dict(meta["model_config"], source=f"{checkpoint_dir / 'meta.json'}"))
+    loaded = {"model": model.state_dict()}
+    try:
+        with warnings.catch_warnings():
+            # DCP's note that, with no process group, it reads in this one process: meant here.
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(loaded, checkpoint_id=checkpoint_dir / SHARDED_DIR, no_dist=True)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - damaged files fail in many ways
+        raise UserError(f"{checkpoint_dir / SHARDED_DIR}: not readable for this model ({checkpoint_error_text(e)})")
+    model.load_state_dict(loaded["model"])
+    return full_weights(model)
 
 
 def one_line(error):
@@ -418,7 +425,46 @@ def verify_checkpoint(checkpoint_dir):
         if path.stat().st_size != size:
             raise UserError(f"checkpoint {checkpoint_dir} is incomplete or damaged: {filename} has "
                             f"{path.stat().st_size} bytes, expected {size}")
+    if (Path(checkpoint_dir) / SHARDED_DIR).is_dir():
+        check_sharded_metadata(Path(checkpoint_dir))
     return meta
+
+
+def check_sharded_metadata(checkpoint_dir):
+    """A sharded checkpoint's index of its shards, sharded/.metadata, must be there and
+    readable: damaged, with its size intact, it passes the manifest's check."""
+    metadata = Path(SHARDED_DIR) / ".metadata"
+    if not (checkpoint_dir / metadata).is_file():
+        raise UserError(f"checkpoint {checkpoint_dir} is incomplete or damaged: {metadata} is missing")
+    try:
+        dcp.FileSystemReader(checkpoint_dir / SHARDED_DIR).read_metadata()
+    except Exception as e:  # noqa: BLE001 - a damaged pickle fails in many ways
+        raise UserError(f"checkpoint {checkpoint_dir} is incomplete or damaged: {metadata} is not readable"
+                        f"{debug_details(e)}") from e
+
+
+def verify_or_name_another(checkpoint_dir):
+    """verify_checkpoint, with an error that also names the checkpoint to resume instead."""
+    try:
+        return verify_checkpoint(checkpoint_dir)
+    except UserError as problem:
+        raise UserError(f"{problem}; {another_checkpoint_text(checkpoint_dir)}") from problem.__cause__
+
+
+def another_checkpoint_text(checkpoint_dir):
+    """Where to resume when `checkpoint_dir` cannot be read: `auto`'s choice (the newest
+    checkpoint whose files check out) unless that is this one, else the newest before it."""
+    checkpoint_dir = Path(checkpoint_dir).resolve()
+    others = [p for p in list_checkpoints(checkpoint_dir.parent) if p.resolve() != checkpoint_dir]
+    for other in reversed(others):
+        try:
+            verify_checkpoint(other)
+        except UserError:
+            continue
+        chosen_by_auto = newest_complete_checkpoint(checkpoint_dir.parent) == other
+        return (f"`auto` resumes from {other.name} instead" if chosen_by_auto
+                else f"the newest other complete checkpoint is {other.name} (name it to resume from it)")
+    return "this run has no other complete checkpoint to resume from"
 
 
 # ---------------------------------------------------------------- RNG state
@@ -462,7 +508,7 @@ def load_training_state(checkpoint_dir, state, device):
     the learning-rate schedule: that is a function of the step, which the caller sets.
     Returns (meta, rng_states or None)."""
     checkpoint_dir = Path(checkpoint_dir)
-    meta = verify_checkpoint(checkpoint_dir)
+    meta = verify_or_name_another(checkpoint_dir)
     if (checkpoint_dir / SHARDED_DIR).is_dir():
         read_sharded_state(checkpoint_dir / SHARDED_DIR, state)
     elif state.sharded:
@@ -491,8 +537,9 @@ def read_sharded_state(sharded_dir, state):
     try:
         dcp.load(loaded, checkpoint_id=sharded_dir)
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - damaged files fail in many ways
-        raise UserError(f"{sharded_dir}: not a readable sharded checkpoint for this model "
-                        f"({checkpoint_error_text(e)})")
+        details = f" ({checkpoint_error_text(e)})" if debug_enabled() else ""
+        raise UserError(f"checkpoint {sharded_dir.parent}: its {SHARDED_DIR}/ files do not load into this model "
+                        f"(a damaged shard file){details}; {another_checkpoint_text(sharded_dir.parent)}") from e
     set_state_dict(state.model, state.optimizer, model_state_dict=loaded["model"],
                    optim_state_dict=loaded["optimizer"])
 

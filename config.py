@@ -68,6 +68,15 @@ def _check_type(source, key, value, annotation):
     raise UserError(f"{source}: key '{key}' must be {expected}, got {json.dumps(value)}")
 
 
+def closest_or_all(name, valid, kind):
+    """The end of an error about an unknown `name`: the closest of `valid` when one is close
+    (a typo), otherwise all of them, called `kind`."""
+    close = difflib.get_close_matches(name, valid, n=1)
+    if close:
+        return f" (did you mean '{close[0]}'?)"
+    return f"; {kind}: {', '.join(valid) or 'none'}"
+
+
 def _parse(cls, raw, source):
     """Build dataclass `cls` from a JSON object, checking keys and types."""
     if not isinstance(raw, dict):
@@ -77,9 +86,7 @@ def _parse(cls, raw, source):
     known = [f.name for f in dataclasses.fields(cls)]
     for key in raw:
         if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise UserError(f"{source}: unknown key '{key}'{hint}; valid keys: {', '.join(known)}")
+            raise UserError(f"{source}: unknown key '{key}'{closest_or_all(key, known, 'valid keys')}")
     values = {}
     for field in dataclasses.fields(cls):
         if field.name in raw:
@@ -406,7 +413,8 @@ def resolve_run_dir(run):
     if named.is_dir():
         return named
     available = sorted(p.name for p in RUNS_DIR.iterdir() if p.is_dir()) if RUNS_DIR.is_dir() else []
-    raise UserError(f"run '{run}': no such directory (runs available: {', '.join(available) or 'none'})")
+    raise UserError(f"run '{run}': no such directory, nor a run under {RUNS_DIR}"
+                    f"{closest_or_all(run, available, 'runs available')}")
 
 
 def load_run(run):

@@ -66,7 +66,7 @@ def checkpoint_meta(run, ctx, data, interval, progress):
             "gradient_accumulation_steps": data.gradient_accumulation_steps,
             "pad_vocab_to_multiple_of": train_cfg.pad_vocab_to_multiple_of,
             "parallelism": train_cfg.parallelism,
-            "model_config": run.model.to_dict(),
+            "model_config": run.model.to_dict(), "schedule": training.schedule_record(train_cfg, data.total_steps),
             **({"init_from": progress.init_from} if progress.init_from else {}),
             **({"wandb_run_id": progress.wandb_run_id} if progress.wandb_run_id else {})}
 

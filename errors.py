@@ -5,7 +5,10 @@ Every script wraps its entry point in `report_user_errors`:
 
 - a `UserError` (bad config, missing or corrupt dataset, unknown checkpoint, a full
   disk, ...) prints a single `error: ...` line (from rank 0: every rank hits the same
-  bad input; a `RankLocalUserError` from the rank that found it) and exits with status 2;
+  bad input; a `RankLocalUserError` from the rank that found it) and exits with status 2.
+  Under torchrun the other ranks say nothing, and on rank 0's node wait for the launcher
+  to stop them (as it does once any rank fails), so rank 0's failure is the first it
+  observes;
 - a `RankLost` (a peer process died mid-run) prints its line on every surviving
   rank and exits with status 1.
 
@@ -17,9 +20,14 @@ the traceback as well.
 import functools
 import json
 import os
+import signal
 import sys
 import time
 import traceback
+
+# How long a rank that leaves the report to rank 0 waits for torchrun's SIGTERM: torchrun
+# checks its workers every 0.1 s, so this is only reached when rank 0 did not fail.
+QUIET_RANK_WAIT_S = 30
 
 
 class UserError(Exception):
@@ -37,6 +45,12 @@ class RankLost(Exception):
 
 def debug_enabled():
     return os.environ.get("DEBUG", "") not in ("", "0")
+
+
+def debug_details(error):
+    """An exception's own text, for the end of an error line: only with DEBUG=1, since it
+    speaks of the library's internals, not of what the user did."""
+    return f" ({type(error).__name__}: {' '.join(str(error).split())})" if debug_enabled() else ""
 
 
 def write_torchrun_error_file(line):
@@ -64,6 +78,16 @@ def _report(error, print_it, exit_code):
     sys.exit(exit_code)
 
 
+def wait_for_launcher_to_stop_us():
+    """A rank other than 0, on rank 0's node, with an error every rank found: exiting now
+    could make it the first failure torchrun sees, whose Root Cause would then be this
+    rank's and not the line rank 0 printed. So it waits, silently, for the launcher's
+    SIGTERM (the default action: the training loop's handler would absorb it). On the
+    other nodes no SIGTERM follows rank 0's failure: their ranks exit at once, quietly."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    time.sleep(QUIET_RANK_WAIT_S)
+
+
 def report_user_errors(main):
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -71,7 +95,11 @@ def report_user_errors(main):
             return main(*args, **kwargs)
         except UserError as e:
             is_main = os.environ.get("RANK", "0") == "0"
-            _report(e, print_it=is_main or isinstance(e, RankLocalUserError), exit_code=2)
+            speaks = is_main or isinstance(e, RankLocalUserError)
+            if not speaks and os.environ.get("GROUP_RANK", "0") == "0":  # on rank 0's node
+                wait_for_launcher_to_stop_us()
+                speaks = True  # it did not come: rank 0 may not have said it
+            _report(e, print_it=speaks, exit_code=2)
         except RankLost as e:
             _report(e, print_it=True, exit_code=1)
 

@@ -1,9 +1,9 @@
 """The CORE metric (DCLM's 22 in-context-learning tasks, centered and averaged) of a model,
 as nanochat evaluates it; the protocol is in core_scoring.py and docs/evaluation.md.
 
-    uv run eval_core.py my-run runs/my-run/checkpoints/best/model.safetensors
-    uv run eval_core.py converted/gpt2/model.json converted/gpt2/model.safetensors --json gpt2-core.json
-    uv run eval_core.py my-run model.safetensors --bundle eval_bundle.zip --tasks piqa,lambada_openai --limit 100
+    uv run eval_core.py my-run                       # its best checkpoint, else its latest
+    uv run eval_core.py converted/gpt2 --json gpt2-core.json
+    uv run eval_core.py my-run latest --bundle eval_bundle.zip --tasks piqa,lambada_openai --limit 100
 
 The eval bundle is downloaded once into --cache-dir; --bundle takes a local
 directory or zip, or another URL.
@@ -19,9 +19,10 @@ from tqdm import tqdm
 
 import core_scoring
 from errors import report_user_errors
-from eval_common import load_model, load_tokenizer, threads_option, tokenizer_options
-from eval_hellaswag import device_for, model_json_for
+from eval_common import load_tokenizer, threads_option, tokenizer_options
+from eval_hellaswag import device_for
 from jsonfiles import strict_json
+from model_source import GRAMMAR, load_model, model_arguments, resolve_model
 
 
 def evaluate(model, tokenizer, bundle_dir, tasks, limit, batch_size, autocast_dtype):
@@ -48,13 +49,16 @@ def print_results(results):
     print(f"CORE: {core:.4f} ± {core_se:.4f} (standard error) over {len(results)} tasks")
 
 
-@click.command()
-@click.argument("run_or_model_json")
-@click.argument("weights")
+@click.command(epilog=f"""{GRAMMAR}
+
+\b
+Example:
+  uv run eval_core.py my-run --limit 100 --json my-run-core.json""")
+@model_arguments
 @click.option("--bundle", default=core_scoring.BUNDLE_URL, show_default=True,
               help="The eval bundle: a URL (downloaded once into --cache-dir), a local zip or directory.")
-@click.option("--cache-dir", default="datasets/core", show_default=True,
-              help="Where the downloaded and extracted bundle is kept.")
+@click.option("--cache-dir", default=None,
+              help="Where the downloaded and extracted bundle is kept. Default: DATASETS_DIR/core, as in training.")
 @click.option("--tasks", "task_labels", default=None,
               help="Comma-separated task labels (core.yaml's). Default: all, in core.yaml's order.")
 @click.option("--limit", type=click.IntRange(min=1), default=None,
@@ -68,17 +72,17 @@ def print_results(results):
 @tokenizer_options
 @threads_option
 @report_user_errors
-def main(run_or_model_json, weights, bundle, cache_dir, task_labels, limit, batch_size, json_path, device_name,
+def main(model_args, bundle, cache_dir, task_labels, limit, batch_size, json_path, device_name,
          amp, tokenizer_name, datasets_dir):
-    """The CORE metric of RUN_OR_MODEL_JSON with WEIGHTS (a model.safetensors): each task's accuracy and
-    centered accuracy with standard errors, and their mean."""
-    model_json = model_json_for(run_or_model_json)
-    bundle_dir = core_scoring.fetch_bundle(bundle, cache_dir)
+    """The CORE metric of a model: each task's accuracy and centered accuracy with standard errors, and
+    their mean."""
+    source = resolve_model(model_args)
+    bundle_dir = core_scoring.fetch_bundle(bundle, cache_dir or Path(datasets_dir) / "core")
     tasks = core_scoring.read_tasks(bundle_dir, core_scoring.task_labels(task_labels))
 
     device = device_for(device_name)
-    model = load_model(model_json, weights, device)
-    tokenizer = load_tokenizer(model_json, tokenizer_name, datasets_dir, model.cfg.vocab_size)
+    model = load_model(source, device)
+    tokenizer = load_tokenizer(source, tokenizer_name, datasets_dir)
     autocast_dtype = torch.bfloat16 if amp and device.type == "cuda" else None
     results, items, truncated, seconds = evaluate(model, tokenizer, bundle_dir, tasks, limit, batch_size,
                                                   autocast_dtype)
@@ -98,8 +102,8 @@ def main(run_or_model_json, weights, bundle, cache_dir, task_labels, limit, batc
             "bundle": bundle,
             "bundle_dir": str(Path(bundle_dir).resolve()),
             "limit": limit,
-            "model_json": str(Path(model_json).resolve()),
-            "weights": str(Path(weights).resolve()),
+            "model_config": source.config_source,
+            "weights": str(source.weights.resolve()),
             "parameters": model.num_parameters(),
             "tokenizer": tokenizer.name,
             "context_length": model.cfg.context_length,

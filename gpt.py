@@ -508,7 +508,7 @@ def _add_vocab_padding(model, state_dict, prefix, local_metadata, strict, missin
 
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=None,
-             generator=None, use_cache=True):
+             generator=None, use_cache=True, top_p=None):
     """Extend `idx` ([batch, T] token ids) by up to `max_new_tokens` tokens.
 
     temperature 0 is greedy decoding. The context is cropped to the model's
@@ -523,16 +523,9 @@ def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=Non
     draws new dropout masks for all of them at each step, and a cache would instead keep
     each position's first mask, a different distribution of samples.
     """
-    context_length = model.cfg.context_length
-    kv_caches = ([KVCache(context_length) for _ in model.trf_blocks]
-                 if use_cache and not model.training else None)
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-    for _ in range(max_new_tokens):
-        if kv_caches is None:
-            logits = model(idx[:, -context_length:])[:, -1, :]
-        else:
-            logits = _next_logits_with_cache(model, idx, kv_caches)
-        next_id = _pick_next_token(logits.float(), temperature, top_k, generator)
+    for next_id in generate_tokens(model, idx, max_new_tokens, temperature, top_k, top_p,
+                                   generator, use_cache):
         if eos_id is not None:
             next_id = next_id.masked_fill(finished.unsqueeze(1), eos_id)
             finished |= next_id.squeeze(1) == eos_id
@@ -540,6 +533,24 @@ def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=Non
         if eos_id is not None and bool(finished.all()):
             break
     return idx
+
+
+@torch.no_grad()
+def generate_tokens(model, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
+                    generator=None, use_cache=True):
+    """generate's steps as an iterator: yields each new token, [batch, 1] ids, as soon as it
+    is picked, so that a caller can stream it or stop early (chat.py and serve.py do)."""
+    context_length = model.cfg.context_length
+    kv_caches = ([KVCache(context_length) for _ in model.trf_blocks]
+                 if use_cache and not model.training else None)
+    for _ in range(max_new_tokens):
+        if kv_caches is None:
+            logits = model(idx[:, -context_length:])[:, -1, :]
+        else:
+            logits = _next_logits_with_cache(model, idx, kv_caches)
+        next_id = _pick_next_token(logits.float(), temperature, top_k, top_p, generator)
+        idx = torch.cat([idx, next_id], dim=1)
+        yield next_id
 
 
 def _next_logits_with_cache(model, idx, kv_caches):
@@ -557,12 +568,20 @@ def _next_logits_with_cache(model, idx, kv_caches):
     return model.next_token_logits(idx[:, kv_caches[0].length:], kv_caches)
 
 
-def _pick_next_token(logits, temperature, top_k, generator):
-    """[batch, 1] token ids: the argmax at temperature 0, else a sample from the top_k."""
+def _pick_next_token(logits, temperature, top_k, top_p, generator):
+    """[batch, 1] token ids: the argmax at temperature 0, else a sample from the top_k most
+    likely tokens, then from the fewest whose probabilities sum to top_p (nucleus sampling,
+    after the temperature: the most likely token is always kept)."""
     if temperature <= 0:
         return logits.argmax(dim=-1, keepdim=True)
     if top_k is not None:
         kth_largest = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))
     probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        beyond_p = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        beyond_p[:, 0] = False
+        sorted_probs = sorted_probs.masked_fill(beyond_p, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     return torch.multinomial(probs, num_samples=1, generator=generator)

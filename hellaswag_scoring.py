@@ -277,11 +277,26 @@ def training_share(run, ctx, datasets_dir, tokenizer_name):
         fetches = ctx.is_main if train_cfg.shared_filesystem else ctx.is_local_main
         run_and_share_errors(fetches, lambda: fetch(data, cache_dir))
         path = cache_path(data, cache_dir)
-    items, counted = rank_share(read_items(path, source, train_cfg.hellaswag_items), ctx.rank, ctx.world_size)
+    all_items = read_items(path, source, train_cfg.hellaswag_items)
+    if ctx.is_main:
+        print(items_used_note(len(all_items), train_cfg.hellaswag_items, ctx.world_size, path))
+    items, counted = rank_share(all_items, ctx.rank, ctx.world_size)
     tokenizer = get_tokenizer(tokenizer_name)
     # Rows of at most context_length tokens, four per item: a forward pass of no more tokens than a microbatch.
     batch_size = max(1, train_cfg.microbatch_size // ENDINGS)
     return RankShare([encode_item(item, tokenizer, run.model.context_length) for item in items], counted, batch_size)
+
+
+def items_used_note(used, asked, world_size, path):
+    """The start-up line saying how many items every HellaSwag score is over (a file shorter
+    than hellaswag_items is scored whole, with a note; so is one with fewer items than ranks,
+    whose extra ranks score a repeated item that is not counted)."""
+    line = f"HellaSwag: {used} item{'' if used == 1 else 's'} of {path}"
+    if asked is not None and used < asked:
+        line = f"note: hellaswag_items is {asked} but {path} has {used}; HellaSwag scores those {used}"
+    if used < world_size:
+        line += f" (fewer than the {world_size} ranks: ranks {used} to {world_size - 1} score no item of their own)"
+    return line
 
 
 @torch.no_grad()

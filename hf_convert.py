@@ -41,7 +41,7 @@ from eval_common import one_line, tokenizer_name_for
 from gpt import GPTModel
 from model_card import model_card
 from model_source import load_model
-from token_data import ByteTokenizer
+from token_data import ByteTokenizer, hub_failure_reason
 
 # gpt.py's GELU is the tanh approximation; these are its names in transformers.
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
@@ -446,7 +446,7 @@ def download_hf_checkpoint(repo_id):
             local = Path(snapshot_download(repo_id, allow_patterns=["config.json", "pytorch_model.bin"]))
     except OSError as e:  # huggingface_hub's errors (offline, unknown repo, gated) are OSErrors
         raise UserError(f"'{repo_id}' is not a local directory and could not be downloaded "
-                        f"from the Hugging Face Hub ({type(e).__name__}: {one_line(e)})")
+                        f"from the Hugging Face Hub: {hub_failure_reason(e, 'model')}") from e
     return local
 
 

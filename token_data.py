@@ -385,36 +385,123 @@ def write_meta(dataset_dir, tokenizer, **extra):
 
 # ---------------------------------------------------------------- the demo corpus
 
-def demo_documents():
-    """The running Python's standard-library sources (tests excluded), in a fixed
-    shuffled order: in directory order the model would see one package at a time
-    (all of `encodings`, then all of `email`, ...) and the loss would jump between them."""
+# Bump when the demo corpus's content or layout changes: a demo dataset of another version
+# (or none: one built before versions were recorded) is rebuilt, not reused.
+DEMO_CORPUS_VERSION = 2
+DEMO_PIECE_BYTES = 8 * 1024
+# Validation takes whole pieces, at most one per file, until it holds more than this many
+# tokens (runs/demo/train.json's validation_batches x microbatch_size x context_length),
+# so no file is more than DEMO_PIECE_BYTES / DEMO_VALIDATION_TOKENS (3%) of it.
+DEMO_VALIDATION_TOKENS = 2**18
+DEMO_SHUFFLE_SEED = 0
+# Machine-generated tables, not Python that people write (docs/demo.md has the measurements):
+# English help text (pydoc_data/topics.py is 6% of the stdlib's bytes), build variables, and
+# Unicode tables; plus the encodings/ charmap codecs, whose headers name gencodec.py.
+DEMO_GENERATED_TABLES = ("pydoc_data/topics.py", "_sysconfigdata_*.py", "html/entities.py", "stringprep.py",
+                         "re/_casefix.py")
+CHARMAP_CODEC_MARK = b"gencodec.py"
+
+
+def demo_source_files():
+    """(path relative to the stdlib, UTF-8 bytes) of the running Python's standard-library
+    sources in sorted order, tests and machine-generated tables left out."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test"}
-    paths = [p for p in sorted(stdlib.rglob("*.py")) if skip.isdisjoint(p.relative_to(stdlib).parts)]
-    random.Random(0).shuffle(paths)
-    for path in paths:
-        yield path.read_bytes().decode("utf-8", errors="replace")
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+    paths = []
+    for directory, subdirectories, files in os.walk(stdlib):
+        subdirectories[:] = [name for name in subdirectories if name not in skip]
+        paths += [Path(directory, name).relative_to(stdlib) for name in files if name.endswith(".py")]
+    for relative in sorted(paths):
+        data = (stdlib / relative).read_bytes()
+        if not is_generated_table(relative, data):
+            yield relative.as_posix(), data.decode("utf-8", errors="replace").encode("utf-8")
 
 
-def build_demo_dataset(dataset_dir, validation_fraction=0.02):
-    """Byte-level tokens of the stdlib sources, in the standard dataset layout."""
+def is_generated_table(relative_path, data):
+    return (any(relative_path.match(pattern) for pattern in DEMO_GENERATED_TABLES)
+            or relative_path.parts[0] == "encodings" and CHARMAP_CODEC_MARK in data[:1000])
+
+
+def split_into_pieces(data, max_bytes):
+    """`data` cut after newlines into consecutive pieces of at most `max_bytes` bytes,
+    each as many whole lines as fit; a line longer than that is cut into `max_bytes` chunks."""
+    pieces, piece = [], b""
+    for line in re.split(rb"(?<=\n)", data):
+        if len(piece) + len(line) > max_bytes and piece:
+            pieces.append(piece)
+            piece = b""
+        while len(line) > max_bytes:
+            pieces.append(line[:max_bytes])
+            line = line[max_bytes:]
+        piece += line
+    return pieces + [piece] if piece else pieces
+
+
+def demo_pieces():
+    """[(source file, piece)] of every source file's pieces, in a seeded shuffled order: whole
+    files in any order leave long stretches of one file (the biggest is ~230k tokens) that
+    the loss rises and falls with."""
+    pieces = [(name, piece) for name, data in demo_source_files()
+              for piece in split_into_pieces(data, DEMO_PIECE_BYTES)]
+    random.Random(DEMO_SHUFFLE_SEED).shuffle(pieces)
+    return pieces
+
+
+def demo_validation_pieces(pieces):
+    """Indices into `pieces` (shuffled) of the validation split: the first piece of each file
+    in shuffled order until the split holds more than DEMO_VALIDATION_TOKENS tokens."""
+    chosen, files, tokens = [], set(), 0
+    for index, (name, piece) in enumerate(pieces):
+        if tokens > DEMO_VALIDATION_TOKENS:
+            break
+        if name not in files:
+            chosen.append(index)
+            files.add(name)
+            tokens += len(piece) + 1  # and its end-of-text
+    return set(chosen)
+
+
+def build_demo_dataset(dataset_dir):
+    """Byte-level tokens of the stdlib sources' pieces, each followed by end-of-text, in the
+    standard dataset layout; the same bytes every time with the same Python."""
     tokenizer = ByteTokenizer()
-    counts = {split: 0 for split in SPLITS}
+    pieces = demo_pieces()
+    validation_pieces = demo_validation_pieces(pieces)
     with staged_directory(dataset_dir) as staging, \
             TokenFileWriter(staging / "train.safetensors", tokenizer.token_dtype) as train, \
             TokenFileWriter(staging / "validation.safetensors", tokenizer.token_dtype) as validation:
-        for index, text in enumerate(demo_documents()):
-            is_validation = is_validation_document(index, validation_fraction)
-            writer = validation if is_validation else train
-            writer.write(tokenizer.encode_to_array(text))
+        for index, (_, piece) in enumerate(pieces):
+            writer = validation if index in validation_pieces else train
+            writer.write(np.frombuffer(piece, dtype=np.uint8))  # byte-level: a token per byte
             writer.write([tokenizer.eot_id])
-            counts["validation" if is_validation else "train"] += 1
         train.commit()
         validation.commit()
         write_meta(staging, tokenizer, source=f"Python {sys.version.split()[0]} standard library sources",
-                   validation_fraction=validation_fraction, documents=counts,
+                   corpus_version=DEMO_CORPUS_VERSION, piece_bytes=DEMO_PIECE_BYTES,
+                   pieces={"train": len(pieces) - len(validation_pieces), "validation": len(validation_pieces)},
+                   files=len({name for name, _ in pieces}),
                    tokens={"train": train.num_tokens, "validation": validation.num_tokens})
+
+
+def demo_corpus_version(dataset_dir):
+    """The demo corpus version meta.json records; None when it records none or there is none."""
+    path = Path(dataset_dir) / "meta.json"
+    try:
+        return json.loads(path.read_text()).get("corpus_version")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def ensure_demo_dataset(dataset_dir):
+    """Build the demo dataset unless one of this code's version is there; say why when replacing one."""
+    complete, found = is_complete(dataset_dir), demo_corpus_version(dataset_dir)
+    if complete and found == DEMO_CORPUS_VERSION:
+        return
+    if complete:
+        recorded = "no corpus version" if found is None else f"corpus version {found}"
+        print(f"note: rebuilding the demo corpus in {dataset_dir}: its meta.json records {recorded}, "
+              f"this code builds version {DEMO_CORPUS_VERSION}", file=sys.stderr)
+    build_demo_dataset(dataset_dir)
 
 
 # ---------------------------------------------------------------- locating a dataset
@@ -447,15 +534,16 @@ def candidate_directories(spec, run_dir):
     path = Path(spec)
     if path.is_absolute():
         return [path]
-    return ([Path(run_dir) / path] if run_dir is not None else []) + [Path.cwd() / path]
+    candidates = ([Path(run_dir) / path] if run_dir is not None else []) + [Path.cwd() / path]
+    return list(dict.fromkeys(candidates))  # once, when the run directory is the current one
 
 
 def fetch_dataset(spec, datasets_dir, run_dir=None):
     """Make the dataset available locally (build the demo corpus or download from
     the Hub). Run by one process per node; returns the dataset directory."""
     kind, dataset_dir = dataset_location(spec, datasets_dir, run_dir)
-    if kind == "demo" and not is_complete(dataset_dir):
-        build_demo_dataset(dataset_dir)
+    if kind == "demo":
+        ensure_demo_dataset(dataset_dir)
     elif kind == "hub" and not (dataset_dir / HUB_DOWNLOAD_COMPLETE).exists():
         download_hub_dataset(spec, datasets_dir, dataset_dir, looked_for=candidate_directories(spec, run_dir))
     if not is_complete(dataset_dir):
@@ -474,15 +562,31 @@ def download_hub_dataset(repo_id, datasets_dir, dataset_dir, looked_for):
         snapshot_download(repo_id, repo_type="dataset", local_dir=dataset_dir)
     except Exception as e:  # noqa: BLE001 - offline, unknown repo, no access, disk full...
         if not is_complete(dataset_dir):
-            reason = " ".join(f"{type(e).__name__}: {e}".split())
-            raise UserError(f"dataset '{repo_id}': download from the Hugging Face Hub into {dataset_dir} "
-                            f"failed ({reason}); nor is it a directory (looked for "
-                            f"{' and '.join(map(str, looked_for))})")
+            raise UserError(f"dataset '{repo_id}': no such directory (looked for "
+                            f"{' and '.join(map(str, looked_for))}); as a Hugging Face Hub dataset repo id it failed: "
+                            f"{hub_failure_reason(e)}. To build a dataset from text files: uv run prepare_datasets.py "
+                            f"{repo_id} FILE_OR_DIR...") from e
         # Files from an earlier download (e.g. by the reference harness): use them.
         print(f"warning: could not check '{repo_id}' on the Hub ({type(e).__name__}); using the local copy "
               f"in {dataset_dir}", file=sys.stderr)
         return
     (dataset_dir / HUB_DOWNLOAD_COMPLETE).touch()
+
+
+def hub_failure_reason(error, repo_type="dataset"):
+    """Why snapshot_download failed, in the user's terms (exception text only when no
+    known case fits)."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    if isinstance(error, GatedRepoError):
+        return "the repo is gated (accept its terms on the Hub, then log in with `hf auth login`)"
+    if isinstance(error, RepositoryNotFoundError):
+        return f"the Hub has no {repo_type} repo of that name (or it is private and you are not logged in)"
+    if isinstance(error, LocalEntryNotFoundError):
+        why = "offline mode (HF_HUB_OFFLINE) is on" if constants.HF_HUB_OFFLINE else "the Hub could not be reached"
+        return f"{why}, and it was never downloaded before"
+    return " ".join(f"{type(error).__name__}: {error}".split())
 
 
 # ---------------------------------------------------------------- command line

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 import perf
+from config import TOKEN_BUDGET_KEYS
 from errors import UserError
 from gpt import GPTModel
 from initial_weights import apply_initial_weights
@@ -85,12 +86,47 @@ def lr_factor(step, total_steps, warmup_steps, min_ratio):
 def make_lr_scheduler(optimizer, train_cfg, total_steps):
     """A LambdaLR on the reference schedule (constant without schedule_learning_rate).
     Stepped once after every optimizer step, skipped ones included, as in the reference."""
-    if not train_cfg.schedule_learning_rate:
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    warmup_steps = warmup_steps_for(total_steps, train_cfg.warmup_period_percent)
-    min_ratio = train_cfg.effective_min_lr / train_cfg.learning_rate
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, min_ratio))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_factor(schedule_record(train_cfg, total_steps)))
+
+
+# What the schedule is computed from: every checkpoint records it (meta.json "schedule"), so
+# that a run resumed with other values can say what changed.
+SCHEDULE_KEYS = ("schedule_learning_rate", "learning_rate", "min_lr", "warmup_period_percent", *TOKEN_BUDGET_KEYS)
+
+
+def schedule_record(train_cfg, total_steps):
+    return {"total_steps": total_steps, **{key: getattr(train_cfg, key) for key in SCHEDULE_KEYS}}
+
+
+def schedule_factor(record):
+    """step -> the multiple of learning_rate at that step, for a schedule_record."""
+    if not record["schedule_learning_rate"]:
+        return lambda step: 1.0
+    total_steps = record["total_steps"]
+    warmup_steps = warmup_steps_for(total_steps, record["warmup_period_percent"])
+    min_lr = record["learning_rate"] / 10 if record["min_lr"] is None else record["min_lr"]
+    min_ratio = min_lr / record["learning_rate"]
+    return lambda step: lr_factor(step, total_steps, warmup_steps, min_ratio)
+
+
+def learning_rate_at(step, record):
+    return record["learning_rate"] * schedule_factor(record)(step)
+
+
+def schedule_change_note(saved, now, step, checkpoint_name):
+    """The note for resuming at `step` under schedule_record `now` from a checkpoint whose
+    schedule was `saved` (None: written before checkpoints recorded it), or None when they
+    agree. Resuming with more steps (or another decay) is legitimate; doing it silently is not."""
+    if saved is None:
+        return (f"note: checkpoint {checkpoint_name} does not record its learning-rate schedule (an older "
+                "checkpoint); this run's schedule cannot be compared with the one it was trained on")
+    changed = [key for key in SCHEDULE_KEYS if saved.get(key) != now[key]]
+    if not changed and saved["total_steps"] == now["total_steps"]:
+        return None
+    keys = ", ".join(f"{key} {saved.get(key)} -> {now[key]}" for key in changed) or "no key (the dataset's size)"
+    return (f"note: the learning-rate schedule differs from checkpoint {checkpoint_name}'s ({keys}): total steps "
+            f"{saved['total_steps']:,} -> {now['total_steps']:,}; the learning rate at global step {step} is "
+            f"{learning_rate_at(step, now):.6g} (it would have been {learning_rate_at(step, saved):.6g})")
 
 
 def move_lr_scheduler_to(scheduler, step):

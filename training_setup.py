@@ -22,7 +22,7 @@ from distributed import run_and_share_errors
 from errors import UserError
 from initial_weights import load_initial_weights
 from parallelism import ParallelModel, wrap_for_training
-from training import build_model, make_lr_scheduler, move_lr_scheduler_to
+from training import build_model, make_lr_scheduler, move_lr_scheduler_to, schedule_change_note, schedule_record
 
 
 # ---------------------------------------------------------------- data
@@ -194,6 +194,10 @@ def restore(run, ctx, checkpoint_dir, state, data):
     was, and return the Progress it records."""
     meta = checkpointing.read_checkpoint_meta(checkpoint_dir)
     check_resumable(run, ctx, checkpoint_dir, meta, data.gradient_accumulation_steps)
+    schedule_note = schedule_change_note(meta.get("schedule"), schedule_record(run.train, data.total_steps),
+                                         meta["global_step"] + 1, checkpoint_dir.name)
+    if schedule_note and ctx.is_main:
+        print(schedule_note)
     meta, rng_states = checkpointing.load_training_state(checkpoint_dir, state, ctx.device)
     start_step = meta["global_step"] + 1
     # The schedule is a function of the step: this also continues a reference-harness run,

@@ -61,7 +61,8 @@ step bench-compiled-pad64 90 $PY $BENCH --pad-vocab 64 --compile --warmup-steps 
 # 2. A GPT-2 small run on the demo corpus (built locally: no network needed), bf16; -f
 #    finds the largest microbatch (ddp_train.py's search) and writes the split for a global
 #    batch of 32 sequences (microbatch 32 unless fewer fit). Cut short, its log still shows
-#    every size it tried.
+#    every size it tried. Four validation batches: even at microbatch 32 (-f may write it)
+#    they fit in the demo's validation split (2^18 tokens).
 RUN="$WORK_DIR/gpt2-small-check"
 mkdir -p "$RUN"
 cp runs/8xh100m80/model.json "$RUN/model.json"
@@ -73,7 +74,7 @@ cat >"$RUN/train.json" <<'EOF'
     "min_train_tokens": 3276800,
     "checkpoint_interval": 100,
     "validation_interval": 100,
-    "validation_batches": 20,
+    "validation_batches": 4,
     "amp_dtype": "bfloat16"
 }
 EOF

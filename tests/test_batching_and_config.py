@@ -179,5 +179,6 @@ def test_malformed_json_names_the_file_and_position(tmp_path):
 
 
 def test_unknown_run_lists_the_available_ones():
-    with pytest.raises(UserError, match=r"run 'no-such-run': no such directory \(runs available: .*demo"):
+    with pytest.raises(UserError, match=r"run 'no-such-run': no such directory, nor a run under .*; "
+                                        r"runs available: .*demo"):
         load_run("no-such-run")

@@ -30,7 +30,7 @@ import charts
 import core_scoring
 from config import TrainConfig
 from errors import UserError
-from eval_common import load_model
+from model_source import from_model_json, load_model
 from token_data import get_tokenizer
 
 VERDICT = (SHARED_DIR / "data" / "the-verdict.txt").read_text(encoding="utf-8")
@@ -252,7 +252,7 @@ def bundle(tmp_path_factory, items):
 @pytest.mark.parametrize("tokenizer_name", ["gpt2", "bytes"])
 def test_every_task_type_matches_transformers_scored_by_hand(models, items, bundle, tokenizer_name):
     model_json, weights, hf, encode, bos = models[tokenizer_name]
-    model = load_model(model_json, weights, "cpu")
+    model = load_model(from_model_json(model_json, weights), "cpu")
     context_length = model.cfg.context_length
     tasks = core_scoring.read_tasks(bundle)
     assert [(t.label, t.task_type, t.num_fewshot, t.continuation_delimiter, t.random_baseline) for t in tasks] == \
@@ -442,7 +442,7 @@ def test_bad_bundles_and_items_are_one_error_line(tmp_path, items):
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_rank_shares_cover_every_row_once_in_equal_numbers(models, bundle, world_size):
     model_json, weights, *_ = models["bytes"]
-    model = load_model(model_json, weights, "cpu")
+    model = load_model(from_model_json(model_json, weights), "cpu")
     tokenizer = get_tokenizer("bytes")
     items = [item for task in core_scoring.read_tasks(bundle) for item in core_scoring.encode_task(
         task, core_scoring.read_items(bundle, task, 7), tokenizer, BYTES_CFG["context_length"])]
@@ -465,7 +465,7 @@ def test_rank_shares_cover_every_row_once_in_equal_numbers(models, bundle, world
 def test_in_training_core_on_one_rank_matches_transformers(tmp_path, models, items, bundle):
     # distributed_core's all-reduce on a real (one-process, gloo) process group.
     model_json, weights, hf, encode, bos = models["gpt2"]
-    model = load_model(model_json, weights, "cpu")
+    model = load_model(from_model_json(model_json, weights), "cpu")
     train = TrainConfig.from_dict({"dataset": "unused", "microbatch_size": 5, "core_interval": 10,
                                    "core_items": 10, "core_tasks": "schema_test,lm_test,mc_test",
                                    "core_bundle": str(zip_bundle(bundle, tmp_path / "eval_bundle.zip"))})

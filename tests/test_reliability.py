@@ -164,7 +164,8 @@ def test_a_failed_download_on_rank_0_ends_every_rank(tmp_path):
     started = time.time()
     result = run_training([run_dir, tmp_path / "datasets"], nproc=2, check=False, env=env)
     assert result.returncode != 0 and time.time() - started < 100
-    assert "error: dataset 'no-such-user/no-such-dataset': download from the Hugging Face Hub" in result.stderr
+    assert ("error: dataset 'no-such-user/no-such-dataset': no such directory (looked for "
+            in result.stderr and "as a Hugging Face Hub dataset repo id it failed: offline mode" in result.stderr)
     # Rank 1 ends with rank 0's error as its own (or is stopped by torchrun once rank 0 has
     # exited, whichever comes first), long before the 60-minute process-group timeout; no worker
     # prints a traceback (torchrun itself prints one of its own when a worker fails).

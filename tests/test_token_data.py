@@ -1,4 +1,4 @@
-"""The reading side of token datasets: tokenizers, token files, meta.json, the demo corpus."""
+"""The reading side of token datasets: tokenizers, token files, meta.json (the demo corpus: test_demo_corpus.py)."""
 
 import json
 import os
@@ -209,7 +209,7 @@ def test_a_token_file_of_another_dtype_is_one_error_line_naming_the_valid_ones(t
     assert str(error.value) == f"{path}: tensor 'tokens' has dtype {found}, expected U16 (uint16) or U32 (uint32)"
 
 
-# ---------------------------------------------------------------- meta.json, staging, the demo corpus
+# ---------------------------------------------------------------- meta.json, staging
 
 def test_meta_defaults_to_gpt2_and_rejects_a_broken_file(tmp_path):
     assert token_data.read_meta(tmp_path) == token_data.DatasetMeta("gpt2", 50257, 50256)
@@ -234,18 +234,6 @@ def test_staged_directory_appears_only_when_complete(tmp_path):
         assert not (final / "new.txt").exists()
     assert [p.name for p in final.iterdir()] == ["new.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["dataset"]
-
-
-def test_demo_dataset_is_byte_tokens_of_the_stdlib(tmp_path):
-    dataset_dir = tmp_path / "demo"
-    token_data.build_demo_dataset(dataset_dir)
-    assert token_data.is_complete(dataset_dir)
-    assert token_data.read_meta(dataset_dir).tokenizer == "bytes"
-    train = token_data.open_split(dataset_dir, "train")
-    first_document = next(text for index, text in enumerate(token_data.demo_documents())
-                          if not token_data.is_validation_document(index, 0.02))
-    expected = list(first_document.encode("utf-8")) + [ByteTokenizer.eot_id]
-    assert train[:len(expected)].tolist() == expected
 
 
 # ---------------------------------------------------------------- the command line
@@ -298,7 +286,8 @@ def test_hub_datasets_offline_use_a_local_copy_and_fail_clearly_without_one(tmp_
     dataset_dir = tmp_path / "datasets" / "gpjt" / "fineweb-gpt2-tokens"
     write_downloaded_copy(dataset_dir)
     assert token_data.fetch_dataset("gpjt/fineweb-gpt2-tokens", tmp_path / "datasets") == dataset_dir
-    with pytest.raises(UserError, match="'gpjt/not-downloaded': download from the Hugging Face Hub .* failed"):
+    with pytest.raises(UserError, match="'gpjt/not-downloaded': no such directory .*; as a Hugging Face Hub dataset "
+                                        "repo id it failed: "):
         token_data.fetch_dataset("gpjt/not-downloaded", tmp_path / "datasets")
 
 
@@ -365,5 +354,6 @@ def test_a_dataset_found_nowhere_says_where_it_was_looked_for(tmp_path, run_and_
     monkeypatch.setattr(huggingface_hub, "snapshot_download", unknown_repo)
     with pytest.raises(UserError) as error:
         token_data.fetch_dataset("data/mine", tmp_path / "datasets", run_dir)
-    assert str(error.value).endswith(f"failed (FileNotFoundError: no such repo); nor is it a directory (looked for "
-                                     f"{run_dir / 'data' / 'mine'} and {cwd / 'data' / 'mine'})")
+    assert str(error.value).startswith(f"dataset 'data/mine': no such directory (looked for "
+                                       f"{run_dir / 'data' / 'mine'} and {cwd / 'data' / 'mine'}); as a Hugging "
+                                       "Face Hub dataset repo id it failed: FileNotFoundError: no such repo. ")
