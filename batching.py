@@ -300,10 +300,10 @@ class MixtureSchedule:
     microbatches (its `cursor`: each source is read in order, one pass, nothing repeated).
 
     Source i's k-th microbatch is due at time (k + offset_i) / weight_i, the offsets drawn
-    from `seed`; microbatches go in order of due time. So every stretch of the schedule
-    holds each source within a couple of microbatches of its weight's share, and the
-    whole schedule is a function of the weights, the seed and the length: a resumed run
-    finds its place from the step number alone.
+    from `seed`; microbatches go in order of due time. So every prefix of the schedule
+    holds each source within one microbatch of its weight's share, and the whole
+    schedule is a function of the weights, the seed and the length: a resumed run finds
+    its place from the step number alone.
     """
 
     def __init__(self, weights, num_microbatches, seed):

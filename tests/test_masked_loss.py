@@ -88,9 +88,10 @@ def hand_validation_loss(weights, tokens, mask, splits, batches):
     return sum(parts) / sum(counts)
 
 
-def first_step_run(run_dir, dataset_dir, world_size, accumulation):
+def first_step_run(run_dir, dataset_dir, world_size, accumulation, parallelism="ddp"):
     return make_run(run_dir, dataset_dir, min_train_tokens=tokens_for(1, world_size, accumulation),
-                    gradient_accumulation_steps=accumulation, validation_interval=1, validation_batches=3)
+                    gradient_accumulation_steps=accumulation, validation_interval=1, validation_batches=3,
+                    parallelism=parallelism)
 
 
 def check_first_step(run_dir, masked_dataset):
@@ -104,9 +105,12 @@ def check_first_step(run_dir, masked_dataset):
     assert row["val_loss"] == pytest.approx(hand_validation_loss(weights, tokens, mask, splits, 3), rel=1e-5)
 
 
-def test_accumulated_masked_loss_is_the_global_batch_mean(tmp_path, masked_dataset):
-    """One rank, two microbatches accumulated: loss, gradient and validation as by hand."""
-    run_dir = first_step_run(tmp_path / "run", masked_dataset[0], world_size=1, accumulation=2)
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_accumulated_masked_loss_is_the_global_batch_mean(tmp_path, masked_dataset, parallelism):
+    """One rank, two microbatches accumulated: loss, gradient and validation as by hand, with the
+    model wrapped by DDP or sharded by FSDP2."""
+    run_dir = first_step_run(tmp_path / "run", masked_dataset[0], world_size=1, accumulation=2,
+                             parallelism=parallelism)
     run_training([run_dir, tmp_path / "datasets"])
     check_first_step(run_dir, masked_dataset)
 
