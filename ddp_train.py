@@ -41,7 +41,7 @@ from errors import RankLost, UserError, report_user_errors
 from metrics import IntervalStats, MetricsLog, TrainingLog, WandbLog, require_tensorboard, require_wandb
 from microbatch_search import find_max_microbatch
 from run_lock import lock_run_dir
-from training_setup import set_up_training
+from training_setup import mixture_record, set_up_training
 
 # Where gloo's RuntimeErrors about a connection that broke (a peer closed or reset it) come from.
 GLOO_TRANSPORT_ERROR = "gloo/transport/"
@@ -68,6 +68,7 @@ def checkpoint_meta(run, ctx, data, interval, progress):
             "parallelism": train_cfg.parallelism,
             "model_config": run.model.to_dict(), "schedule": training.schedule_record(train_cfg, data.total_steps),
             **({"init_from": progress.init_from} if progress.init_from else {}),
+            **({"mixture": mixture_record(train_cfg)} if train_cfg.is_mixture else {}),
             **({"wandb_run_id": progress.wandb_run_id} if progress.wandb_run_id else {})}
 
 

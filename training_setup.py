@@ -88,6 +88,12 @@ def load_data(run, ctx, datasets_dir):
     return Data(train, validation, total_steps, global_batch_tokens, accumulation, tokenizer, mixture)
 
 
+def mixture_record(train_cfg):
+    """What a mixture's schedule is drawn from, for checkpoints: a resumed run that changes it
+    reads other data than an uninterrupted one would, and says so."""
+    return {"sources": train_cfg.dataset, "random_seed": train_cfg.random_seed}
+
+
 def fetch_dataset(run, ctx, spec, datasets_dir):
     """The directory of dataset `spec`, fetched (built or downloaded) by one process per node,
     or once in all when every node sees the same DATASETS_DIR."""
@@ -198,6 +204,11 @@ def restore(run, ctx, checkpoint_dir, state, data):
                                          meta["global_step"] + 1, checkpoint_dir.name)
     if schedule_note and ctx.is_main:
         print(schedule_note)
+    mixture = mixture_record(run.train) if run.train.is_mixture else None
+    if meta.get("mixture") != mixture and (mixture or "mixture" in meta) and ctx.is_main:
+        print(f"note: checkpoint {checkpoint_dir.name} was trained on {meta.get('mixture') or 'one dataset'}, this "
+              f"run on {mixture or run.train.dataset}: from step {meta['global_step'] + 1} on the data follows this "
+              "run's mixture, not the one an uninterrupted run would have read")
     meta, rng_states = checkpointing.load_training_state(checkpoint_dir, state, ctx.device)
     start_step = meta["global_step"] + 1
     # The schedule is a function of the step: this also continues a reference-harness run,

@@ -52,9 +52,10 @@ def test_schedule_keeps_every_prefix_within_one_microbatch_of_the_weights(weight
         assert all(abs(int(counts[n - 1]) - n * share) < 1 for n in range(1, length + 1))
 
 
-def test_schedule_is_a_function_of_the_seed():
+def test_schedule_is_a_function_of_the_seed_and_a_longer_run_keeps_its_start():
     assert np.array_equal(MixtureSchedule([1, 1], 100, 5).source, MixtureSchedule([1, 1], 100, 5).source)
     assert not np.array_equal(MixtureSchedule([1, 1], 100, 5).source, MixtureSchedule([1, 1], 100, 6).source)
+    assert np.array_equal(MixtureSchedule([2, 5, 1], 300, 5).source, MixtureSchedule([2, 5, 1], 700, 5).source[:300])
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +99,13 @@ def test_mixture_resumes_exactly_and_validates_per_source(tmp_path, two_sources)
     assert [[r.get(k) for k in keys] for r in resumed_rows[4:]] == [[r.get(k) for k in keys] for r in full_rows[4:]]
     final = [load_file(d / "checkpoints" / "latest" / "model.safetensors") for d in (run_dir, resumed)]
     assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+
+    # Resumed with other weights, the run says that its data now differs from an uninterrupted run's.
+    reweighted = rewind_to_checkpoint(run_dir, 3, tmp_path / "reweighted")
+    train = json.loads((reweighted / "train.json").read_text())
+    (reweighted / "train.json").write_text(json.dumps({**train, "dataset": mixture(*two_sources, 1, 1)}))
+    result = run_training([reweighted, tmp_path / "datasets", "latest"])
+    assert "from step 4 on the data follows this run's mixture, not the one an uninterrupted run" in result.stdout
 
 
 def test_masked_and_unmasked_sources_mix_with_the_loss_by_hand(tmp_path, two_sources):
