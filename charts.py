@@ -3,7 +3,15 @@ the reference harness's file names (so the auto-refreshing chart page people kee
 their run directories shows them): loss-chart.png, grad-norm-chart.png and
 learning-rate-chart.png, plus charts.html, a page that shows all three and reloads
 them every few seconds. The loss chart also shows HellaSwag acc_norm and CORE (with its
-standard error as error bars), on a second axis, when the run evaluates them."""
+standard error as error bars), on a second axis, when the run evaluates them; a run with
+train.json `diagnostics` also gets diagnostics-chart.png: each parameter group's gradient
+norm and update-to-weight ratio. Every chart is headed with the run's name and its planned
+steps, and spans them; charts.html says where the run is (step, latest loss, ETA, or
+"finished"), refreshed with the charts through charts-status.js."""
+
+import html
+import json
+from dataclasses import dataclass
 
 import matplotlib
 
@@ -13,7 +21,8 @@ import numpy as np  # noqa: E402
 
 from chart_style import chart_style  # noqa: E402
 from checkpointing import read_checkpoint_meta  # noqa: E402
-from metrics import read_metrics  # noqa: E402
+from console import duration_text, loss_text  # noqa: E402
+from metrics import DIAGNOSTIC_PREFIXES, diagnostic_keys, read_metrics  # noqa: E402
 
 # About this many points per curve, however long the run.
 BINS = 200
@@ -28,9 +37,24 @@ def _binned(steps, values):
     return steps.mean(axis=1), values.min(axis=1), values.mean(axis=1), values.max(axis=1)
 
 
-def _save(fig, path):
+@dataclass(frozen=True)
+class Heading:
+    """What every chart of a run says above its plot, and the steps its x-axis spans."""
+    run_name: str
+    total_steps: int
+
+    def __str__(self):
+        return f"{self.run_name}: {self.total_steps:,} steps planned"
+
+
+def _save(fig, path, heading=None):
+    if heading is not None:
+        fig.suptitle(str(heading))
+        for ax in fig.axes:
+            ax.set_xlim(0, max(1, heading.total_steps - 1))
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    # The heading also goes into the PNG's Title, for tools that list images.
+    fig.savefig(path, dpi=100, metadata={"Title": str(heading)} if heading else None)
     plt.close(fig)
 
 
@@ -43,7 +67,7 @@ def _plot_band(ax, rows, key, label):
     ax.plot(steps, mean, label=f"{label} (average)")
 
 
-def plot_loss(rows, path, best_step=None):
+def plot_loss(rows, path, best_step=None, heading=None):
     fig, ax = plt.subplots(figsize=(8, 5))
     _plot_band(ax, rows, "loss", "train loss")
     validation = [r for r in rows if r.get("val_loss") is not None]
@@ -72,40 +96,64 @@ def plot_loss(rows, path, best_step=None):
         accuracy_ax.legend(handles + more_handles, labels + more_labels)
     else:
         ax.legend()
-    _save(fig, path)
+    _save(fig, path, heading)
 
 
-def plot_grad_norm(rows, path, clip_norm=None):
+def plot_grad_norm(rows, path, clip_norm=None, heading=None):
     fig, ax = plt.subplots(figsize=(8, 5))
     _plot_band(ax, rows, "grad_norm", "gradient norm before clipping")
     if clip_norm is not None:
         ax.axhline(clip_norm, color="red", linestyle="--", linewidth=1.2, label=f"clip at {clip_norm}")
     ax.set(title="Gradient norm", xlabel="global step", ylabel="L2 norm", yscale="log")
     ax.legend()
-    _save(fig, path)
+    _save(fig, path, heading)
 
 
-def plot_learning_rate(rows, path):
+def plot_learning_rate(rows, path, heading=None):
     fig, ax = plt.subplots(figsize=(8, 5))
     ax.plot([r["step"] for r in rows], [r["lr"] for r in rows])
     ax.set(title="Learning rate", xlabel="global step", ylabel="learning rate")
     ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
-    _save(fig, path)
+    _save(fig, path, heading)
+
+
+def plot_diagnostics(rows, path, heading=None):
+    """One line per parameter group (its per-bin average), gradient norm above and
+    update-to-weight ratio below, both on log scales."""
+    fig, axes = plt.subplots(2, 1, figsize=(8, 8), sharex=True)
+    for ax, prefix, title in zip(axes, DIAGNOSTIC_PREFIXES, ("Gradient norm before clipping, per group",
+                                                             "||update|| / ||weight||, per group")):
+        for key in (key for key in diagnostic_keys(rows[-1]) if key.startswith(prefix)):
+            present = [r for r in rows if r.get(key)]  # null (non-finite) and 0 (a skipped step) left out
+            if present:
+                steps, _, mean, _ = _binned([r["step"] for r in present], [r[key] for r in present])
+                ax.plot(steps, mean, label=key.removeprefix(prefix))
+        ax.set(title=title, ylabel=prefix.rstrip("/"), yscale="log")
+        ax.legend()
+    axes[-1].set(xlabel="global step")
+    _save(fig, path, heading)
 
 
 CHART_FILES = ("loss-chart.png", "grad-norm-chart.png", "learning-rate-chart.png")
+DIAGNOSTICS_CHART_FILE = "diagnostics-chart.png"
 VIEWER_FILE = "charts.html"
+STATUS_FILE = "charts-status.js"
 VIEWER_PAGE = """<!doctype html>
 <html lang="en">
-<head><meta charset="utf-8"><title>Training run charts</title>
+<head><meta charset="utf-8"><title>{title}</title>
 <style>body {{ background: #111; color: #eee; font-family: sans-serif; text-align: center; }}
 img {{ max-width: 95vw; display: block; margin: 0.5rem auto; }}</style></head>
 <body>
+<h1 id="status">{status}</h1>
 {images}
 <p>Reloads every 5 s: <span id="time"></span></p>
 <script>
 setInterval(() => {{
   const now = Date.now();
+  const status = document.createElement("script");  // sets #status; a script loads from file:// too
+  status.src = "{status_file}?t=" + now;
+  status.onload = status.onerror = () => status.remove();
+  document.body.appendChild(status);
   for (const img of document.images) {{
     const next = new Image();
     next.onload = () => {{ img.src = next.src; }};
@@ -119,29 +167,50 @@ setInterval(() => {{
 """
 
 
-def write_viewer(run_dir):
-    images = "\n".join(f'<img src="{name}" data-file="{name}" alt="{name}">' for name in CHART_FILES)
-    (run_dir / VIEWER_FILE).write_text(VIEWER_PAGE.format(images=images))
+def status_text(rows, heading):
+    """Where the run is, from its latest metrics row: step, loss and ETA, or finished."""
+    row = rows[-1]
+    last_step = heading.total_steps - 1
+    if row["step"] >= last_step:
+        return f"{heading.run_name}: finished, {heading.total_steps:,} steps, final loss {loss_text(row['loss'])}"
+    return (f"{heading.run_name}: step {row['step']:,} of {last_step:,}, loss {loss_text(row['loss'])}, "
+            f"ETA {duration_text(row['eta_s'])}")
 
 
-def write_charts(run_dir, rows, best_step=None, clip_norm=None):
+def write_viewer(run_dir, chart_files, status, title):
+    images = "\n".join(f'<img src="{name}" data-file="{name}" alt="{name}">' for name in chart_files)
+    (run_dir / VIEWER_FILE).write_text(VIEWER_PAGE.format(images=images, status=html.escape(status),
+                                                          title=html.escape(title), status_file=STATUS_FILE))
+    (run_dir / STATUS_FILE).write_text(f'document.getElementById("status").textContent = {json.dumps(status)};\n')
+
+
+def write_charts(run_dir, rows, best_step=None, clip_norm=None, heading=None):
+    """The three charts and charts.html; `heading` (a Heading) names the run and its planned steps."""
     if not rows:
         return
     loss_file, grad_norm_file, learning_rate_file = CHART_FILES
     with chart_style():
-        plot_loss(rows, run_dir / loss_file, best_step)
-        plot_grad_norm(rows, run_dir / grad_norm_file, clip_norm)
-        plot_learning_rate(rows, run_dir / learning_rate_file)
-    write_viewer(run_dir)
+        plot_loss(rows, run_dir / loss_file, best_step, heading)
+        plot_grad_norm(rows, run_dir / grad_norm_file, clip_norm, heading)
+        plot_learning_rate(rows, run_dir / learning_rate_file, heading)
+        diagnosed = bool(diagnostic_keys(rows[-1]))
+        if diagnosed:
+            plot_diagnostics(rows, run_dir / DIAGNOSTICS_CHART_FILE, heading)
+    chart_files = CHART_FILES + ((DIAGNOSTICS_CHART_FILE,) if diagnosed else ())
+    if heading is None:
+        write_viewer(run_dir, chart_files, f"step {rows[-1]['step']:,}, loss {loss_text(rows[-1]['loss'])}",
+                     "Training run charts")
+    else:
+        write_viewer(run_dir, chart_files, status_text(rows, heading), f"{heading.run_name}: training charts")
 
 
-def draw_run_charts(run):
+def draw_run_charts(run, total_steps):
     """Rank 0, after a checkpoint save: the run's charts from its metrics.jsonl, the `best`
     checkpoint's step marked. Never raises: a chart is never worth a training run."""
     try:
         best_dir = run.checkpoints_dir / "best"
         best_step = read_checkpoint_meta(best_dir)["global_step"] if best_dir.exists() else None
-        write_charts(run.run_dir, read_metrics(run.run_dir / "metrics.jsonl"),
-                     best_step=best_step, clip_norm=run.train.clipping_max_norm)
+        write_charts(run.run_dir, read_metrics(run.run_dir / "metrics.jsonl"), best_step=best_step,
+                     clip_norm=run.train.clipping_max_norm, heading=Heading(run.name, total_steps))
     except Exception as e:  # noqa: BLE001 - a chart is never worth a training run
         print(f"warning: could not draw charts: {type(e).__name__}: {e}")

@@ -552,7 +552,7 @@ def load_full_state_into_shards(checkpoint_dir, state):
         weights = fill_tied_key(clean_state_dict(load_file(weights_path)), state.model)
     except (FileNotFoundError, SafetensorError) as e:
         raise UserError(f"{weights_path}: not a readable safetensors file ({e})")
-    optimizer_state = optimizer_state_by_name(state.model, _load(optimizer_path), optimizer_path)
+    optimizer_state = optimizer_state_by_name(state.model, state.optimizer, _load(optimizer_path), optimizer_path)
     fused_settings = [group.get("fused") for group in state.optimizer.param_groups]
     try:
         set_state_dict(state.model, state.optimizer, model_state_dict=weights, optim_state_dict=optimizer_state,
@@ -562,11 +562,13 @@ def load_full_state_into_shards(checkpoint_dir, state):
     keep_fused_settings(state.optimizer, fused_settings)
 
 
-def optimizer_state_by_name(model, optimizer_state, source):
+def optimizer_state_by_name(model, optimizer, optimizer_state, source):
     """A torch optimizer state dict keyed by parameter index (what optimizer.pt holds) keyed
     by parameter name instead, as torch.distributed.checkpoint's state-dict functions want it.
-    The optimizer was built on model.parameters(), so index i is the i-th named parameter."""
-    names = [name for name, _ in model.named_parameters()]
+    torch numbers the parameters group by group in `optimizer`'s order (AdamW's one group:
+    model.parameters(); Muon's: AdamW's group, then Muon's)."""
+    name_of = {param: name for name, param in model.named_parameters()}
+    names = [name_of[param] for group in optimizer.param_groups for param in group["params"]]
     try:
         return {"state": {names[index]: value for index, value in optimizer_state["state"].items()},
                 "param_groups": [{**group, "params": [names[index] for index in group["params"]]}
@@ -610,6 +612,8 @@ def load_optimizer_state(optimizer, state_dict, source):
 
 def keep_fused_settings(optimizer, fused_settings):
     for group, fused in zip(optimizer.param_groups, fused_settings):
+        if fused is None:
+            continue  # a group of an optimizer without the setting (Muon's)
         group["fused"] = fused
         for param in group["params"] if fused else []:
             param_state = optimizer.state.get(param, {})

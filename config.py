@@ -14,6 +14,8 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
+
 from errors import UserError
 
 PROJECT_DIR = Path(__file__).resolve().parent
@@ -23,6 +25,9 @@ RUNS_DIR = PROJECT_DIR / "runs"
 MAX_RANDOM_SEED = 2**62
 MAX_DIST_TIMEOUT_MINUTES = 7 * 24 * 60
 PARALLELISMS = ("ddp", "fsdp", "hsdp")
+OPTIMIZERS = ("adamw", "muon")
+# torch.optim.Muon's adjust_lr_fn choices offered here (docs/recipe.md says what each does).
+MUON_ADJUST_LR = ("original", "match_rms_adamw")
 # Old reference configs spelled microbatch_size this way.
 LEGACY_ALIASES = {"minibatch_size": "microbatch_size"}
 # train.json's ways of saying how long to train; min_train_tokens -1 (its default) says none of them.
@@ -77,16 +82,20 @@ def closest_or_all(name, valid, kind):
     return f"; {kind}: {', '.join(valid) or 'none'}"
 
 
+def _check_key(cls, key, source):
+    known = [f.name for f in dataclasses.fields(cls)]
+    if key not in known:
+        raise UserError(f"{source}: unknown key '{key}'{closest_or_all(key, known, 'valid keys')}")
+
+
 def _parse(cls, raw, source):
     """Build dataclass `cls` from a JSON object, checking keys and types."""
     if not isinstance(raw, dict):
         raise UserError(f"{source}: expected a JSON object, got {type(raw).__name__}")
     raw = {LEGACY_ALIASES.get(k, k): v for k, v in raw.items()}
     hints = typing.get_type_hints(cls)
-    known = [f.name for f in dataclasses.fields(cls)]
     for key in raw:
-        if key not in known:
-            raise UserError(f"{source}: unknown key '{key}'{closest_or_all(key, known, 'valid keys')}")
+        _check_key(cls, key, source)
     values = {}
     for field in dataclasses.fields(cls):
         if field.name in raw:
@@ -293,6 +302,16 @@ class TrainConfig:
     wandb_project: str | None = None
     wandb_entity: str | None = None  # default: the W&B account's default entity
     wandb_run_name: str | None = None  # default: the run directory's name
+    # "muon": torch.optim.Muon for the transformer blocks' weight matrices, AdamW (learning_rate,
+    # weight_decay) for the rest (training.make_optimizer; docs/recipe.md).
+    optimizer: str = "adamw"
+    muon_learning_rate: float = 0.02
+    muon_momentum: float = 0.95  # Nesterov momentum
+    muon_weight_decay: float = 0.0  # Muon multiplies the matrices by 1 - muon_learning_rate x this each step
+    muon_adjust_lr: str = "original"  # how the update's size depends on the matrix's shape
+    # Log, per group of parameters, the gradient norm and ||update|| / ||weight|| (training.Diagnostics):
+    # off by default, as it keeps a copy of the weights during each step.
+    diagnostics: bool = False
 
     def __post_init__(self):
         # With global_batch_tokens the accumulation depends on the world size, so it stays None
@@ -337,6 +356,16 @@ class TrainConfig:
                  f"must be between 0 and 100, got {self.warmup_period_percent}")
         _require(self.parallelism in PARALLELISMS, source, "parallelism",
                  f"must be one of {', '.join(json.dumps(p) for p in PARALLELISMS)}, got {json.dumps(self.parallelism)}")
+        for key, choices in (("optimizer", OPTIMIZERS), ("muon_adjust_lr", MUON_ADJUST_LR)):
+            _require(getattr(self, key) in choices, source, key, f"must be one of "
+                     f"{', '.join(json.dumps(c) for c in choices)}, got {json.dumps(getattr(self, key))}")
+        _require(self.muon_learning_rate > 0, source, "muon_learning_rate",
+                 f"must be positive, got {self.muon_learning_rate}")
+        _require(0 <= self.muon_momentum < 1, source, "muon_momentum", f"must be in [0, 1), got {self.muon_momentum}")
+        _require(self.muon_weight_decay >= 0 and self.muon_learning_rate * self.muon_weight_decay < 1, source,
+                 "muon_weight_decay", f"must be >= 0 and, times muon_learning_rate, below 1 (Muon scales the "
+                 f"matrices by 1 - muon_learning_rate x muon_weight_decay each step), got {self.muon_weight_decay} "
+                 f"x {self.muon_learning_rate}")
         _require(self.amp_dtype in (None, "bfloat16", "float16"), source, "amp_dtype",
                  f"must be \"bfloat16\" or \"float16\", got {json.dumps(self.amp_dtype)}")
         for key in ("gradient_accumulation_steps", "keep_last_checkpoints", "max_skipped_steps", "log_interval",
@@ -388,12 +417,48 @@ class TrainConfig:
         return 10 if device.type == "cuda" else 1
 
 
+# train.json keys a resumed run cannot change with --set: they choose the data a checkpoint
+# was trained on, or the shapes of its saved state. (Other keys, such as learning_rate, may
+# change on resume; a changed model.json is refused whatever the way.)
+RUN_IDENTITY_KEYS = ("dataset", "start_train_token", "pad_vocab_to_multiple_of")
+
+
+def parse_overrides(items):
+    """`--set KEY=VALUE` options as {train.json key: value}: VALUE is read as JSON (3e-4,
+    8, true, null, "text"), else taken as a string (so --set dataset=fineweb needs no
+    quotes). Keys and types are checked here; the values as a whole by TrainConfig.validate."""
+    overrides = {}
+    hints = typing.get_type_hints(TrainConfig)
+    for item in items:
+        key, separator, text = item.partition("=")
+        key = LEGACY_ALIASES.get(key.strip(), key.strip())
+        source = f"--set {key or item}"
+        if not separator or not key:
+            raise UserError(f"--set {item}: expected KEY=VALUE, a train.json key and its value")
+        _check_key(TrainConfig, key, source)
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        overrides[key] = _check_type(source, key, value, hints[key])
+    return overrides
+
+
+# The option ddp_train.py and preflight.py take; main() gets `overrides` for parse_overrides.
+override_option = click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+    help="Override a train.json key for this launch (repeatable; VALUE read as JSON, else as a string), "
+         "validated as train.json is and recorded in each checkpoint's meta.json. "
+         "Example: --set learning_rate=3e-4 --set microbatch_size=8")
+
+
 @dataclass(frozen=True)
 class Run:
     name: str
     run_dir: Path
     model: ModelConfig
-    train: TrainConfig
+    train: TrainConfig  # train.json with the overrides applied: the effective config
+    overrides: dict = dataclasses.field(default_factory=dict)  # --set KEY=VALUE, parsed
 
     @property
     def checkpoints_dir(self):
@@ -417,12 +482,21 @@ def resolve_run_dir(run):
                     f"{closest_or_all(run, available, 'runs available')}")
 
 
-def load_run(run):
+def load_run(run, overrides=None):
+    """The run directory RUN's configs; `overrides` ({key: value}, parse_overrides') replace
+    train.json's values, and the result is validated exactly as train.json is."""
     run_dir = resolve_run_dir(run)
     model_json, train_json = run_dir / "model.json", run_dir / "train.json"
+    train_raw = load_json(train_json)
+    source = str(train_json)
+    if overrides:
+        if isinstance(train_raw, dict):
+            train_raw = {LEGACY_ALIASES.get(k, k): v for k, v in train_raw.items()} | overrides
+        source += " with " + ", ".join(f"--set {key}" for key in overrides)
     return Run(
         name=run_dir.name,
         run_dir=run_dir,
         model=ModelConfig.from_dict(load_json(model_json), source=str(model_json)),
-        train=TrainConfig.from_dict(load_json(train_json), source=str(train_json)),
+        train=TrainConfig.from_dict(train_raw, source=source),
+        overrides=dict(overrides or {}),
     )

@@ -1,6 +1,7 @@
 """Train a GPT-2-class base model with DistributedDataParallel.
 
     uv run torchrun --nproc_per_node=8 ddp_train.py RUN DATASETS_DIR [CHECKPOINT] [--force]
+        [--set KEY=VALUE ...] [--quiet]
     uv run torchrun --nproc_per_node=8 ddp_train.py RUN DATASETS_DIR -f [--target-global-batch 96] [--write]
 
 RUN is a name under runs/ or a path to a run directory holding model.json and
@@ -10,7 +11,8 @@ checkpoint when `latest` is broken; a fresh start only when there are no
 checkpoints). Without torchrun it runs as a single process. Rank 0 holds the run
 directory's lock and writes checkpoints, metrics.jsonl and charts into it. SIGTERM
 or SIGINT stops every rank after the step under way and at most two more, with a
-checkpoint.
+checkpoint. `--set KEY=VALUE` overrides a train.json key for this launch
+(docs/training.md).
 
 This file is the command line and the loop with its decisions: `train` is the loop
 (when to stop), `save_training_checkpoint` decides whether the weights may be saved
@@ -18,11 +20,16 @@ and what is `best`, `count_skipped_steps` stops a streak of non-finite steps. Wh
 it runs lives in modules: training_setup.py builds what a rank trains with (fresh or
 resumed), training.py has one optimizer step, validation and the schedule of what
 follows each step (`work_after_step`), checkpointing.py saves and restores,
-metrics.py records, charts.py draws, microbatch_search.py is the whole of -f.
+metrics.py records, console.py prints, charts.py draws, microbatch_search.py is the
+whole of -f.
 """
 
+import contextlib
+import dataclasses
 import gc
 import math
+import os
+import sys
 import time
 
 import click
@@ -35,13 +42,14 @@ import core_scoring
 import hellaswag_scoring
 import training
 from batching import prefetch_to_device, rank_microbatch_indices, token_budget
-from config import load_run
+from config import RUNS_DIR, load_run, override_option, parse_overrides
+from console import Console, unused_gpus_warning
 from distributed import StopSignals, check_connectivity, init_distributed, run_and_share_errors
 from errors import RankLost, UserError, report_user_errors
 from metrics import IntervalStats, MetricsLog, TrainingLog, WandbLog, require_tensorboard, require_wandb
 from microbatch_search import find_max_microbatch
 from run_lock import lock_run_dir
-from training_setup import mixture_record, set_up_training
+from training_setup import set_up_training
 
 # Where gloo's RuntimeErrors about a connection that broke (a peer closed or reset it) come from.
 GLOO_TRANSPORT_ERROR = "gloo/transport/"
@@ -65,14 +73,14 @@ def checkpoint_meta(run, ctx, data, interval, progress):
             "microbatch_size": train_cfg.microbatch_size,
             "gradient_accumulation_steps": data.gradient_accumulation_steps,
             "pad_vocab_to_multiple_of": train_cfg.pad_vocab_to_multiple_of,
-            "parallelism": train_cfg.parallelism,
+            "parallelism": train_cfg.parallelism, "optimizer": train_cfg.optimizer,
             "model_config": run.model.to_dict(), "schedule": training.schedule_record(train_cfg, data.total_steps),
+            "train_config": dataclasses.asdict(train_cfg), "overrides": run.overrides,
             **({"init_from": progress.init_from} if progress.init_from else {}),
-            **({"mixture": mixture_record(train_cfg)} if train_cfg.is_mixture else {}),
             **({"wandb_run_id": progress.wandb_run_id} if progress.wandb_run_id else {})}
 
 
-def save_training_checkpoint(run, ctx, setup, interval, progress):
+def save_training_checkpoint(run, ctx, setup, interval, progress, console):
     """Save a checkpoint at the last recorded step, unless the weights have diverged;
     it is `best` when its score (validation loss when the run validates, else the
     average train loss since the last checkpoint) is finite and the lowest so far.
@@ -90,25 +98,29 @@ def save_training_checkpoint(run, ctx, setup, interval, progress):
     meta = checkpoint_meta(run, ctx, setup.data, interval, progress)
     saved = checkpointing.save_and_prune(run.checkpoints_dir, run.train, ctx, setup.state, meta, is_best)
     if ctx.is_main:
-        charts.draw_run_charts(run)
+        console.saved(step, saved, is_best)
+        charts.draw_run_charts(run, setup.data.total_steps)
     # Only rank 0 knows the directory's name (it holds the time of the save).
     progress.last_checkpoint = saved.name if saved else f"the checkpoint of global step {step}"
 
 
 # ---------------------------------------------------------------- the loop
 
-def read_window(pending):
-    """(step, lr, {statistic: value}) for each pending step: one device-to-host copy."""
+def read_window(pending, names):
+    """(step, lr, {statistic: value}) for each pending step, `names` naming the statistics
+    (TrainingSetup.statistic_names): one device-to-host copy."""
     values = torch.stack([statistics for _, _, statistics in pending]).tolist()
-    return [(step, lr, dict(zip(training.STEP_STATISTICS, step_values)))
+    return [(step, lr, dict(zip(names, step_values)))
             for (step, lr, _), step_values in zip(pending, values)]
 
 
-def count_skipped_steps(rows, run, progress):
+def count_skipped_steps(rows, run, progress, console):
     """Stop after max_skipped_steps non-finite steps in a row, counted step by step.
     Every rank reaches the same verdict at the same step: the flags were all-reduced."""
     for row in rows:
         progress.skipped_in_a_row = progress.skipped_in_a_row + 1 if row["skipped"] else 0
+        if row["skipped"]:
+            console.skipped(row["step"], progress.skipped_in_a_row, run.train.max_skipped_steps)
         if progress.skipped_in_a_row >= run.train.max_skipped_steps:
             raise UserError(
                 f"{progress.skipped_in_a_row} optimizer steps in a row had a non-finite loss or gradient (the "
@@ -146,26 +158,49 @@ def open_training_log(run, ctx, setup, progress):
         if run.train.wandb_project:
             wandb = WandbLog(run, progress.wandb_run_id)
             progress.wandb_run_id = wandb.run_id
-    return TrainingLog(run, ctx, setup.data.total_steps, setup.data.global_batch_tokens, setup.amp_dtype,
-                       progress.start_step, wandb)
+    return TrainingLog(run, ctx, setup.data.total_steps, setup.data.global_batch_tokens, setup.amp_dtype, wandb)
 
 
-def summary(progress, session_seconds, session_tokens):
+def run_argument(run):
+    """RUN as a command line names this run: its name when it is under runs/, else its path."""
+    return run.name if run.run_dir == RUNS_DIR / run.name else str(run.run_dir)
+
+
+def summary(run, progress, session_seconds, session_tokens):
+    """The end of a run: what it did, where its checkpoints and charts are, how to sample from it."""
     text = (f"Training complete in {session_seconds:,.1f} s; tokens seen this session {session_tokens:,} "
             f"(total {progress.tokens_seen:,}); throughput {session_tokens / session_seconds:,.0f} tokens/s")
     if progress.last_row is not None and progress.last_row["loss"] is not None:
         text += f"; final train loss {progress.last_row['loss']:.4f}"
     if progress.last_val_loss is not None:
         text += f"; final validation loss {progress.last_val_loss:.4f}"
-    return text
+    return (f"{text}\ncheckpoints: {run.checkpoints_dir} (newest: {progress.last_checkpoint})"
+            f"\ncharts: {run.run_dir / charts.VIEWER_FILE}"
+            f"\nsample from it: uv run test_smoke.py {run_argument(run)}")
 
 
-def train(run, ctx, datasets_dir, resume_dir):
+@contextlib.contextmanager
+def quiet_output(quiet):
+    """--quiet: standard output goes nowhere (errors go to standard error). Yields the
+    stream for the final summary."""
+    summary_out = sys.stdout
+    if not quiet:
+        yield summary_out
+        return
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+        yield summary_out
+
+
+def train(run, ctx, datasets_dir, resume_dir, quiet=False, summary_out=None):
+    """Train `run` from the start or from the checkpoint `resume_dir`. `quiet`: rank 0 prints
+    only the final summary (or how the run stopped), to `summary_out` (default stdout)."""
     train_cfg = run.train
     setup, progress = set_up_training(run, ctx, datasets_dir, resume_dir)
     session_start, tokens_at_start = time.time(), progress.tokens_seen
     # Every rank hears of a W&B run that rank 0 cannot start (no login, no network).
     log = run_and_share_errors(True, lambda: open_training_log(run, ctx, setup, progress))
+    log_interval = train_cfg.log_interval_on(ctx.device)
+    console = Console(ctx.is_main, setup.data.total_steps, progress.start_step, log_interval, quiet)
     interval = IntervalStats()  # for the next checkpoint's meta.json
     if ctx.is_main:
         print(f"{run.name}: {setup.state.model.num_parameters():,} parameters, world size {ctx.world_size}, "
@@ -176,10 +211,9 @@ def train(run, ctx, datasets_dir, resume_dir):
     microbatches = prefetch_to_device(setup.data.train, rank_microbatch_indices(
         progress.start_step, setup.data.total_steps, setup.data.gradient_accumulation_steps, ctx.world_size,
         ctx.rank), ctx.device)
-    log_interval = train_cfg.log_interval_on(ctx.device)
     stop_votes = training.STEP_STATISTICS.index("stop_votes")
     pending = []  # (global_step, lr, statistics on the device) not yet recorded
-    with StopSignals() as stop_signals, log:
+    with StopSignals() as stop_signals, log, contextlib.closing(console):
         try:
             for global_step in range(progress.start_step, setup.data.total_steps):
                 lr = setup.state.scheduler.get_last_lr()[0]
@@ -207,22 +241,29 @@ def train(run, ctx, datasets_dir, resume_dir):
                 if work.core:
                     evaluations |= core_scoring.distributed_core(setup.state.model, setup.core,
                                                                  setup.parallel.autocast_dtype)
-                window = read_window(pending)
+                window = read_window(pending, setup.statistic_names)
                 pending = []
                 rows = log.record(window, evaluations, progress.tokens_seen, progress.elapsed_s)
                 progress.advance(rows)
+                console.rows(rows)
+                if work.validation:
+                    console.validation(global_step, progress.last_val_loss, progress.best_val_loss)
+                if work.hellaswag:
+                    console.hellaswag(global_step, evaluations)
+                if work.core:
+                    console.core(global_step, evaluations)
                 for row in rows:
                     interval.add(row)
-                count_skipped_steps(rows, run, progress)
+                count_skipped_steps(rows, run, progress, console)
                 stop_requested = any(statistics["stop_votes"] > 0 for _, _, statistics in window)
                 if work.save_checkpoint or stop_requested:
-                    save_training_checkpoint(run, ctx, setup, interval, progress)
+                    save_training_checkpoint(run, ctx, setup, interval, progress, console)
                     interval = IntervalStats()
                 if stop_requested:
                     if ctx.is_main:
                         print(f"\nStopped by {stop_signals.received or 'a signal to another rank'} after global step "
                               f"{global_step}, checkpoint {progress.last_checkpoint} saved. Resume with the same "
-                              "command plus `latest` (or `auto`).")
+                              "command plus `latest` (or `auto`).", file=summary_out or sys.stdout)
                     return
         except RuntimeError as e:
             # A peer that died fails the next collective: NCCL raises a DistError, gloo a plain
@@ -234,7 +275,8 @@ def train(run, ctx, datasets_dir, resume_dir):
                            f"A restart with `auto` resumes from "
                            f"{progress.last_checkpoint or 'the start (this run has no checkpoint yet)'}") from e
     if ctx.is_main:
-        print(summary(progress, time.time() - session_start, progress.tokens_seen - tokens_at_start))
+        print(summary(run, progress, time.time() - session_start, progress.tokens_seen - tokens_at_start),
+              file=summary_out or sys.stdout)
 
 
 def choose_checkpoint(run, ctx, name, force):
@@ -272,6 +314,13 @@ def auto_checkpoint(checkpoints_dir, ctx):
         return fallback
 
 
+def warn_of_unused_gpus(ctx):
+    visible = torch.cuda.device_count() if ctx.device.type == "cuda" else 0
+    warning = unused_gpus_warning(ctx.device.type, visible, ctx.local_world_size)
+    if warning and ctx.is_main:
+        print(warning)
+
+
 def check_same_checkpoint(ctx, resume_dir):
     """Each node resolves CHECKPOINT (`latest`, `auto`) in its own view of the run directory.
     Nodes starting from different steps would run different numbers of steps and hang
@@ -303,11 +352,13 @@ Example (the demo, two CPU processes):
 @click.option("--target-global-batch", default=96, show_default=True, type=click.IntRange(min=1),
               help="With -f: the global batch (sequences) to suggest an accumulation for.")
 @click.option("--write", is_flag=True, help="With -f: write the suggested sizes into train.json.")
+@override_option
+@click.option("--quiet", is_flag=True, help="Print only errors and the final summary.")
 @report_user_errors
-def main(run, datasets_dir, resume_from, force, find_max, target_global_batch, write):
+def main(run, datasets_dir, resume_from, force, find_max, target_global_batch, write, overrides, quiet):
     """Train RUN (a name under runs/ or a run directory) on datasets under DATASETS_DIR,
     resuming from CHECKPOINT (a checkpoint name, `latest`, `best`, or `auto`) if given."""
-    run = load_run(run)
+    run = load_run(run, parse_overrides(overrides))
     # Optional packages: fail before any rank starts, not on rank 0 alone.
     if run.train.tensorboard:
         require_tensorboard()
@@ -316,14 +367,16 @@ def main(run, datasets_dir, resume_from, force, find_max, target_global_batch, w
     ctx = init_distributed(run.train.dist_timeout_minutes)
     run_lock = None  # rank 0's lock on the run directory
     try:
-        check_connectivity(ctx)
-        run_lock = run_and_share_errors(ctx.is_main, lambda: lock_run_dir(run.run_dir))
-        resume_dir = None if find_max else choose_checkpoint(run, ctx, resume_from, force)
-        check_same_checkpoint(ctx, resume_dir)
-        if find_max:
-            find_max_microbatch(run, ctx, target_global_batch, write)
-        else:
-            train(run, ctx, datasets_dir, resume_dir)
+        with quiet_output(quiet) as summary_out:
+            warn_of_unused_gpus(ctx)
+            check_connectivity(ctx)
+            run_lock = run_and_share_errors(ctx.is_main, lambda: lock_run_dir(run.run_dir))
+            resume_dir = None if find_max else choose_checkpoint(run, ctx, resume_from, force)
+            check_same_checkpoint(ctx, resume_dir)
+            if find_max:
+                find_max_microbatch(run, ctx, target_global_batch, write)
+            else:
+                train(run, ctx, datasets_dir, resume_dir, quiet, summary_out)
     finally:
         if run_lock is not None:
             run_lock.close()  # the kernel would release it when the process ends, however it ends

@@ -1,5 +1,5 @@
-"""Per-step metrics: `metrics.jsonl` in the run directory (rank 0), TensorBoard, the progress
-bar, and the statistics each checkpoint's meta.json records.
+"""Per-step metrics: `metrics.jsonl` in the run directory (rank 0), TensorBoard, W&B, and
+the statistics each checkpoint's meta.json records. (The console is console.py's.)
 
 metrics.jsonl has one JSON object per optimizer step: step, loss (mean over ranks
 and microsteps), lr, grad_norm (before clipping), clipped, skipped (a non-finite
@@ -7,8 +7,10 @@ step not applied), tokens (cumulative, all ranks), tokens_per_sec (all ranks) an
 tokens_per_sec_per_device, mfu (null when the device's peak is unknown), eta_s and
 elapsed_s; validated steps also carry val_loss, steps with a HellaSwag evaluation
 hellaswag_acc and hellaswag_acc_norm, and steps with a CORE evaluation core, core_se and
-core/<task label> (each task's centered accuracy). Non-finite values are null. With train.json
-`wandb_project` rank 0 also logs every row to Weights & Biases.
+core/<task label> (each task's centered accuracy). With train.json `diagnostics`, every row
+also has grad_norm/GROUP (before clipping) and update_ratio/GROUP (||update|| / ||weight
+before the step||) for each group of parameters (training.diagnostic_group). Non-finite
+values are null. With train.json `wandb_project` rank 0 also logs every row to Weights & Biases.
 Throughput, ETA and elapsed time are measured over each log window (log_interval
 steps, read from the device in one transfer) and interpolated within it.
 """
@@ -22,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 import perf
 from errors import UserError
@@ -33,6 +34,12 @@ TENSORBOARD_TAGS = {"loss": "train/loss", "val_loss": "validation/loss", "lr": "
                     "grad_norm": "train/grad_norm", "tokens_per_sec": "throughput/tokens_per_sec",
                     "mfu": "throughput/mfu", "hellaswag_acc": "hellaswag/acc",
                     "hellaswag_acc_norm": "hellaswag/acc_norm", "core": "core/CORE", "core_se": "core/CORE_se"}
+# The step statistics train.json `diagnostics` adds, one per group: these prefixes and the group's name.
+DIAGNOSTIC_PREFIXES = ("grad_norm/", "update_ratio/")
+
+
+def diagnostic_keys(row):
+    return [key for key in row if key.startswith(DIAGNOSTIC_PREFIXES)]
 
 
 def read_metrics(path):
@@ -89,11 +96,31 @@ def require_tensorboard():
     return SummaryWriter
 
 
-class TensorBoardLog:
-    """The same per-step scalars, for `tensorboard --logdir runs/<run>/tb` (train.json `tensorboard`)."""
+def run_config(run):
+    """The run's config as one JSON object: model.json, the effective train.json (--set
+    applied) and, when there are any, the --set overrides."""
+    config = {"model": dataclasses.asdict(run.model), "train": dataclasses.asdict(run.train)}
+    return config | ({"overrides": run.overrides} if run.overrides else {})
 
-    def __init__(self, log_dir):
+
+class TensorBoardLog:
+    """The same per-step scalars, for `tensorboard --logdir runs/<run>/tb` (train.json
+    `tensorboard`), and the run's config: as text (TEXT tab) and as hyperparameters
+    (HPARAMS tab, beside the final train and validation loss)."""
+
+    def __init__(self, log_dir, run):
         self.writer = require_tensorboard()(log_dir=str(log_dir))
+        self.write_config(run)
+
+    def write_config(self, run):
+        from torch.utils.tensorboard.summary import hparams
+
+        config = run_config(run)
+        self.writer.add_text("config", f"run {run.name}\n\n```json\n{json.dumps(config, indent=2)}\n```")
+        values = {f"{part}/{key}": value for part in ("model", "train") for key, value in config[part].items()}
+        metrics = {TENSORBOARD_TAGS["loss"]: None, TENSORBOARD_TAGS["val_loss"]: None}
+        for summary in hparams(values, metrics):
+            self.writer.file_writer.add_summary(summary)
 
     def append(self, row):
         # Each CORE task's centered accuracy keeps its metrics.jsonl key, core/<task label>, as its tag.
@@ -101,6 +128,9 @@ class TensorBoardLog:
         for key, tag in tags.items():
             if row.get(key) is not None:
                 self.writer.add_scalar(tag, row[key], global_step=row["step"])
+        for key in diagnostic_keys(row):
+            if row[key] is not None:
+                self.writer.add_scalar(f"diagnostics/{key}", row[key], global_step=row["step"])
 
     def close(self):
         self.writer.close()
@@ -123,7 +153,7 @@ class WandbLog:
 
     def __init__(self, run, run_id=None):
         wandb = require_wandb()
-        config = {"model": dataclasses.asdict(run.model), "train": dataclasses.asdict(run.train)}
+        config = run_config(run)
         try:
             self.run = wandb.init(project=run.train.wandb_project, entity=run.train.wandb_entity,
                                   name=run.wandb_run_name, id=run_id, resume="allow",
@@ -184,22 +214,20 @@ def peak_flops_for(train_cfg, device, amp_dtype):
 class TrainingLog:
     """Turns the step statistics of each log window into metrics.jsonl rows on every rank
     (the training loop decides from them); rank 0 also writes them to metrics.jsonl,
-    TensorBoard, W&B (`wandb`, a WandbLog the caller started) and the progress bar. It
-    records only: where the run is (tokens, elapsed time), stopping, skipping, what counts
-    as best and when to evaluate are the training loop's.
+    TensorBoard and W&B (`wandb`, a WandbLog the caller started). It records only:
+    where the run is (tokens, elapsed time), stopping, skipping, what counts as best and
+    when to evaluate are the training loop's.
     """
 
-    def __init__(self, run, ctx, total_steps, global_batch_tokens, amp_dtype, start_step, wandb=None):
+    def __init__(self, run, ctx, total_steps, global_batch_tokens, amp_dtype, wandb=None):
         self.run, self.ctx = run, ctx
         self.total_steps, self.global_batch_tokens = total_steps, global_batch_tokens
         self.last_record = time.time()
         self.flops_per_token = perf.training_flops_per_token(run.model)
         self.peak_flops = peak_flops_for(run.train, ctx.device, amp_dtype)
         self.metrics_file = MetricsLog(run.run_dir / "metrics.jsonl") if ctx.is_main else None
-        self.tensorboard = TensorBoardLog(run.run_dir / "tb") if ctx.is_main and run.train.tensorboard else None
+        self.tensorboard = TensorBoardLog(run.run_dir / "tb", run) if ctx.is_main and run.train.tensorboard else None
         self.wandb = wandb
-        self.bar = tqdm(total=total_steps, initial=start_step, disable=not ctx.is_main,
-                        unit="step", dynamic_ncols=True)
 
     def record(self, window, evaluations, tokens_before, elapsed_before):
         """`window`: (step, lr, statistics) for each step since the last call, statistics
@@ -223,6 +251,7 @@ class TrainingLog:
                    "mfu": perf.mfu(per_device, self.flops_per_token, self.peak_flops),
                    "eta_s": (self.total_steps - step - 1) * window_seconds / len(window),
                    "elapsed_s": elapsed_before + window_seconds * (position + 1) / len(window)}
+            row |= {key: finite_or_none(statistics[key]) for key in diagnostic_keys(statistics)}
             if position == len(window) - 1:
                 row |= {key: finite_or_none(value) for key, value in evaluations.items()}
             self._write(row)
@@ -238,14 +267,8 @@ class TrainingLog:
             self.tensorboard.append(row)
         if self.wandb:
             self.wandb.append(row)
-        self.bar.update(1)
-        mfu = "n/a" if row["mfu"] is None else f"{row['mfu']:.1%}"
-        loss = "nan" if row["loss"] is None else f"{row['loss']:.3f}"
-        self.bar.set_postfix(loss=loss, tok_per_s=f"{row['tokens_per_sec']:,.0f}",
-                             per_dev=f"{row['tokens_per_sec_per_device']:,.0f}", mfu=mfu)
 
     def close(self, failed=False):
-        self.bar.close()
         if self.tensorboard:
             self.tensorboard.close()
         if self.wandb:

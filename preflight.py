@@ -45,7 +45,7 @@ import perf
 import training
 from batching import prefetch_to_device, rank_microbatch_indices
 from checkpointing import size_text
-from config import load_run
+from config import load_run, override_option, parse_overrides
 from devices import machine_description, peak_memory, release, reset_peak_memory, synchronize
 from distributed import check_connectivity, init_distributed, run_and_share_errors, share_from_main
 from errors import UserError, report_user_errors
@@ -290,8 +290,9 @@ def evaluation_times(run, ctx, setup, scratch_dir):
     def save():
         meta = {"global_step": 0, "preflight": True, "model_config": run.model.to_dict()}
         write = checkpointing.write_checkpoint(scratch_run.checkpoints_dir, run.train, ctx, setup.state, meta,
-                                           is_best=False)
-        run_and_share_errors(ctx.is_main, lambda: (write(), charts.draw_run_charts(scratch_run)))
+                                               is_best=False)
+        total_steps = setup.data.total_steps
+        run_and_share_errors(ctx.is_main, lambda: (write(), charts.draw_run_charts(scratch_run, total_steps)))
 
     times["checkpoint_save_s"] = timed(ctx, save)
     times["checkpoint_bytes"] = setup.state.size_estimate(
@@ -556,12 +557,13 @@ Example (8 GPUs on one machine):
               help="Write the report as markdown (for pasting into an issue).")
 @click.option("--chart", "chart_path", type=click.Path(dir_okay=False), default=None,
               help="Also draw the step-time chart (PNG) to this path.")
+@override_option
 @report_user_errors
 def main(run, datasets_dir, steps, warmup_steps, compile_choice, price_per_gpu_hour, json_path, markdown_path,
-         chart_path):
+         chart_path, overrides):
     """Measure RUN (a name under runs/ or a run directory) on this machine with its datasets
     under DATASETS_DIR, and project its time and cost."""
-    run = load_run(run)
+    run = load_run(run, parse_overrides(overrides))
     ctx = init_distributed(run.train.dist_timeout_minutes)
     scratch_dir = None
     try:

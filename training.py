@@ -18,12 +18,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 import perf
 from config import TOKEN_BUDGET_KEYS
 from errors import UserError
 from gpt import GPTModel
 from initial_weights import apply_initial_weights
+from metrics import DIAGNOSTIC_PREFIXES
 from parallelism import check_supported, clip_gradients, local_tensor, shard, shard_count
 
 # The reference harness's LinearLR warmup starts at learning_rate x this.
@@ -56,10 +58,85 @@ def compute_loss(model, inputs, targets, amp_dtype, device, target_weights=None)
 
 
 def make_optimizer(model, train_cfg):
+    """train.json's optimizer for `model` (the bare or sharded GPTModel, not a wrapper)."""
+    if train_cfg.optimizer == "muon":
+        return MuonWithAdamW(model, train_cfg)
     # One parameter group, as in the reference harness, so its optimizer.pt files load.
     # Fused: one kernel for all parameters, and it can skip a step on a device-side flag.
     return torch.optim.AdamW(model.parameters(), lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay,
                              fused=True)
+
+
+def muon_parameter_names(model):
+    """The parameters Muon trains: the weights of the nn.Linear layers inside the transformer
+    blocks. torch.optim.Muon would take any 2-D parameter, but the token and position
+    embeddings and the output head are 2-D too and are no hidden-layer maps: they stay with
+    AdamW, as do norms and biases."""
+    block_matrices = {f"trf_blocks.{name}.weight" for name, module in model.trf_blocks.named_modules()
+                      if isinstance(module, torch.nn.Linear)}
+    return [name for name, _ in model.named_parameters() if name in block_matrices]
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """torch.optim.Muon (Nesterov) on muon_parameter_names, fused AdamW on every other
+    parameter, as one torch optimizer: param group 0 is AdamW's (learning_rate,
+    weight_decay), group 1 Muon's (muon_learning_rate, ...). So the learning-rate schedule
+    scales both groups by the same factor, zero_grad, GradScaler and the clipping before
+    step() see every parameter, and state_dict() is torch's usual layout over both groups
+    (state numbered group 0's parameters first, then group 1's; Muon's state is its
+    `momentum_buffer`), which torch.distributed.checkpoint handles as any optimizer's.
+
+    Like fused AdamW, step() skips on the device when the caller sets `found_inf` to a
+    nonzero tensor, so no rank waits for the device to decide: AdamW through its own flag,
+    Muon (which has none) by stepping and then putting back, with torch.where, each matrix
+    and momentum buffer copied before the step: one extra copy of both during the step."""
+
+    def __init__(self, model, train_cfg):
+        muon_names = set(muon_parameter_names(model))
+        named = list(model.named_parameters())
+        self.adamw = torch.optim.AdamW([p for name, p in named if name not in muon_names],
+                                       lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay, fused=True)
+        self.muon = torch.optim.Muon([p for name, p in named if name in muon_names], lr=train_cfg.muon_learning_rate,
+                                    weight_decay=train_cfg.muon_weight_decay, momentum=train_cfg.muon_momentum,
+                                    nesterov=True, adjust_lr_fn=train_cfg.muon_adjust_lr)
+        # The same group dicts, so a change of lr by the schedule reaches the optimizer that steps.
+        super().__init__(self.adamw.param_groups + self.muon.param_groups, defaults={})
+        self._share_groups_and_state()
+
+    def _share_groups_and_state(self):
+        # Both optimizers keep their state in this one (their parameters are disjoint).
+        self.adamw.param_groups, self.muon.param_groups = self.param_groups[:1], self.param_groups[1:]
+        self.adamw.state = self.muon.state = self.state
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)  # which replaces the groups and the state
+        self._share_groups_and_state()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("MuonWithAdamW.step takes no closure")
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is None:
+            self.adamw.step()
+            self.muon.step()
+            return
+        self.adamw.found_inf = found_inf
+        try:
+            self.adamw.step()
+        finally:
+            del self.adamw.found_inf
+        self._muon_step_unless(found_inf > 0)
+
+    def _muon_step_unless(self, skip):
+        stepped = [p for group in self.muon.param_groups for p in group["params"] if p.grad is not None]
+        for p in stepped:  # made here, as Muon would, so that a skipped first step leaves zeros
+            self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad, memory_format=torch.preserve_format))
+        tensors = [local_tensor(t) for p in stepped for t in (p, self.state[p]["momentum_buffer"])]
+        before = [t.clone() for t in tensors]
+        self.muon.step()
+        for now, then in zip(tensors, before):
+            now.copy_(torch.where(skip, then, now))
 
 
 # ---------------------------------------------------------------- learning-rate schedule
@@ -189,6 +266,57 @@ def build_model(run, ctx, initial=None):
     return model, amp_dtype, optimizer, scaler
 
 
+# ---------------------------------------------------------------- diagnostics
+
+def diagnostic_group(name):
+    """The group train.json `diagnostics` reports a parameter in: embeddings (token and
+    position), attention (its projections and their biases), mlp, norms (every norm's
+    scale and shift), head (an untied output layer; a tied one is the token embedding),
+    or other (anything a new architecture option adds outside these)."""
+    parts = name.split(".")
+    if any("norm" in part for part in parts[:-1]):
+        return "norms"
+    if parts[0] in ("tok_emb", "pos_emb"):
+        return "embeddings"
+    if parts[0] == "out_head":
+        return "head"
+    if parts[0] == "trf_blocks" and parts[2] in ("att", "ff"):
+        return {"att": "attention", "ff": "mlp"}[parts[2]]
+    return "other"
+
+
+def total_norm(tensors):
+    """The 2-norm of all of `tensors` together; under FSDP over every rank's shards."""
+    norm = torch.nn.utils.get_total_norm(tensors)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+class Diagnostics:
+    """train.json `diagnostics`: for each diagnostic_group, the norm of its gradients before
+    clipping and ||update|| / ||weight||, the norm of its weights' change in the step over
+    their norm before it, as device tensors that train_step appends to the step's statistics
+    (read with them once per log window: no wait for the device). The update is measured,
+    not derived from an optimizer's formula: a copy of the weights is kept during the step.
+    A skipped step's ratio is 0; under FSDP the norms are over the full tensors (one
+    all-reduce per group and statistic)."""
+
+    def __init__(self, model):
+        self.groups = {}
+        for name, param in model.named_parameters():
+            self.groups.setdefault(diagnostic_group(name), []).append(param)
+        self.names = tuple(prefix + group for prefix in DIAGNOSTIC_PREFIXES for group in self.groups)
+
+    def gradient_norms(self):
+        return [total_norm([p.grad for p in params if p.grad is not None]) for params in self.groups.values()]
+
+    def weights(self):
+        return {param: param.detach().clone() for params in self.groups.values() for param in params}
+
+    def update_ratios(self, before):
+        return [total_norm([p.detach() - before[p] for p in params]) / total_norm([before[p] for p in params])
+                for params in self.groups.values()]
+
+
 # ---------------------------------------------------------------- one step
 
 # What train_step returns: one device tensor per step holding these, in this order,
@@ -200,12 +328,13 @@ def train_step(setup, run, ctx, microbatches, stop_requested):
     """One optimizer step over `gradient_accumulation_steps` microbatches on every rank
     (`setup`: a training_setup.TrainingSetup).
 
-    Returns, without waiting for the device, a tensor of STEP_STATISTICS: the loss
+    Returns, without waiting for the device, a tensor of STEP_STATISTICS (and with
+    train.json diagnostics, then setup.diagnostics.names): the loss
     (mean over ranks and microsteps), the gradient norm before clipping, the number of
     ranks with a non-finite loss and of ranks asking to stop, and 1 if the step was
-    skipped (else 0). A step with a non-finite
-    loss or gradient on any rank is skipped on every rank alike, inside the fused
-    optimizer (its `found_inf`), with no sync.
+    skipped (else 0). A step with a non-finite loss or gradient on any rank is skipped on
+    every rank alike, inside the optimizer (fused AdamW's `found_inf`, which MuonWithAdamW
+    honours too), with no sync.
     """
     accumulation_steps = setup.data.gradient_accumulation_steps
     state = setup.state
@@ -224,6 +353,7 @@ def train_step(setup, run, ctx, microbatches, stop_requested):
         loss_sum += loss.detach()
 
     state.scaler.unscale_(state.optimizer)
+    gradient_norms = setup.diagnostics.gradient_norms() if setup.diagnostics else []
     grad_norm = clip_gradients(state.model.parameters(), run.train.gradient_clip_norm)
     # One all-reduce carries the loss, the non-finite flag and the stop flag. The stop flag is
     # picked from constants already on the device: making a tensor from a Python value would
@@ -233,6 +363,7 @@ def train_step(setup, run, ctx, microbatches, stop_requested):
     dist.all_reduce(reduced)
     mean_loss, nonfinite_ranks, stop_votes = reduced
     skipped = ((nonfinite_ranks > 0) | ~torch.isfinite(grad_norm)).float()
+    weights_before = setup.diagnostics.weights() if setup.diagnostics else None
     if state.scaler.is_enabled():
         # float16: the scaler found any inf/NaN in the (all-reduced) gradients and skips for us.
         state.scaler.step(state.optimizer)
@@ -242,7 +373,9 @@ def train_step(setup, run, ctx, microbatches, stop_requested):
         state.optimizer.step()
         del state.optimizer.found_inf
     state.optimizer.zero_grad(set_to_none=True)
-    return torch.stack([mean_loss / ctx.world_size, grad_norm.float(), nonfinite_ranks, stop_votes, skipped])
+    update_ratios = setup.diagnostics.update_ratios(weights_before) if setup.diagnostics else []
+    return torch.stack([mean_loss / ctx.world_size, grad_norm.float(), nonfinite_ranks, stop_votes, skipped,
+                        *gradient_norms, *update_ratios])
 
 
 @torch.no_grad()

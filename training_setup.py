@@ -6,6 +6,7 @@ ddp_train.py's loop trains with what `set_up_training` returns; preflight.py tim
 the same set-up.
 """
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -17,12 +18,13 @@ import hellaswag_scoring
 import token_data
 from batching import (Microbatches, MixtureSchedule, ScheduledMicrobatches, check_validation_length,
                       count_optimizer_steps, gradient_accumulation_for, token_budget)
-from config import DatasetSource, ModelConfig
+from config import RUN_IDENTITY_KEYS, DatasetSource, ModelConfig
 from distributed import run_and_share_errors
 from errors import UserError
 from initial_weights import load_initial_weights
 from parallelism import ParallelModel, wrap_for_training
-from training import build_model, make_lr_scheduler, move_lr_scheduler_to, schedule_change_note, schedule_record
+from training import (STEP_STATISTICS, Diagnostics, build_model, make_lr_scheduler, move_lr_scheduler_to,
+                      schedule_change_note, schedule_record)
 
 
 # ---------------------------------------------------------------- data
@@ -88,12 +90,6 @@ def load_data(run, ctx, datasets_dir):
     return Data(train, validation, total_steps, global_batch_tokens, accumulation, tokenizer, mixture)
 
 
-def mixture_record(train_cfg):
-    """What a mixture's schedule is drawn from, for checkpoints: a resumed run that changes it
-    reads other data than an uninterrupted one would, and says so."""
-    return {"sources": train_cfg.dataset, "random_seed": train_cfg.random_seed}
-
-
 def fetch_dataset(run, ctx, spec, datasets_dir):
     """The directory of dataset `spec`, fetched (built or downloaded) by one process per node,
     or once in all when every node sees the same DATASETS_DIR."""
@@ -148,6 +144,7 @@ class Progress:
     tokens_seen: int = 0
     elapsed_s: float = 0.0  # training time up to the last recorded step, earlier sessions included
     last_val_loss: float | None = None  # the newest validation loss of this session
+    best_val_loss: float | None = None  # the lowest finite validation loss so far, for the console
     last_row: dict | None = None  # the last metrics.jsonl row of this session
     best_loss: float | None = None  # the score of the `best` checkpoint
     last_checkpoint: str | None = None  # the newest checkpoint of this run, for messages
@@ -160,6 +157,9 @@ class Progress:
         self.last_row = rows[-1]
         self.tokens_seen, self.elapsed_s = self.last_row["tokens"], self.last_row["elapsed_s"]
         self.last_val_loss = self.last_row.get("val_loss", self.last_val_loss)
+        val_loss = self.last_row.get("val_loss")  # a non-finite one is recorded as null
+        if val_loss is not None and (self.best_val_loss is None or val_loss < self.best_val_loss):
+            self.best_val_loss = val_loss
 
 
 def check_resumable(run, ctx, checkpoint_dir, meta, accumulation):
@@ -174,6 +174,10 @@ def check_resumable(run, ctx, checkpoint_dir, meta, accumulation):
         changed = sorted(k for k in saved_model.keys() | now.keys() if saved_model.get(k) != now.get(k))
         raise UserError(f"checkpoint {checkpoint_dir.name} was trained with a different model.json "
                         f"(differs in: {', '.join(changed)}); resume it with the model.json it was trained with")
+    saved_optimizer = meta.get("optimizer", "adamw")  # the reference harness's checkpoints: AdamW
+    if saved_optimizer != run.train.optimizer:
+        raise UserError(f"checkpoint {checkpoint_dir.name} was trained with optimizer \"{saved_optimizer}\"; resume "
+                        f"it with the same optimizer in train.json (its optimizer state fits no other)")
     # The optimizer state holds the padded output layer: it only fits the same padding.
     saved_padding = meta.get("pad_vocab_to_multiple_of", 1)
     if saved_padding != run.train.pad_vocab_to_multiple_of:
@@ -195,6 +199,35 @@ def check_resumable(run, ctx, checkpoint_dir, meta, accumulation):
         print(f"note: resuming with {changes} (same global batch, same data order)")
 
 
+def check_overrides_resumable(run, ctx, checkpoint_dir, meta):
+    """Refuse a --set that changes what the checkpoint was trained on (RUN_IDENTITY_KEYS),
+    as a changed model.json is refused; note the others that change a recorded value."""
+    saved = meta.get("train_config")
+    for key, value in run.overrides.items():
+        recorded = "not recorded" if saved is None or key not in saved else json.dumps(saved[key])
+        if key in RUN_IDENTITY_KEYS and recorded != json.dumps(value):
+            raise UserError(f"--set {key}={json.dumps(value)}: checkpoint {checkpoint_dir.name} was trained with "
+                            f"{key} {recorded}; a resumed run cannot change {key} (it chooses the data or the "
+                            "shape of the saved state). Resume without it, or start a new run with --force")
+        if ctx.is_main and recorded != json.dumps(value):
+            print(f"note: resuming with --set {key}={json.dumps(value)} (checkpoint {checkpoint_dir.name}: {recorded})")
+
+
+def mixture_change_note(meta, train_cfg, checkpoint_dir):
+    """A note when a mixture's schedule (drawn from its sources, weights and seed) differs from the
+    one the checkpoint trained with (its meta.json train_config): the data from here on is not what
+    an uninterrupted run would have read. None when it is the same, or neither is a mixture."""
+    saved = meta.get("train_config")
+    if saved is None or not (train_cfg.is_mixture or isinstance(saved.get("dataset"), list)):
+        return None
+    then, now = (saved.get("dataset"), saved.get("random_seed")), (train_cfg.dataset, train_cfg.random_seed)
+    if then == now:
+        return None
+    return (f"note: checkpoint {checkpoint_dir.name} was trained on dataset {json.dumps(then[0])} with random_seed "
+            f"{then[1]}, this run has {json.dumps(now[0])} with {now[1]}: from step {meta['global_step'] + 1} on the "
+            "data follows this run's mixture, not the one an uninterrupted run would have read")
+
+
 def restore(run, ctx, checkpoint_dir, state, data):
     """Load `checkpoint_dir` into `state`, put the schedule and every rank's RNG where it
     was, and return the Progress it records."""
@@ -204,11 +237,9 @@ def restore(run, ctx, checkpoint_dir, state, data):
                                          meta["global_step"] + 1, checkpoint_dir.name)
     if schedule_note and ctx.is_main:
         print(schedule_note)
-    mixture = mixture_record(run.train) if run.train.is_mixture else None
-    if meta.get("mixture") != mixture and (mixture or "mixture" in meta) and ctx.is_main:
-        print(f"note: checkpoint {checkpoint_dir.name} was trained on {meta.get('mixture') or 'one dataset'}, this "
-              f"run on {mixture or run.train.dataset}: from step {meta['global_step'] + 1} on the data follows this "
-              "run's mixture, not the one an uninterrupted run would have read")
+    mixture_note = mixture_change_note(meta, run.train, checkpoint_dir)
+    if mixture_note and ctx.is_main:
+        print(mixture_note)
     meta, rng_states = checkpointing.load_training_state(checkpoint_dir, state, ctx.device)
     start_step = meta["global_step"] + 1
     # The schedule is a function of the step: this also continues a reference-harness run,
@@ -225,6 +256,7 @@ def restore(run, ctx, checkpoint_dir, state, data):
     return Progress(start_step=start_step,
                     tokens_seen=meta.get("tokens_seen", start_step * data.global_batch_tokens),
                     elapsed_s=meta.get("elapsed_s", 0.0), best_loss=best_loss,
+                    best_val_loss=best_meta.get("val_loss"),
                     last_checkpoint=checkpoint_dir.name, init_from=meta.get("init_from"),
                     wandb_run_id=meta.get("wandb_run_id"))
 
@@ -241,10 +273,18 @@ class TrainingSetup:
     stop_flags: torch.Tensor  # [0., 1.] on the device
     hellaswag: hellaswag_scoring.RankShare | None  # this rank's HellaSwag items, with hellaswag_interval
     core: core_scoring.RankShare | None  # the CORE items and this rank's rows, with core_interval
+    diagnostics: Diagnostics | None  # with train.json diagnostics: per-group statistics of each step
+
+    @property
+    def statistic_names(self):
+        """What each of train_step's statistics is, in order."""
+        return STEP_STATISTICS + (self.diagnostics.names if self.diagnostics else ())
 
 
 def set_up_training(run, ctx, datasets_dir, resume_dir):
     """(TrainingSetup, Progress): fresh, or resumed from the checkpoint `resume_dir` when given."""
+    if resume_dir:  # before any download a --set dataset would start
+        check_overrides_resumable(run, ctx, resume_dir, checkpointing.read_checkpoint_meta(resume_dir))
     # A resumed run's weights come from its checkpoint, whatever init_from says.
     initial = (load_initial_weights(run.train, run.model, run.run_dir / "train.json")
                if run.train.init_from and not resume_dir else None)
@@ -263,4 +303,5 @@ def set_up_training(run, ctx, datasets_dir, resume_dir):
                  if run.train.hellaswag_interval else None)
     core = (core_scoring.training_share(run, ctx, datasets_dir, data.tokenizer)
             if run.train.core_interval else None)
-    return TrainingSetup(state, parallel, data, amp_dtype, stop_flags, hellaswag, core), progress
+    diagnostics = Diagnostics(model) if run.train.diagnostics else None
+    return TrainingSetup(state, parallel, data, amp_dtype, stop_flags, hellaswag, core, diagnostics), progress

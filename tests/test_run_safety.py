@@ -288,8 +288,8 @@ def test_checkpoint_files_get_the_usual_file_mode(tmp_path):
     optimizer = torch.optim.AdamW(model.parameters())
     state = checkpointing.TrainingState(model, optimizer, torch.amp.GradScaler("cpu", enabled=False),
                                         torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0))
-    checkpoint = checkpointing.write_unsharded_checkpoint(tmp_path, state, [None], {"global_step": 0, "val_loss": float("nan")},
-                                               is_best=False)
+    checkpoint = checkpointing.write_unsharded_checkpoint(tmp_path, state, [None],
+                                                          {"global_step": 0, "val_loss": float("nan")}, is_best=False)
     modes = {p.name: p.stat().st_mode & 0o777 for p in checkpoint.iterdir()}
     assert modes["model.safetensors"] == modes["meta.json"] == modes["optimizer.pt"]
     meta = json.loads((checkpoint / "meta.json").read_text(), parse_constant=lambda name: pytest.fail(name))
