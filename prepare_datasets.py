@@ -25,6 +25,11 @@ input (token_data.is_validation_document), so the files are byte-identical whate
 --workers and --batch-size. --max-tokens caps each split (the last document is cut to
 fit) and ends the run once train is full.
 
+With --conversations, SOURCEs are JSONL files of {"messages": [{"role", "content"}, ...]}:
+each conversation is rendered with the chat tokens (tokenizer gpt2-chat-v1, chat_tokens.py) and
+the split files also hold a uint8 `loss_mask`, 1 on the assistant's replies; conversations
+longer than --context-length are counted in the summary and meta.json (docs/stages.md).
+
 Memory stays bounded whatever the corpus size: batches of documents are read lazily,
 tokenized in worker processes with a few batches in flight, and the tokens appended to
 the files as results arrive, in input order. The directory is built as OUT_DIR.partial
