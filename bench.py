@@ -37,7 +37,6 @@ import statistics
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import click
 import torch
@@ -45,7 +44,7 @@ import torch.distributed as dist
 
 import perf
 from cli_aliases import command_with_old_spellings
-from config import ModelConfig, TrainConfig, load_json, resolve_run_dir
+from config import TrainConfig, load_model_config
 from devices import machine_description, peak_memory, release, reset_peak_memory, synchronize
 from distributed import DistContext, check_connectivity, init_distributed
 from errors import UserError, report_user_errors
@@ -100,12 +99,6 @@ class Precision:
         if self.autocast_dtype is None:
             return f"{self.peak_key} (FSDP2 MixedPrecisionPolicy, no autocast)"
         return f"autocast {self.peak_key}"
-
-
-def load_model_config(run_or_model_json):
-    path = Path(run_or_model_json)
-    model_json = path if path.is_file() else resolve_run_dir(run_or_model_json) / "model.json"
-    return ModelConfig.from_dict(load_json(model_json), source=str(model_json))
 
 
 def bench_train_config(parallelism, microbatch, amp, dtype, pad_vocab, activation_checkpointing,

@@ -23,7 +23,7 @@ import time
 import click
 import torch
 
-from bench import load_model_config
+from config import load_model_config
 from devices import machine_description, synchronize
 from errors import UserError, report_user_errors
 from gpt import GPTModel, generate

@@ -482,6 +482,13 @@ def resolve_run_dir(run):
                     f"{closest_or_all(run, available, 'runs available')}")
 
 
+def load_model_config(run_or_model_json):
+    """The ModelConfig of a model.json file, or of a run (a name under runs/ or a run directory)."""
+    path = Path(run_or_model_json)
+    model_json = path if path.is_file() else resolve_run_dir(run_or_model_json) / "model.json"
+    return ModelConfig.from_dict(load_json(model_json), source=str(model_json))
+
+
 def load_run(run, overrides=None):
     """The run directory RUN's configs; `overrides` ({key: value}, parse_overrides') replace
     train.json's values, and the result is validated exactly as train.json is."""

@@ -21,7 +21,7 @@ import click
 from safetensors import SafetensorError, safe_open
 
 from checkpointing import SHARDED_DIR, clean_state_dict, load_model_weights, read_checkpoint_meta, resolve_checkpoint
-from config import ModelConfig, load_json, resolve_run_dir
+from config import ModelConfig, load_json, load_model_config, resolve_run_dir
 from errors import UserError
 from gpt import GPTModel
 
@@ -135,10 +135,6 @@ def from_model_json(model_json, weights):
     run_dir = model_json.parent if (model_json.parent / "train.json").is_file() else None
     return ModelSource(load_model_config(model_json), str(model_json), weights,
                        checkpoint_dir if meta else None, run_dir, meta)
-
-
-def load_model_config(model_json):
-    return ModelConfig.from_dict(load_json(model_json), source=str(model_json))
 
 
 # ---------------------------------------------------------------- loading

@@ -23,7 +23,7 @@ from evalkit import (INSTRUCTION_DATA, PROJECT_DIR, assert_one_error_line, load_
                      save_state, tiny_config)
 
 import test_ift
-from model_source import load_model_config
+from config import load_model_config
 from token_data import ByteTokenizer
 
 P = 50256  # GPT-2 end-of-text as the pad id
