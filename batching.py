@@ -211,11 +211,16 @@ class Microbatches:
     while still on the host: on the device such an id is an IndexError on CPU and a
     device-side assert on a GPU, which kills the job without saying which file or
     token. `path` names the token file in that error.
+
+    With a `loss_mask` (an array as long as `tokens`, conversation data) an item also
+    holds the targets' mask, as float32 [microbatch_size, context_length]: 1 where the
+    target token counts in the loss.
     """
 
     def __init__(self, tokens, start_token, num_microbatches, microbatch_size, context_length, *,
-                 vocab_size=None, path=None):
+                 vocab_size=None, path=None, loss_mask=None):
         self.tokens = tokens
+        self.loss_mask = loss_mask
         self.start_token = start_token
         self.num_microbatches = num_microbatches
         self.microbatch_tokens = microbatch_size * context_length
@@ -235,7 +240,22 @@ class Microbatches:
             self.check_ids(window, begin)
         # Copies only this window out of the memory map.
         window = torch.from_numpy(window.astype("int64"))
-        return window[:-1].view(self.shape), window[1:].view(self.shape)
+        if self.loss_mask is None:
+            return window[:-1].view(self.shape), window[1:].view(self.shape)
+        target_mask = torch.from_numpy(self.target_mask(index).astype("float32"))
+        return window[:-1].view(self.shape), window[1:].view(self.shape), target_mask.view(self.shape)
+
+    def target_mask(self, index):
+        """The loss mask of microbatch `index`'s targets (all ones without a loss_mask)."""
+        if self.loss_mask is None:
+            return np.ones(self.microbatch_tokens, dtype=np.uint8)
+        begin = self.start_token + index * self.microbatch_tokens + 1  # targets are the window shifted by one
+        return self.loss_mask[begin:begin + self.microbatch_tokens]
+
+    @property
+    def available(self):
+        """How many whole microbatches the token file holds from start_token (one pass over it)."""
+        return max(0, len(self.tokens) - self.start_token - 1) // self.microbatch_tokens
 
     def check_ids(self, window, begin):
         """Refuse a window holding an id the model has no embedding for (one numpy max
@@ -273,3 +293,78 @@ def prefetch_to_device(batches, indices, device):
         ready = upcoming
     if ready is not None:
         yield ready
+
+
+class MixtureSchedule:
+    """Which source each global microbatch of a run comes from, and which of that source's
+    microbatches (its `cursor`: each source is read in order, one pass, nothing repeated).
+
+    Source i's k-th microbatch is due at time (k + offset_i) / weight_i, the offsets drawn
+    from `seed`; microbatches go in order of due time. So every prefix of the schedule
+    holds each source within one microbatch of its weight's share, and the whole
+    schedule is a function of the weights, the seed and the length: a resumed run finds
+    its place from the step number alone.
+    """
+
+    def __init__(self, weights, num_microbatches, seed):
+        weights = np.asarray(weights, dtype=np.float64) / sum(weights)
+        offsets = np.random.default_rng(seed).random(len(weights))
+        due, sources = [], []
+        for source, (weight, offset) in enumerate(zip(weights, offsets)):
+            if weight == 0:
+                continue
+            # Enough due times to fill any prefix (a source is never more than len(weights) ahead).
+            count = math.ceil(num_microbatches * weight) + len(weights) + 1
+            due.append((np.arange(count) + offset) / weight)
+            sources.append(np.full(count, source, dtype=np.int16))
+        due, sources = np.concatenate(due), np.concatenate(sources)
+        self.source = sources[np.lexsort((sources, due))[:num_microbatches]]
+        self.cursor = np.empty(num_microbatches, dtype=np.int64)
+        self.counts = np.zeros(len(weights), dtype=np.int64)
+        for source in range(len(weights)):
+            slots = np.flatnonzero(self.source == source)
+            self.cursor[slots] = np.arange(len(slots))
+            self.counts[source] = len(slots)
+
+    def __len__(self):
+        return len(self.source)
+
+
+class ScheduledMicrobatches:
+    """Global microbatch i of a run with a mixture or a loss mask: (inputs, targets, target
+    weights), from the source and window MixtureSchedule says.
+
+    The target weights are the loss mask (all ones for a source without one) times
+    microbatches_per_step / (masked-in targets of the whole global step), so that the sum
+    of weighted token losses over every microbatch of every rank, averaged over the ranks as
+    DDP and FSDP average gradients, is the mean over the global batch's masked-in targets.
+    Every rank counts the step's targets from the masks of all its microbatches (host memory,
+    microbatch_size x context_length bytes each): no collective is needed.
+    """
+
+    def __init__(self, sources, schedule, microbatches_per_step):
+        self.sources = sources
+        self.schedule = schedule
+        self.microbatches_per_step = microbatches_per_step
+        self.path = sources[0].path
+        self._step_targets = (None, None)  # (global step, its masked-in target count)
+
+    def __len__(self):
+        return len(self.schedule)
+
+    def __getitem__(self, index):
+        source = self.sources[self.schedule.source[index]]
+        inputs, targets, *mask = source[int(self.schedule.cursor[index])]
+        mask = mask[0] if mask else torch.ones(source.shape)
+        targets_in_step = self.step_targets(index // self.microbatches_per_step)
+        scale = self.microbatches_per_step / targets_in_step if targets_in_step else 0.0
+        return inputs, targets, mask * scale
+
+    def step_targets(self, global_step):
+        """The masked-in targets of every microbatch of `global_step`, all ranks together."""
+        if self._step_targets[0] != global_step:
+            first = global_step * self.microbatches_per_step
+            count = sum(int(self.sources[self.schedule.source[i]].target_mask(int(self.schedule.cursor[i])).sum())
+                        for i in range(first, first + self.microbatches_per_step))
+            self._step_targets = (global_step, count)
+        return self._step_targets[1]

@@ -45,7 +45,7 @@ def load_json(path):
 
 
 def _type_name(annotation):
-    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list"}
     return names.get(annotation, str(annotation))
 
 
@@ -67,6 +67,8 @@ def _check_type(source, key, value, annotation):
             return float(value)
         if kind is str and isinstance(value, str):
             return value
+        if kind is list and isinstance(value, list):
+            return value  # its items are checked by the config's validate
     expected = " or ".join(_type_name(k) if k is not type(None) else "null" for k in allowed)
     raise UserError(f"{source}: key '{key}' must be {expected}, got {json.dumps(value)}")
 
@@ -103,6 +105,54 @@ def _parse(cls, raw, source):
     config = cls(**values)
     config.validate(source)
     return config
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    """One source of train.json's `dataset`: a single string is one source of weight 1."""
+    name: str  # for val_loss/<name> and messages: the entry's "name", else the last part of its dataset
+    dataset: str  # anything `dataset` accepts as a string: a local directory, a Hub repo id, "demo"
+    weight: float
+
+
+MIXTURE_ENTRY_KEYS = ("dataset", "weight", "name")
+
+
+def parse_dataset_sources(value, source):
+    """train.json's `dataset` as DatasetSources, checking a list's entries (one error line naming the key)."""
+    if isinstance(value, str):
+        _require(value != "", source, "dataset", "must be a non-empty string or a list of sources")
+        return (DatasetSource(Path(value).name or value, value, 1.0),)
+    _require(len(value) > 0, source, "dataset",
+             'must be a string or a non-empty list of {"dataset": ..., "weight": ...}, got []')
+    sources = []
+    for index, entry in enumerate(value):
+        key = f"dataset[{index}]"
+        if not isinstance(entry, dict):
+            raise UserError(f'{source}: key \'{key}\' must be an object {{"dataset": ..., "weight": ...}}, '
+                            f"got {json.dumps(entry)}")
+        unknown = sorted(set(entry) - set(MIXTURE_ENTRY_KEYS))
+        _require(not unknown, source, key, f"has unknown key '{unknown[0] if unknown else ''}'; valid keys: "
+                 f"{', '.join(MIXTURE_ENTRY_KEYS)}")
+        for required in ("dataset", "weight"):
+            _require(required in entry, source, f"{key}.{required}", "is missing")
+        spec, weight, name = entry["dataset"], entry["weight"], entry.get("name")
+        _require(isinstance(spec, str) and spec != "", source, f"{key}.dataset",
+                 f"must be a non-empty string, got {json.dumps(spec)}")
+        _require(isinstance(weight, (int, float)) and not isinstance(weight, bool), source, f"{key}.weight",
+                 f"must be a number, got {json.dumps(weight)}")
+        _require(math.isfinite(weight) and weight >= 0, source, f"{key}.weight",
+                 f"must be a finite number >= 0, got {weight}")
+        _require(name is None or (isinstance(name, str) and name != "" and "/" not in name), source,
+                 f"{key}.name", f"must be a non-empty string without '/', got {json.dumps(name)}")
+        sources.append(DatasetSource(name or Path(spec).name or spec, spec, float(weight)))
+    _require(sum(s.weight for s in sources) > 0, source, "dataset",
+             "weights are all zero; give at least one source a positive weight")
+    names = [s.name for s in sources]
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    _require(duplicate is None, source, "dataset",
+             f"has two sources named '{duplicate}'; give them distinct \"name\" keys")
+    return tuple(sources)
 
 
 def _require(condition, source, key, message):
@@ -190,7 +240,9 @@ ARCHITECTURE_KEYS = ("pos_emb", "rope_theta", "norm", "norm_eps", "mlp", "mlp_hi
 
 @dataclass(frozen=True)
 class TrainConfig:
-    dataset: str
+    # A dataset (a local directory, a Hub repo id or "demo"), or, added here, a mixture: a list of
+    # {"dataset": ..., "weight": ..., "name" (optional)} (batching.MixtureSchedule; docs/stages.md).
+    dataset: str | list
     microbatch_size: int
     # 1 when absent, unless global_batch_tokens is given (see __post_init__).
     gradient_accumulation_steps: int | None = None
@@ -272,6 +324,13 @@ class TrainConfig:
         return _parse(cls, raw, source)
 
     def validate(self, source):
+        parse_dataset_sources(self.dataset, source)
+        if self.is_mixture:
+            for key in ("start_train_token", "start_val_token"):
+                _require(getattr(self, key) == 0, source, key, "applies to a single dataset; with a list of "
+                         "sources each is read from its start")
+            _require(any(getattr(self, key) not in (None, -1) for key in TOKEN_BUDGET_KEYS), source, "dataset",
+                     f"is a mixture: give the run's length with one of {', '.join(TOKEN_BUDGET_KEYS)}")
         for key in ("microbatch_size", "validation_batches"):
             _require(getattr(self, key) > 0, source, key, f"must be positive, got {getattr(self, key)}")
         for key in ("checkpoint_interval", "validation_interval"):
@@ -328,6 +387,15 @@ class TrainConfig:
                             f"{', '.join(TOKEN_BUDGET_KEYS)}")
         _require(0 < self.dist_timeout_minutes <= MAX_DIST_TIMEOUT_MINUTES, source, "dist_timeout_minutes",
                  f"must be between 0 and {MAX_DIST_TIMEOUT_MINUTES} (one week), got {self.dist_timeout_minutes}")
+
+    @property
+    def is_mixture(self):
+        return isinstance(self.dataset, list)
+
+    @property
+    def dataset_sources(self):
+        """`dataset` as DatasetSources (one, of weight 1, for a single dataset)."""
+        return parse_dataset_sources(self.dataset, "train.json")
 
     @property
     def effective_checkpoint_interval(self):

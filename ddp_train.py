@@ -138,6 +138,13 @@ def print_batch_and_budget(run, ctx, data):
     budget = token_budget(run.train, run.model)
     if budget.key is not None:
         print(f"budget: {budget} -> {data.total_steps:,} steps of {data.global_batch_tokens:,} tokens")
+    if run.train.is_mixture:
+        total_weight = sum(share.source.weight for share in data.mixture)
+        print("mixture: " + "; ".join(
+            f"{share.source.name} ({share.source.dataset}) weight {share.source.weight:g} "
+            f"({share.source.weight / total_weight:.1%}): {share.tokens:,} of its {share.available_tokens:,} "
+            "train tokens"
+            for share in data.mixture))
 
 
 def open_training_log(run, ctx, setup, progress):
@@ -226,8 +233,8 @@ def train(run, ctx, datasets_dir, resume_dir, quiet=False, summary_out=None):
                     continue
                 evaluations = {}
                 if work.validation:
-                    evaluations["val_loss"] = training.evaluate(setup.state.model, setup.data.validation, ctx,
-                                                                setup.parallel.autocast_dtype)
+                    evaluations |= training.validation_losses(setup.state.model, setup.data.validation, ctx,
+                                                              setup.parallel.autocast_dtype)
                 if work.hellaswag:
                     evaluations |= hellaswag_scoring.distributed_scores(setup.state.model, setup.hellaswag,
                                                                         setup.parallel.autocast_dtype)

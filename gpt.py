@@ -385,9 +385,11 @@ class GPTModel(nn.Module):
             self.register_state_dict_post_hook(_drop_vocab_padding)
             self.register_load_state_dict_pre_hook(_add_vocab_padding)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, target_weights=None):
         """The logits [batch, seq_len, vocab_size] for token ids `idx`; or, given `targets`,
-        the mean cross-entropy loss (computed in fp32) without keeping all the logits."""
+        the mean cross-entropy loss (computed in fp32) without keeping all the logits; or,
+        given `target_weights` too (shaped like targets), the sum of each target's loss
+        times its weight (a masked loss: training.compute_loss)."""
         seq_len = idx.shape[1]
         if seq_len > self.cfg.context_length:
             raise ValueError(
@@ -399,7 +401,8 @@ class GPTModel(nn.Module):
         x = self.final_norm(self._run_blocks(self.drop_emb(x)))
         if targets is None:
             return self._logits(x)
-        return self._loss(x.flatten(0, 1), targets.flatten())
+        weights = None if target_weights is None else target_weights.flatten()
+        return self._loss(x.flatten(0, 1), targets.flatten(), weights)
 
     @torch.no_grad()
     def next_token_logits(self, idx, kv_caches):
@@ -448,18 +451,22 @@ class GPTModel(nn.Module):
         cap = self.cfg.logit_softcap
         return cap * torch.tanh(logits.float() / cap)
 
-    def _loss(self, x, targets):
+    def _loss(self, x, targets, weights=None):
         if self.loss_chunk_tokens is None or self.loss_chunk_tokens >= len(targets):
-            return F.cross_entropy(self._logits(x).float(), targets)
+            if weights is None:
+                return F.cross_entropy(self._logits(x).float(), targets)
+            return self._summed_loss(x, targets, weights)
         # One chunk's logits at a time: each chunk's are freed after its loss and
         # recomputed in the backward pass, which matters at a vocabulary of 131,072.
-        chunk_losses = [checkpoint(self._summed_loss, x_chunk, targets_chunk, use_reentrant=False)
-                        for x_chunk, targets_chunk in zip(x.split(self.loss_chunk_tokens),
-                                                          targets.split(self.loss_chunk_tokens))]
-        return torch.stack(chunk_losses).sum() / len(targets)
+        splits = [t.split(self.loss_chunk_tokens) for t in (x, targets, weights) if t is not None]
+        chunk_losses = [checkpoint(self._summed_loss, *chunk, use_reentrant=False) for chunk in zip(*splits)]
+        total = torch.stack(chunk_losses).sum()
+        return total if weights is not None else total / len(targets)
 
-    def _summed_loss(self, x, targets):
-        return F.cross_entropy(self._logits(x).float(), targets, reduction="sum")
+    def _summed_loss(self, x, targets, weights=None):
+        if weights is None:
+            return F.cross_entropy(self._logits(x).float(), targets, reduction="sum")
+        return (F.cross_entropy(self._logits(x).float(), targets, reduction="none") * weights).sum()
 
     def num_parameters(self):
         """Unique parameters, as a checkpoint holds them: a tied output head is

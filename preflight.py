@@ -280,8 +280,8 @@ def evaluation_times(run, ctx, setup, scratch_dir):
     model, autocast_dtype = setup.state.model, setup.parallel.autocast_dtype
     times = {"validation_s": None, "hellaswag_s": None}
     if setup.data.validation is not None:
-        times["validation_s"] = timed(ctx, lambda: training.evaluate(model, setup.data.validation, ctx,
-                                                                      autocast_dtype))
+        times["validation_s"] = timed(ctx, lambda: training.validation_losses(model, setup.data.validation, ctx,
+                                                                               autocast_dtype))
     if setup.hellaswag is not None:
         times["hellaswag_s"] = timed(ctx, lambda: hellaswag_scoring.distributed_scores(model, setup.hellaswag,
                                                                                         autocast_dtype))

@@ -25,6 +25,11 @@ input (token_data.is_validation_document), so the files are byte-identical whate
 --workers and --batch-size. --max-tokens caps each split (the last document is cut to
 fit) and ends the run once train is full.
 
+With --conversations, SOURCEs are JSONL files of {"messages": [{"role", "content"}, ...]}:
+each conversation is rendered with the chat tokens (tokenizer gpt2-chat-v1, chat_tokens.py) and
+the split files also hold a uint8 `loss_mask`, 1 on the assistant's replies; conversations
+longer than --context-length are counted in the summary and meta.json (docs/stages.md).
+
 Memory stays bounded whatever the corpus size: batches of documents are read lazily,
 tokenized in worker processes with a few batches in flight, and the tokens appended to
 the files as results arrive, in input order. The directory is built as OUT_DIR.partial
@@ -54,11 +59,13 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntry
 from huggingface_hub.utils import filter_repo_objects
 from tqdm import tqdm
 
+import chat_tokens
 import token_data
 from errors import UserError, report_user_errors
 from token_data import SPLITS, TokenFileWriter
 
 DOCUMENT_SUFFIXES = (".parquet", ".jsonl", ".txt")
+MESSAGES_FIELD = "messages"  # of a conversation JSONL line (--conversations)
 DATASET_FILES = ("train.safetensors", "validation.safetensors", "meta.json", "README.md")
 # Two batches per worker: one being tokenized and one waiting, so no worker idles
 # while the parent reads or writes.
@@ -101,6 +108,23 @@ def parquet_documents(path, text_field):
 
 def jsonl_texts(path, text_field, decoder):
     """(line number, text or None) for each non-blank line of a JSONL file."""
+    for line_number, record in jsonl_records(path, text_field, decoder):
+        text = record[text_field]
+        if not isinstance(text, (str, type(None))):
+            raise UserError(f"{path}:{line_number}: field '{text_field}' is not text")
+        yield line_number, text
+
+
+def jsonl_conversations(path, decoder):
+    """The messages of each line of a conversation JSONL file ({"messages": [{"role", "content"}, ...]}),
+    checked (chat_tokens.check_messages)."""
+    for line_number, record in jsonl_records(path, MESSAGES_FIELD, decoder):
+        chat_tokens.check_messages(record[MESSAGES_FIELD], f"{path}:{line_number}")
+        yield record[MESSAGES_FIELD]
+
+
+def jsonl_records(path, field, decoder):
+    """(line number, record) for each non-blank line of a JSONL file, each an object with `field`."""
     with open(path, "rb") as lines:
         for line_number, line in enumerate(lines, 1):
             line = decoder.decode(line, path)
@@ -110,22 +134,21 @@ def jsonl_texts(path, text_field, decoder):
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{line_number}: not JSON ({e.msg})")
-            if not isinstance(record, dict) or text_field not in record:
+            if not isinstance(record, dict) or field not in record:
                 fields = ", ".join(record) if isinstance(record, dict) else "none"
-                raise UserError(f"{path}:{line_number}: no field '{text_field}' (fields: {fields}); "
-                                "choose one with --text-field")
-            text = record[text_field]
-            if not isinstance(text, (str, type(None))):
-                raise UserError(f"{path}:{line_number}: field '{text_field}' is not text")
-            yield line_number, text
+                choose = "choose one with --text-field" if field != MESSAGES_FIELD else "conversations need it"
+                raise UserError(f"{path}:{line_number}: no field '{field}' (fields: {fields}); {choose}")
+            yield line_number, record
 
 
 def jsonl_documents(path, text_field, decoder):
     return (text for _, text in jsonl_texts(path, text_field, decoder) if text is not None)
 
 
-def file_documents(path, text_field, decoder):
-    if path.suffix == ".parquet":
+def file_documents(path, text_field, decoder, conversations=False):
+    if conversations:
+        yield from jsonl_conversations(path, decoder)
+    elif path.suffix == ".parquet":
         yield from parquet_documents(path, text_field)
     elif path.suffix == ".jsonl":
         yield from jsonl_documents(path, text_field, decoder)
@@ -133,9 +156,10 @@ def file_documents(path, text_field, decoder):
         yield decoder.decode(path.read_bytes(), path)
 
 
-def document_batches(files, text_field, batch_size, decoder):
-    """(index of the batch's first document in the whole input, its texts), lazily."""
-    documents = itertools.chain.from_iterable(file_documents(path, text_field, decoder) for path in files)
+def document_batches(files, text_field, batch_size, decoder, conversations=False):
+    """(index of the batch's first document in the whole input, its texts or conversations), lazily."""
+    documents = itertools.chain.from_iterable(file_documents(path, text_field, decoder, conversations)
+                                              for path in files)
     first_index = 0
     while batch := list(itertools.islice(documents, batch_size)):
         yield first_index, batch
@@ -144,13 +168,17 @@ def document_batches(files, text_field, batch_size, decoder):
 
 # ---------------------------------------------------------------- finding the input files
 
-def checked_file(path, text_field):
+def checked_file(path, text_field, conversations=False):
     """`path`, once sure it can be read: checking each file's text column (parquet
     schema, first JSONL record) now reports a wrong --text-field or file at once,
     not after hours of work."""
-    if path.suffix not in DOCUMENT_SUFFIXES:
-        raise UserError(f"{path}: cannot read '{path.suffix}' files; expected {', '.join(DOCUMENT_SUFFIXES)}")
-    if path.suffix == ".parquet":
+    suffixes = (".jsonl",) if conversations else DOCUMENT_SUFFIXES
+    if path.suffix not in suffixes:
+        raise UserError(f"{path}: cannot read '{path.suffix}' files; expected {', '.join(suffixes)}"
+                        + (" (--conversations)" if conversations else ""))
+    if conversations:
+        next(jsonl_conversations(path, Utf8Decoder()), None)
+    elif path.suffix == ".parquet":
         check_parquet_text_column(path, text_field)
     elif path.suffix == ".jsonl":
         # Replaced bytes are counted when the file is read for real.
@@ -171,16 +199,16 @@ def check_parquet_text_column(path, text_field):
         raise UserError(f"{path}: column '{text_field}' holds {column_type}, not text")
 
 
-def files_in_directory(directory, text_field):
+def files_in_directory(directory, text_field, conversations=False):
     files = sorted(path for path in directory.rglob("*")
                    if path.suffix in DOCUMENT_SUFFIXES and path.is_file()
                    and not any(part.startswith(".") for part in path.relative_to(directory).parts))
     if not files:
         raise UserError(f"{directory}: no {', '.join(DOCUMENT_SUFFIXES)} files in it")
-    return [checked_file(path, text_field) for path in files]
+    return [checked_file(path, text_field, conversations) for path in files]
 
 
-def download_hub_files(repo_id, pattern, download_dir, text_field):
+def download_hub_files(repo_id, pattern, download_dir, text_field, conversations=False):
     try:
         snapshot = Path(snapshot_download(repo_id, repo_type="dataset", allow_patterns=pattern,
                                           cache_dir=download_dir))
@@ -191,22 +219,22 @@ def download_hub_files(repo_id, pattern, download_dir, text_field):
     matching = list(filter_repo_objects(names, allow_patterns=pattern))
     if not matching:
         raise UserError(f"Hugging Face dataset {repo_id}: no files match --hub-pattern '{pattern}'")
-    return [checked_file(snapshot / name, text_field) for name in matching]
+    return [checked_file(snapshot / name, text_field, conversations) for name in matching]
 
 
-def input_files(sources, hub_pattern, download_dir, text_field):
+def input_files(sources, hub_pattern, download_dir, text_field, conversations=False):
     """The files to read, in order, and a description of where they came from."""
     files, descriptions = [], []
     for source in sources:
         path = Path(source)
         if path.is_dir():
-            files += files_in_directory(path, text_field)
+            files += files_in_directory(path, text_field, conversations)
             descriptions.append(source)
         elif path.exists():
-            files.append(checked_file(path, text_field))
+            files.append(checked_file(path, text_field, conversations))
             descriptions.append(source)
         elif token_data.HUB_REPO_ID.match(source) and hub_pattern:
-            files += download_hub_files(source, hub_pattern, download_dir, text_field)
+            files += download_hub_files(source, hub_pattern, download_dir, text_field, conversations)
             descriptions.append(f"Hugging Face dataset {source} ({hub_pattern})")
         else:
             hint = (f" (to read the Hugging Face dataset {source}, give --hub-pattern, e.g. 'sample/10BT/*.parquet')"
@@ -222,18 +250,22 @@ class Tokenized:
     """Consecutive documents of one split."""
     tokens: np.ndarray  # the tokenizer's token_dtype: each document's tokens, then end-of-text
     document_ends: np.ndarray  # offset in `tokens` just past each document's end-of-text
+    loss_mask: np.ndarray | None = None  # conversations: uint8, 1 on the assistant's tokens (chat_tokens)
+    long_documents: int = 0  # conversations longer than the context (split across training windows)
 
 
 worker_tokenizer = None
 worker_validation_fraction = None
+worker_context_length = None  # set for conversations
 worker_start_error = None
 
 
-def start_worker(tokenizer_name, validation_fraction):
-    global worker_tokenizer, worker_validation_fraction, worker_start_error
+def start_worker(tokenizer_name, validation_fraction, context_length=None):
+    global worker_tokenizer, worker_validation_fraction, worker_context_length, worker_start_error
     # Ctrl-C reaches the whole process group; the parent handles it by stopping the pool.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     worker_validation_fraction = validation_fraction
+    worker_context_length = context_length
     try:
         worker_tokenizer = token_data.get_tokenizer(tokenizer_name)
     except Exception as e:  # noqa: BLE001 - raised here, the pool would restart the worker forever
@@ -241,25 +273,37 @@ def start_worker(tokenizer_name, validation_fraction):
 
 
 def tokenize_batch(batch):
-    """{split: Tokenized} for one batch from document_batches."""
+    """{split: Tokenized} for one batch from document_batches (texts, or conversations when the
+    worker was started with a context length)."""
     if worker_start_error is not None:
         raise worker_start_error  # reaches the parent through the task's result
-    first_index, texts = batch
-    documents = {split: [] for split in SPLITS}
-    for index, text in enumerate(texts, first_index):
+    first_index, documents = batch
+    tokenized = {split: [] for split in SPLITS}
+    for index, document in enumerate(documents, first_index):
         split = "validation" if token_data.is_validation_document(index, worker_validation_fraction) else "train"
-        documents[split].append(worker_tokenizer.encode_to_array(text))
-    return {split: joined(split_documents, worker_tokenizer.eot_id, worker_tokenizer.token_dtype)
-            for split, split_documents in documents.items()}
+        if worker_context_length is None:
+            tokenized[split].append((worker_tokenizer.encode_to_array(document), None))
+        else:
+            ids, mask = chat_tokens.render_conversation(document)
+            tokenized[split].append((np.array(ids, dtype=worker_tokenizer.token_dtype), np.array(mask, np.uint8)))
+    return {split: joined(split_documents, worker_tokenizer.eot_id, worker_tokenizer.token_dtype,
+                          worker_context_length)
+            for split, split_documents in tokenized.items()}
 
 
-def joined(documents, eot_id, dtype):
-    """Tokenized for `documents` (arrays of ids), each followed by end-of-text, as `dtype`."""
-    document_ends = np.cumsum([len(document) + 1 for document in documents], dtype=np.int64)
+def joined(documents, eot_id, dtype, context_length=None):
+    """Tokenized for `documents` ((array of ids, its loss mask or None)), each followed by
+    end-of-text (mask 0), as `dtype`; with masks, counting those longer than `context_length`."""
+    document_ends = np.cumsum([len(ids) + 1 for ids, _ in documents], dtype=np.int64)
     tokens = np.full(document_ends[-1] if documents else 0, eot_id, dtype=dtype)
-    for document, end in zip(documents, document_ends, strict=True):
-        tokens[end - 1 - len(document):end - 1] = document
-    return Tokenized(tokens, document_ends)
+    for (ids, _), end in zip(documents, document_ends, strict=True):
+        tokens[end - 1 - len(ids):end - 1] = ids
+    if context_length is None:
+        return Tokenized(tokens, document_ends)
+    loss_mask = np.zeros(len(tokens), dtype=np.uint8)
+    for (ids, mask), end in zip(documents, document_ends, strict=True):
+        loss_mask[end - 1 - len(ids):end - 1] = mask
+    return Tokenized(tokens, document_ends, loss_mask, sum(len(ids) > context_length for ids, _ in documents))
 
 
 def ordered_results(pool, function, tasks, max_in_flight):
@@ -288,6 +332,7 @@ class SplitWriter:
         self.file = file
         self.max_tokens = math.inf if max_tokens is None else max_tokens
         self.documents = 0
+        self.long_documents = 0
 
     @property
     def is_full(self):
@@ -295,27 +340,32 @@ class SplitWriter:
 
     def add(self, tokenized):
         room = self.max_tokens - self.file.num_tokens
+        self.long_documents += tokenized.long_documents
         if len(tokenized.tokens) <= room:
-            self.file.write(tokenized.tokens)
+            self.file.write(tokenized.tokens, tokenized.loss_mask)
             self.documents += len(tokenized.document_ends)
         elif room > 0:
-            self.file.write(tokenized.tokens[:room])
+            mask = None if tokenized.loss_mask is None else tokenized.loss_mask[:room]
+            self.file.write(tokenized.tokens[:room], mask)
             # Documents that start before the cut, the last one truncated.
             self.documents += int(np.searchsorted(tokenized.document_ends, room)) + 1
 
 
 def tokenize_into(dataset_dir, files, text_field, tokenizer, decoder, *, validation_fraction, workers, batch_size,
-                  max_tokens):
-    """Write the two split files into `dataset_dir`; returns {split: (tokens, documents)}."""
-    batches = document_batches(files, text_field, batch_size, decoder)
+                  max_tokens, context_length=None):
+    """Write the two split files into `dataset_dir`; returns {split: (tokens, documents)} and, for
+    conversations (given a `context_length`), {split: conversations longer than the context}."""
+    conversations = context_length is not None
+    batches = document_batches(files, text_field, batch_size, decoder, conversations)
     start = time.perf_counter()
-    worker_settings = (tokenizer.name, validation_fraction)
+    worker_settings = (tokenizer.name, validation_fraction, context_length)
     # forkserver, not fork: forking a process whose threads (torch's, tiktoken's) may hold locks
     # can leave the workers deadlocked, e.g. when this runs inside a larger program or test run.
     context = multiprocessing.get_context("forkserver")
     with context.Pool(workers, initializer=start_worker, initargs=worker_settings) as pool, \
-            TokenFileWriter(dataset_dir / "train.safetensors", tokenizer.token_dtype) as train_file, \
-            TokenFileWriter(dataset_dir / "validation.safetensors", tokenizer.token_dtype) as validation_file, \
+            TokenFileWriter(dataset_dir / "train.safetensors", tokenizer.token_dtype, conversations) as train_file, \
+            TokenFileWriter(dataset_dir / "validation.safetensors", tokenizer.token_dtype,
+                            conversations) as validation_file, \
             tqdm(desc="tokenizing", unit=" docs") as progress:
         splits = {"train": SplitWriter(train_file, max_tokens), "validation": SplitWriter(validation_file, max_tokens)}
         results = ordered_results(pool, tokenize_batch, batches, workers * BATCHES_IN_FLIGHT_PER_WORKER)
@@ -330,7 +380,8 @@ def tokenize_into(dataset_dir, files, text_field, tokenizer, decoder, *, validat
                 break
         train_file.commit()
         validation_file.commit()
-    return {split: (writer.file.num_tokens, writer.documents) for split, writer in splits.items()}
+    return ({split: (writer.file.num_tokens, writer.documents) for split, writer in splits.items()},
+            {split: writer.long_documents for split, writer in splits.items()})
 
 
 def tool_version():
@@ -423,6 +474,21 @@ def summary(out_dir, counts, seconds, decoder):
     return "\n".join(lines)
 
 
+def conversation_tokenizer(tokenizer_name):
+    """Conversations are tokenized with the chat tokenizer (--tokenizer may name it, or its base)."""
+    if tokenizer_name not in (chat_tokens.BASE_ENCODING, chat_tokens.ENCODING_NAME):
+        raise UserError(f"--tokenizer {tokenizer_name}: --conversations tokenizes with {chat_tokens.ENCODING_NAME} "
+                        f"(GPT-2 with chat tokens); give --tokenizer {chat_tokens.ENCODING_NAME} or leave it out")
+    return chat_tokens.ENCODING_NAME
+
+
+def long_conversations_line(long_conversations, context_length):
+    """How many conversations are longer than the context: training sees them split across windows."""
+    counts = ", ".join(f"{split} {count:,}" for split, count in long_conversations.items())
+    return (f"  conversations longer than the context ({context_length:,} tokens), split across training windows, "
+            f"not dropped: {counts}")
+
+
 def replaced_bytes_line(replaced_bytes, files_named=3):
     named = ", ".join(f"{path}: {count:,}" for path, count in replaced_bytes.most_common(files_named))
     others = len(replaced_bytes) - files_named
@@ -464,13 +530,18 @@ def validation_split_warning(counts, validation_fraction):
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Documents per batch.")
 @click.option("--max-tokens", type=click.IntRange(min=1),
               help="Cap each split at this many tokens; stop once train is full.")
+@click.option("--conversations", is_flag=True,
+              help="SOURCEs are conversation JSONL ({\"messages\": [{\"role\", \"content\"}, ...]}): tokenize them "
+                   f"with {chat_tokens.ENCODING_NAME} and write a loss mask (1 on the assistant's replies).")
+@click.option("--context-length", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="With --conversations: the training context, to count the conversations longer than it.")
 @click.option("--overwrite", is_flag=True, help="Rebuild OUT_DIR even if it holds a dataset.")
 @click.option("--push-to-hub", metavar="REPO", help="Upload OUT_DIR to this Hugging Face dataset repo.")
 @click.option("--download-dir", type=click.Path(path_type=Path),
               help="Cache for Hub downloads (default: the Hugging Face cache).")
 @report_user_errors
 def main(out_dir, sources, hub_pattern, text_field, tokenizer_name, validation_fraction, workers, batch_size,
-         max_tokens, overwrite, push_to_hub, download_dir):
+         max_tokens, conversations, context_length, overwrite, push_to_hub, download_dir):
     """Tokenize the documents of SOURCE... (files, directories or Hugging Face dataset
     repos) into a token dataset in OUT_DIR. The top of prepare_datasets.py describes
     the file formats, the split and the output."""
@@ -479,17 +550,25 @@ def main(out_dir, sources, hub_pattern, text_field, tokenizer_name, validation_f
         click.echo(token_data.describe_dataset(out_dir))
         return upload_dataset(out_dir, push_to_hub)
     check_out_dir(out_dir, overwrite)
+    if conversations:
+        tokenizer_name = conversation_tokenizer(tokenizer_name)
     tokenizer = token_data.get_tokenizer(tokenizer_name)
-    files, source = input_files(sources, hub_pattern, download_dir, text_field)
+    files, source = input_files(sources, hub_pattern, download_dir, text_field, conversations)
     start = time.perf_counter()
     decoder = Utf8Decoder()
     with token_data.staged_directory(out_dir) as staging:
-        counts = tokenize_into(staging, files, text_field, tokenizer, decoder, validation_fraction=validation_fraction,
-                               workers=workers, batch_size=batch_size, max_tokens=max_tokens)
+        counts, long_conversations = tokenize_into(
+            staging, files, text_field, tokenizer, decoder, validation_fraction=validation_fraction, workers=workers,
+            batch_size=batch_size, max_tokens=max_tokens, context_length=context_length if conversations else None)
+        chat_facts = ({"special_tokens": chat_tokens.special_token_ids(), "loss_mask": True,
+                       "context_length": context_length, "conversations_longer_than_context": long_conversations}
+                      if conversations else {"text_field": text_field})
         write_meta_and_card(staging, out_dir.name, tokenizer, counts, validation_fraction=validation_fraction,
-                            max_tokens=max_tokens, source=source, text_field=text_field,
-                            replaced_invalid_utf8_bytes=decoder.total)
+                            max_tokens=max_tokens, source=source, replaced_invalid_utf8_bytes=decoder.total,
+                            **chat_facts)
     click.echo(summary(out_dir, counts, time.perf_counter() - start, decoder))
+    if conversations:
+        click.echo(long_conversations_line(long_conversations, context_length))
     if warning := validation_split_warning(counts, validation_fraction):
         click.echo(warning, err=True)
     if push_to_hub:

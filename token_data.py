@@ -28,20 +28,26 @@ from pathlib import Path
 import click
 import numpy as np
 
+import chat_tokens
 from errors import UserError, report_user_errors
 
 SPLITS = ("train", "validation")
 TOKENS_KEY = "tokens"
+# Conversation datasets (chat_tokens.py) also hold a uint8 `loss_mask` as long as `tokens`: 1 where
+# the token is one the loss is taken on (as a target), 0 where it is only context.
+LOSS_MASK_KEY = "loss_mask"
+MASK_DTYPES = {"U8": np.dtype("u1")}
 DEMO_DATASET = "demo"
 DEMO_DATASET_DIRNAME = "demo-python-stdlib-bytes"
 HUB_DOWNLOAD_COMPLETE = ".download-complete"
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # The dtypes token ids are stored as, by their safetensors names (safetensors data is little-endian).
 TOKEN_DTYPES = {"U16": np.dtype("<u2"), "U32": np.dtype("<u4")}
-SAFETENSORS_DTYPE_NAMES = {dtype: name for name, dtype in TOKEN_DTYPES.items()}
+SAFETENSORS_DTYPE_NAMES = {dtype: name for name, dtype in {**TOKEN_DTYPES, **MASK_DTYPES}.items()}
 # Room for the JSON header of a file of up to 10^15 tokens, padded with spaces
 # (which the safetensors format allows) to keep the data 8-byte aligned.
 RESERVED_HEADER_BYTES = 120
+MASKED_HEADER_BYTES = 248  # the same with a `loss_mask` entry too
 
 
 # ---------------------------------------------------------------- tokenizers
@@ -82,9 +88,11 @@ class TiktokenTokenizer:
         import tiktoken
 
         try:
-            self._encoding = tiktoken.get_encoding(name)
+            is_chat = name == chat_tokens.ENCODING_NAME
+            self._encoding = chat_tokens.encoding() if is_chat else tiktoken.get_encoding(name)
         except ValueError:
-            raise UserError(f"unknown tokenizer '{name}'; valid: bytes, {', '.join(tiktoken.list_encoding_names())}")
+            raise UserError(f"unknown tokenizer '{name}'; valid: bytes, {', '.join(tiktoken.list_encoding_names())}, "
+                            f"{chat_tokens.ENCODING_NAME}")
         except OSError as e:  # tiktoken downloads the BPE files on first use
             raise UserError(f"tokenizer '{name}': cannot fetch its BPE files ({type(e).__name__}); "
                             "point TIKTOKEN_CACHE_DIR at a directory that holds them")
@@ -115,6 +123,12 @@ def get_tokenizer(name):
     return ByteTokenizer() if name == ByteTokenizer.name else TiktokenTokenizer(name)
 
 
+def base_tokenizer(name):
+    """The tokenizer `name` extends with special tokens (itself when none): datasets whose
+    tokenizers share a base encode text alike and can be mixed."""
+    return chat_tokens.BASE_ENCODING if name == chat_tokens.ENCODING_NAME else name
+
+
 # ---------------------------------------------------------------- meta.json
 
 @dataclass(frozen=True)
@@ -143,6 +157,33 @@ def read_meta(dataset_dir):
 def open_tokens(path):
     """Memory-map the uint16 or uint32 `tokens` tensor of a safetensors file, checking its header."""
     path = Path(path)
+    header, data_start, file_size = read_header(path)
+    entry = header.get(TOKENS_KEY) if isinstance(header, dict) else None
+    if not isinstance(entry, dict):
+        names = [k for k in header if k != "__metadata__"] if isinstance(header, dict) else []
+        raise UserError(f"{path}: no tensor named '{TOKENS_KEY}' (found: {', '.join(names) or 'none'})")
+    return map_tensor(path, TOKENS_KEY, entry, TOKEN_DTYPES, data_start, file_size)
+
+
+def open_loss_mask(path, num_tokens):
+    """Memory-map the uint8 `loss_mask` tensor of a token file (1: the target counts in the loss),
+    or None when the file has none; it must be as long as the file's `num_tokens` tokens."""
+    path = Path(path)
+    header, data_start, file_size = read_header(path)
+    entry = header.get(LOSS_MASK_KEY) if isinstance(header, dict) else None
+    if entry is None:
+        return None
+    if not isinstance(entry, dict):
+        raise UserError(f"{path}: not a safetensors file (entry '{LOSS_MASK_KEY}' is not a tensor)")
+    mask = map_tensor(path, LOSS_MASK_KEY, entry, MASK_DTYPES, data_start, file_size)
+    if len(mask) != num_tokens:
+        raise UserError(f"{path}: tensor '{LOSS_MASK_KEY}' has {len(mask):,} entries but '{TOKENS_KEY}' has "
+                        f"{num_tokens:,}; they must match")
+    return mask
+
+
+def read_header(path):
+    """(header, offset of the data, file size) of a safetensors file."""
     if not path.is_file():
         raise UserError(f"{path}: token file not found")
     file_size = path.stat().st_size
@@ -157,22 +198,22 @@ def open_tokens(path):
             header = json.loads(f.read(header_len))
         except ValueError:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
             raise UserError(f"{path}: not a safetensors file (header is not JSON)")
-    entry = header.get(TOKENS_KEY) if isinstance(header, dict) else None
-    if not isinstance(entry, dict):
-        names = [k for k in header if k != "__metadata__"] if isinstance(header, dict) else []
-        raise UserError(f"{path}: no tensor named '{TOKENS_KEY}' (found: {', '.join(names) or 'none'})")
-    dtype = TOKEN_DTYPES.get(entry.get("dtype"))
+    return header, 8 + header_len, file_size
+
+
+def map_tensor(path, key, entry, dtypes, data_start, file_size):
+    """Memory-map the 1-D tensor `key` (header `entry`) of a safetensors file, of one of `dtypes`."""
+    dtype = dtypes.get(entry.get("dtype"))
     if dtype is None:
-        valid = " or ".join(f"{name} ({numpy_dtype.name})" for name, numpy_dtype in TOKEN_DTYPES.items())
-        raise UserError(f"{path}: tensor '{TOKENS_KEY}' has dtype {entry.get('dtype')}, expected {valid}")
+        valid = " or ".join(f"{name} ({numpy_dtype.name})" for name, numpy_dtype in dtypes.items())
+        raise UserError(f"{path}: tensor '{key}' has dtype {entry.get('dtype')}, expected {valid}")
     shape = entry.get("shape")
     if not (isinstance(shape, list) and len(shape) == 1 and is_count(shape[0])):
-        raise UserError(f"{path}: tensor '{TOKENS_KEY}' has shape {shape}, expected one dimension")
+        raise UserError(f"{path}: tensor '{key}' has shape {shape}, expected one dimension")
     offsets = entry.get("data_offsets")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(is_count, offsets))):
-        raise UserError(f"{path}: not a safetensors file (tensor '{TOKENS_KEY}' has data_offsets {offsets})")
+        raise UserError(f"{path}: not a safetensors file (tensor '{key}' has data_offsets {offsets})")
     begin, end = offsets
-    data_start = 8 + header_len
     if end - begin != dtype.itemsize * shape[0] or data_start + end > file_size:
         raise UserError(f"{path}: truncated or corrupt: header promises {shape[0]:,} tokens "
                         f"but the file has {file_size:,} bytes")
@@ -187,6 +228,10 @@ def is_count(value):
 
 def open_split(dataset_dir, split):
     return open_tokens(Path(dataset_dir) / f"{split}.safetensors")
+
+
+def open_split_mask(dataset_dir, split, num_tokens):
+    return open_loss_mask(Path(dataset_dir) / f"{split}.safetensors", num_tokens)
 
 
 def describe_dataset(dataset_dir):
@@ -220,19 +265,35 @@ class TokenFileWriter:
     is always complete. Leaving the `with` block without committing (an
     exception) deletes the partial file. A failed write is a UserError naming
     the file, the cause and how much was being written.
+
+    With `loss_mask`, each write also takes the tokens' mask (0/1), streamed to
+    `<path>.mask.partial` and appended after the tokens as a uint8 tensor `loss_mask`
+    on commit (the header then has room for two entries).
     """
 
-    def __init__(self, path, dtype=np.uint16):
+    def __init__(self, path, dtype=np.uint16, loss_mask=False):
         self.path = Path(path)
         self.dtype = np.dtype(dtype).newbyteorder("<")
         self.dtype_name = SAFETENSORS_DTYPE_NAMES[self.dtype]
         self.partial_path = self.path.with_name(self.path.name + ".partial")
+        self.mask_path = self.path.with_name(self.path.name + ".mask.partial") if loss_mask else None
+        self.header_bytes = MASKED_HEADER_BYTES if loss_mask else RESERVED_HEADER_BYTES
         self.num_tokens = 0
+        self._mask_file = None
         with write_errors_reported(self.partial_path, "creating the file"):
             self._file = open(self.partial_path, "wb")
-        self._file.write(b"\0" * (8 + RESERVED_HEADER_BYTES))  # buffered: reaches the disk with the tokens
+            if loss_mask:
+                self._mask_file = open(self.mask_path, "w+b")
+        self._file.write(b"\0" * (8 + self.header_bytes))  # buffered: reaches the disk with the tokens
 
-    def write(self, tokens):
+    def write(self, tokens, loss_mask=None):
+        if (loss_mask is None) != (self._mask_file is None):
+            raise ValueError("a TokenFileWriter made with loss_mask takes a mask with every write, else none")
+        if loss_mask is not None:
+            mask = np.asarray(loss_mask, dtype=np.uint8)
+            assert mask.shape == np.shape(tokens)
+            with write_errors_reported(self.mask_path, f"writing {mask.size:,} bytes of loss mask"):
+                self._mask_file.write(mask.tobytes())
         array = np.asarray(tokens)
         if array.dtype != self.dtype and array.size and (array.min() < 0 or array.max() > np.iinfo(self.dtype).max):
             bad = array.min() if array.min() < 0 else array.max()
@@ -248,13 +309,19 @@ class TokenFileWriter:
         return self.dtype.itemsize * self.num_tokens
 
     def commit(self):
-        header = json.dumps({TOKENS_KEY: {"dtype": self.dtype_name, "shape": [self.num_tokens],
-                                          "data_offsets": [0, self.data_bytes]}},
-                            separators=(",", ":")).encode()
-        assert len(header) <= RESERVED_HEADER_BYTES
+        entries = {TOKENS_KEY: {"dtype": self.dtype_name, "shape": [self.num_tokens],
+                                "data_offsets": [0, self.data_bytes]}}
+        if self._mask_file is not None:
+            entries[LOSS_MASK_KEY] = {"dtype": "U8", "shape": [self.num_tokens],
+                                      "data_offsets": [self.data_bytes, self.data_bytes + self.num_tokens]}
+            with write_errors_reported(self.partial_path, f"appending {self.num_tokens:,} bytes of loss mask"):
+                self._mask_file.seek(0)
+                shutil.copyfileobj(self._mask_file, self._file)
+        header = json.dumps(entries, separators=(",", ":")).encode()
+        assert len(header) <= self.header_bytes
         with write_errors_reported(self.partial_path, f"finishing {self.data_bytes:,} bytes of tokens"):
             self._file.seek(0)
-            self._file.write(struct.pack("<Q", RESERVED_HEADER_BYTES) + header.ljust(RESERVED_HEADER_BYTES, b" "))
+            self._file.write(struct.pack("<Q", self.header_bytes) + header.ljust(self.header_bytes, b" "))
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
@@ -264,10 +331,13 @@ class TokenFileWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if not self._file.closed:
-            with contextlib.suppress(OSError):  # on a full disk, closing fails to write the buffer out too
-                self._file.close()
+        for file in (self._file, self._mask_file):
+            if file is not None and not file.closed:
+                with contextlib.suppress(OSError):  # on a full disk, closing fails to write the buffer out too
+                    file.close()
         self.partial_path.unlink(missing_ok=True)  # gone already once committed
+        if self.mask_path is not None:
+            self.mask_path.unlink(missing_ok=True)
 
 
 def is_validation_document(index, validation_fraction):

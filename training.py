@@ -47,10 +47,14 @@ def amp_dtype_for(train_cfg, device):
     return torch.bfloat16
 
 
-def compute_loss(model, inputs, targets, amp_dtype, device):
-    """The mean cross-entropy, which the model computes in fp32 from its logits."""
+def compute_loss(model, inputs, targets, amp_dtype, device, target_weights=None):
+    """The mean cross-entropy, which the model computes in fp32 from its logits; with
+    `target_weights` (a loss mask, scaled: batching.ScheduledMicrobatches), the sum of
+    each target's cross-entropy times its weight."""
     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        return model(inputs, targets)
+        if target_weights is None:
+            return model(inputs, targets)
+        return model(inputs, targets, target_weights)
 
 
 def make_optimizer(model, train_cfg):
@@ -336,12 +340,15 @@ def train_step(setup, run, ctx, microbatches, stop_requested):
     state = setup.state
     loss_sum = torch.zeros((), device=ctx.device)
     for accumulation_step in range(accumulation_steps):
-        inputs, targets = next(microbatches)
+        # (inputs, targets), or with a mixture or loss mask (inputs, targets, target weights), weighted so
+        # that the loss is the microbatch's share of the global batch's masked mean times accumulation_steps
+        # x world_size, as a mean loss is (batching.ScheduledMicrobatches): what follows is the same.
+        batch = next(microbatches)
         # Gradients are all-reduced only on the last microstep.
         is_last_microstep = accumulation_step == accumulation_steps - 1
         with setup.parallel.gradient_sync(is_last_microstep):
-            loss = compute_loss(setup.parallel.forward_model, inputs, targets, setup.parallel.autocast_dtype,
-                                ctx.device)
+            loss = compute_loss(setup.parallel.forward_model, *batch[:2], setup.parallel.autocast_dtype, ctx.device,
+                                *batch[2:])
             state.scaler.scale(loss / accumulation_steps).backward()
         loss_sum += loss.detach()
 
@@ -374,6 +381,7 @@ def train_step(setup, run, ctx, microbatches, stop_requested):
 @torch.no_grad()
 def evaluate(model, validation, ctx, amp_dtype):
     """Mean validation loss; each rank takes every world_size-th batch, then all-reduce.
+    With a loss mask, the mean over the masked-in targets of all batches.
 
     Every rank runs the same number of forward passes, because a sharded model's
     all-gathers are collective: a rank past the last batch scores the last one again
@@ -382,14 +390,27 @@ def evaluate(model, validation, ctx, amp_dtype):
     totals = torch.zeros(2, device=ctx.device)
     passes = math.ceil(len(validation) / ctx.world_size) * ctx.world_size
     for index in range(ctx.rank, passes, ctx.world_size):
-        inputs, targets = (tensor.to(ctx.device) for tensor in validation[min(index, len(validation) - 1)])
-        loss = compute_loss(model, inputs, targets, amp_dtype, ctx.device)
+        inputs, targets, *mask = (tensor.to(ctx.device) for tensor in validation[min(index, len(validation) - 1)])
+        loss = compute_loss(model, inputs, targets, amp_dtype, ctx.device, *mask)
         if index < len(validation):
             totals[0] += loss
-            totals[1] += 1
+            totals[1] += mask[0].sum() if mask else 1
     dist.all_reduce(totals)
     model.train()
     return (totals[0] / totals[1]).item()
+
+
+def validation_losses(model, validation, ctx, amp_dtype):
+    """{"val_loss": ...} for one validation split; for a mixture's ({name: (weight, split)}),
+    also "val_loss/<name>" for each source, and as val_loss their mean weighted by the
+    mixture's weights: the loss on data drawn as training draws it (a source of weight 0
+    is validated but not in val_loss)."""
+    if not isinstance(validation, dict):
+        return {"val_loss": evaluate(model, validation, ctx, amp_dtype)}
+    losses = {name: evaluate(model, split, ctx, amp_dtype) for name, (_, split) in validation.items()}
+    weights = {name: weight for name, (weight, _) in validation.items()}
+    overall = sum(weights[name] * loss for name, loss in losses.items()) / sum(weights.values())
+    return {"val_loss": overall, **{f"val_loss/{name}": loss for name, loss in losses.items()}}
 
 
 @torch.no_grad()

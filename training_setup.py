@@ -16,8 +16,9 @@ import checkpointing
 import core_scoring
 import hellaswag_scoring
 import token_data
-from batching import Microbatches, check_validation_length, count_optimizer_steps, gradient_accumulation_for
-from config import RUN_IDENTITY_KEYS, ModelConfig
+from batching import (Microbatches, MixtureSchedule, ScheduledMicrobatches, check_validation_length,
+                      count_optimizer_steps, gradient_accumulation_for, token_budget)
+from config import RUN_IDENTITY_KEYS, DatasetSource, ModelConfig
 from distributed import run_and_share_errors
 from errors import UserError
 from initial_weights import load_initial_weights
@@ -30,12 +31,22 @@ from training import (STEP_STATISTICS, Diagnostics, build_model, make_lr_schedul
 
 @dataclass
 class Data:
-    train: Microbatches
-    validation: Microbatches | None
+    train: Microbatches | ScheduledMicrobatches  # scheduled for a mixture or a dataset with a loss mask
+    # One split; or for a mixture {source name: (weight, split)} (training.validation_losses).
+    validation: Microbatches | dict | None
     total_steps: int
     global_batch_tokens: int
     gradient_accumulation_steps: int  # train.json's, or derived from its global_batch_tokens for this world size
     tokenizer: str  # the dataset's (its meta.json), for evaluations that tokenize text
+    mixture: list | None = None  # SourceShare for each source of a mixture
+
+
+@dataclass(frozen=True)
+class SourceShare:
+    """What a run reads of one mixture source, for the start-up line."""
+    source: DatasetSource
+    tokens: int  # training tokens the run reads from it
+    available_tokens: int  # its train split
 
 
 def load_data(run, ctx, datasets_dir):
@@ -43,36 +54,84 @@ def load_data(run, ctx, datasets_dir):
     train_json = run.run_dir / "train.json"
     # Before any download: a global batch that this world size cannot split is a mistake in train.json.
     accumulation = gradient_accumulation_for(train_cfg, ctx.world_size, context_length, train_json)
-    # Once per node, or once in all when every node sees the same DATASETS_DIR.
-    fetches = ctx.is_main if train_cfg.shared_filesystem else ctx.is_local_main
-    dataset_dir = run_and_share_errors(
-        fetches, lambda: token_data.fetch_dataset(train_cfg.dataset, datasets_dir, run.run_dir))
-    dataset_dir = dataset_dir or token_data.dataset_location(train_cfg.dataset, datasets_dir, run.run_dir)[1]
-    meta = token_data.read_meta(dataset_dir)
-    if run.model.vocab_size < meta.vocab_size:
-        raise UserError(f"{run.run_dir / 'model.json'}: key 'vocab_size' ({run.model.vocab_size}) is smaller "
-                        f"than the dataset's tokenizer vocabulary ({meta.tokenizer}: {meta.vocab_size}); "
-                        f"it must be at least {meta.vocab_size}")
+    sources = train_cfg.dataset_sources
+    dataset_dirs = [fetch_dataset(run, ctx, source.dataset, datasets_dir) for source in sources]
+    tokenizer = check_tokenizers(run, sources, [token_data.read_meta(d) for d in dataset_dirs])
 
     microbatch_tokens = train_cfg.microbatch_size * context_length
-    global_batch_tokens = ctx.world_size * accumulation * microbatch_tokens
-    train_tokens = token_data.open_split(dataset_dir, "train")
-    total_steps = count_optimizer_steps(len(train_tokens), global_batch_tokens, train_cfg,
-                                        dataset_dir / "train.safetensors", train_json, run.model)
-    train = Microbatches(train_tokens, train_cfg.start_train_token,
-                         total_steps * global_batch_tokens // microbatch_tokens,
-                         train_cfg.microbatch_size, context_length, vocab_size=run.model.vocab_size,
-                         path=dataset_dir / "train.safetensors")
+    microbatches_per_step = ctx.world_size * accumulation
+    global_batch_tokens = microbatches_per_step * microbatch_tokens
+    splits = [open_split(run, dataset_dir, "train", train_cfg.start_train_token) for dataset_dir in dataset_dirs]
+    if train_cfg.is_mixture:
+        total_steps = math.ceil(token_budget(train_cfg, run.model).tokens / global_batch_tokens)
+    else:
+        total_steps = count_optimizer_steps(len(splits[0].tokens), global_batch_tokens, train_cfg,
+                                            splits[0].path, train_json, run.model)
+        splits[0].num_microbatches = total_steps * global_batch_tokens // microbatch_tokens
+    train, mixture = splits[0], None
+    if train_cfg.is_mixture or train.loss_mask is not None:
+        schedule = MixtureSchedule([source.weight for source in sources], total_steps * microbatches_per_step,
+                                   train_cfg.random_seed)
+        check_source_sizes(sources, splits, schedule, train_json)
+        for split, count in zip(splits, schedule.counts):
+            split.num_microbatches = int(count)
+        train = ScheduledMicrobatches(splits, schedule, microbatches_per_step)
+        mixture = [SourceShare(source, int(count) * microbatch_tokens, len(split.tokens))
+                   for source, split, count in zip(sources, splits, schedule.counts)]
 
     validation = None
     if train_cfg.validation_interval:
-        val_tokens = token_data.open_split(dataset_dir, "validation")
-        check_validation_length(len(val_tokens), context_length, train_cfg, dataset_dir / "validation.safetensors",
-                                train_json)
-        validation = Microbatches(val_tokens, train_cfg.start_val_token, train_cfg.validation_batches,
-                                  train_cfg.microbatch_size, context_length, vocab_size=run.model.vocab_size,
-                                  path=dataset_dir / "validation.safetensors")
-    return Data(train, validation, total_steps, global_batch_tokens, accumulation, meta.tokenizer)
+        validations = [open_split(run, dataset_dir, "validation", train_cfg.start_val_token,
+                                  train_cfg.validation_batches) for dataset_dir in dataset_dirs]
+        for split in validations:
+            check_validation_length(len(split.tokens), context_length, train_cfg, split.path, train_json)
+        validation = ({source.name: (source.weight, split) for source, split in zip(sources, validations)}
+                      if train_cfg.is_mixture else validations[0])
+    return Data(train, validation, total_steps, global_batch_tokens, accumulation, tokenizer, mixture)
+
+
+def fetch_dataset(run, ctx, spec, datasets_dir):
+    """The directory of dataset `spec`, fetched (built or downloaded) by one process per node,
+    or once in all when every node sees the same DATASETS_DIR."""
+    fetches = ctx.is_main if run.train.shared_filesystem else ctx.is_local_main
+    dataset_dir = run_and_share_errors(fetches, lambda: token_data.fetch_dataset(spec, datasets_dir, run.run_dir))
+    return dataset_dir or token_data.dataset_location(spec, datasets_dir, run.run_dir)[1]
+
+
+def check_tokenizers(run, sources, metas):
+    """The tokenizer the run's text is in; refuse sources tokenized differently, or a vocabulary
+    smaller than a source's (a chat tokenizer adds ids after its base's)."""
+    bases = {token_data.base_tokenizer(meta.tokenizer) for meta in metas}
+    if len(bases) > 1:
+        described = ", ".join(f"{source.name}: {meta.tokenizer}" for source, meta in zip(sources, metas))
+        raise UserError(f"{run.run_dir / 'train.json'}: key 'dataset': the sources are tokenized differently "
+                        f"({described}); mix only datasets of one tokenizer (or its chat extension)")
+    largest = max(metas, key=lambda meta: meta.vocab_size)
+    if run.model.vocab_size < largest.vocab_size:
+        raise UserError(f"{run.run_dir / 'model.json'}: key 'vocab_size' ({run.model.vocab_size}) is smaller "
+                        f"than the dataset's tokenizer vocabulary ({largest.tokenizer}: {largest.vocab_size}); "
+                        f"it must be at least {largest.vocab_size}")
+    return bases.pop()
+
+
+def open_split(run, dataset_dir, split, start_token, num_microbatches=0):
+    """Microbatches of a dataset's split, with its loss mask when it has one; `num_microbatches`
+    is set by the caller once the run's length is known."""
+    tokens = token_data.open_split(dataset_dir, split)
+    return Microbatches(tokens, start_token, num_microbatches, run.train.microbatch_size, run.model.context_length,
+                        vocab_size=run.model.vocab_size, path=dataset_dir / f"{split}.safetensors",
+                        loss_mask=token_data.open_split_mask(dataset_dir, split, len(tokens)))
+
+
+def check_source_sizes(sources, splits, schedule, train_json):
+    """Refuse a source too small for its share of the run: no microbatch is read twice."""
+    for source, split, count in zip(sources, splits, schedule.counts):
+        if count > split.available:
+            needed = count * split.microbatch_tokens + 1
+            raise UserError(f"{split.path}: too short for its share of the run: source '{source.name}' (weight "
+                            f"{source.weight:g}) gets {count:,} microbatches, {needed:,} tokens, but the file holds "
+                            f"{split.available:,} microbatches ({len(split.tokens):,} tokens); in {train_json} "
+                            "lower its weight or the token budget, or give it more data")
 
 
 # ---------------------------------------------------------------- progress, and resuming it
@@ -154,6 +213,21 @@ def check_overrides_resumable(run, ctx, checkpoint_dir, meta):
             print(f"note: resuming with --set {key}={json.dumps(value)} (checkpoint {checkpoint_dir.name}: {recorded})")
 
 
+def mixture_change_note(meta, train_cfg, checkpoint_dir):
+    """A note when a mixture's schedule (drawn from its sources, weights and seed) differs from the
+    one the checkpoint trained with (its meta.json train_config): the data from here on is not what
+    an uninterrupted run would have read. None when it is the same, or neither is a mixture."""
+    saved = meta.get("train_config")
+    if saved is None or not (train_cfg.is_mixture or isinstance(saved.get("dataset"), list)):
+        return None
+    then, now = (saved.get("dataset"), saved.get("random_seed")), (train_cfg.dataset, train_cfg.random_seed)
+    if then == now:
+        return None
+    return (f"note: checkpoint {checkpoint_dir.name} was trained on dataset {json.dumps(then[0])} with random_seed "
+            f"{then[1]}, this run has {json.dumps(now[0])} with {now[1]}: from step {meta['global_step'] + 1} on the "
+            "data follows this run's mixture, not the one an uninterrupted run would have read")
+
+
 def restore(run, ctx, checkpoint_dir, state, data):
     """Load `checkpoint_dir` into `state`, put the schedule and every rank's RNG where it
     was, and return the Progress it records."""
@@ -163,6 +237,9 @@ def restore(run, ctx, checkpoint_dir, state, data):
                                          meta["global_step"] + 1, checkpoint_dir.name)
     if schedule_note and ctx.is_main:
         print(schedule_note)
+    mixture_note = mixture_change_note(meta, run.train, checkpoint_dir)
+    if mixture_note and ctx.is_main:
+        print(mixture_note)
     meta, rng_states = checkpointing.load_training_state(checkpoint_dir, state, ctx.device)
     start_step = meta["global_step"] + 1
     # The schedule is a function of the step: this also continues a reference-harness run,
