@@ -38,16 +38,12 @@ divided by the number of tasks (the tasks' items are independent).
 
 import csv
 import hashlib
-import http.client
 import json
 import math
 import os
 import random
 import shutil
-import sys
 import tempfile
-import urllib.parse
-import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,9 +52,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
-from tqdm import tqdm
 
 from distributed import run_and_share_errors
+from downloads import cached_download
 from errors import UserError
 from token_data import get_tokenizer
 
@@ -76,49 +72,19 @@ PROTOCOL = ("CORE as nanochat's core_eval.py: items shuffled with seed 1337, few
 
 # ---------------------------------------------------------------- the bundle
 
-def download(url, out):
-    """Stream `url` into the open binary file `out`, with a progress bar."""
-    print(f"downloading {url}", file=sys.stderr)
-    received = 0
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response:
-            size = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=size, unit="B", unit_scale=True, desc="download") as bar:
-                while chunk := response.read(1 << 20):
-                    out.write(chunk)
-                    received += len(chunk)
-                    bar.update(len(chunk))
-    except (OSError, http.client.HTTPException) as e:  # urllib's errors are OSErrors
-        raise UserError(f"could not download {url} ({' '.join(str(e).split())}); use a local copy "
-                        "(--bundle, or train.json's core_bundle)")
-    # http.client ends a body that stops short of its Content-Length without an error.
-    if size is not None and received != size:
-        raise UserError(f"could not download {url}: the connection closed after {received:,} of {size:,} bytes")
-
-
 def is_url(source):
     return source.startswith(("http://", "https://"))
 
 
+def require_zip(path, url):
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{url}: not a zip file")
+
+
 def cached_zip(url, cache_dir):
-    """The copy of the zip at `url` in `cache_dir`, downloaded on first use: into a
-    temporary file renamed into place only when complete, so an interrupted download
-    is never taken for the bundle. The name carries a hash of the URL."""
-    url_hash = hashlib.sha256(url.encode()).hexdigest()[:12]
-    path = Path(cache_dir) / f"{url_hash}-{Path(urllib.parse.urlparse(url).path).name}"
-    if path.is_file():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, partial = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            download(url, out)
-        if not zipfile.is_zipfile(partial):
-            raise UserError(f"{url}: not a zip file")
-        os.replace(partial, path)
-    finally:
-        Path(partial).unlink(missing_ok=True)
-    return path
+    """The copy of the zip at `url` in `cache_dir`, downloaded on first use."""
+    return cached_download(url, cache_dir, "--bundle, or train.json's core_bundle",
+                           lambda path: require_zip(path, url))
 
 
 def bundle_root(directory, source):

@@ -43,6 +43,11 @@ class RankLost(Exception):
     """Another rank of the job died: this one cannot go on, and says from where a restart resumes."""
 
 
+def one_line(text):
+    """A library's error message as one line: `error: ...` output is a single line."""
+    return " ".join(str(text).split())
+
+
 def debug_enabled():
     return os.environ.get("DEBUG", "") not in ("", "0")
 

@@ -2,6 +2,7 @@
 eval_hellaswag.py) and convert_gpt2.py share besides model_source.py's model: the
 device, the CPU thread count, and the model's tokenizer."""
 
+import datetime
 import sys
 from pathlib import Path
 
@@ -13,11 +14,6 @@ from token_data import dataset_location, get_tokenizer, read_meta
 
 DEFAULT_TOKENIZER = "gpt2"
 TOKENIZER_CHOICES = ("gpt2", "bytes")
-
-
-def one_line(text):
-    """A library's error message as one line: `error: ...` output is a single line."""
-    return " ".join(str(text).split())
 
 
 def pick_device():
@@ -76,3 +72,18 @@ def threads_option(command):
     return click.option("--threads", type=click.IntRange(min=1), default=None, expose_value=False,
                         callback=set_torch_threads,
                         help="CPU threads torch uses (torch.set_num_threads). Default: torch's choice.")(command)
+
+
+def evaluation_record(source, model, tokenizer, device, autocast_dtype, batch_size):
+    """What an evaluation's --json says about the model and how it was run."""
+    return {
+        "model_config": source.config_source,
+        "weights": str(source.weights.resolve()),
+        "parameters": model.num_parameters(),
+        "tokenizer": tokenizer.name,
+        "context_length": model.cfg.context_length,
+        "device": str(device),
+        "autocast_dtype": None if autocast_dtype is None else str(autocast_dtype).removeprefix("torch."),
+        "batch_size": batch_size,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }

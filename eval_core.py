@@ -9,7 +9,6 @@ The eval bundle is downloaded once into --cache-dir; --bundle takes a local
 directory or zip, or another URL.
 """
 
-import datetime
 import time
 from pathlib import Path
 
@@ -19,9 +18,9 @@ from tqdm import tqdm
 
 import core_scoring
 from errors import report_user_errors
-from eval_common import load_tokenizer, threads_option, tokenizer_options
+from eval_common import evaluation_record, load_tokenizer, threads_option, tokenizer_options
 from eval_hellaswag import device_for
-from jsonfiles import strict_json
+from jsonfiles import write_json_result
 from model_source import GRAMMAR, load_model, model_arguments, resolve_model
 
 
@@ -102,20 +101,9 @@ def main(model_args, bundle, cache_dir, task_labels, limit, batch_size, json_pat
             "bundle": bundle,
             "bundle_dir": str(Path(bundle_dir).resolve()),
             "limit": limit,
-            "model_config": source.config_source,
-            "weights": str(source.weights.resolve()),
-            "parameters": model.num_parameters(),
-            "tokenizer": tokenizer.name,
-            "context_length": model.cfg.context_length,
-            "device": str(device),
-            "autocast_dtype": None if autocast_dtype is None else "bfloat16",
-            "batch_size": batch_size,
-            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            **evaluation_record(source, model, tokenizer, device, autocast_dtype, batch_size),
         }
-        path = Path(json_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(strict_json(result, indent=2) + "\n")
-        print(f"wrote {path}")
+        write_json_result(json_path, result)
 
 
 if __name__ == "__main__":

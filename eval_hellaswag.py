@@ -5,16 +5,15 @@ hellaswag_scoring.py's (completion style, as llm.c and build-nanogpt evaluate it
     uv run eval_hellaswag.py converted/gpt2 --json gpt2-hellaswag.json
 """
 
-import datetime
 from pathlib import Path
 
 import click
 import torch
 
 from errors import UserError, report_user_errors
-from eval_common import load_tokenizer, pick_device, threads_option, tokenizer_options
+from eval_common import evaluation_record, load_tokenizer, pick_device, threads_option, tokenizer_options
 from hellaswag_scoring import DATA_URL, PROTOCOL, SPLIT_FILES, encode_item, fetch, read_items, score_items, tally
-from jsonfiles import strict_json
+from jsonfiles import write_json_result
 from model_source import GRAMMAR, load_model, model_arguments, resolve_model
 
 
@@ -88,20 +87,9 @@ def main(model_args, data_source, split, cache_dir, limit, batch_size, json_path
             "data": data_source,
             "data_file": str(Path(data_file).resolve()),
             "limit": limit,
-            "model_config": source.config_source,
-            "weights": str(source.weights.resolve()),
-            "parameters": model.num_parameters(),
-            "tokenizer": tokenizer.name,
-            "context_length": model.cfg.context_length,
-            "device": str(device),
-            "autocast_dtype": None if autocast_dtype is None else "bfloat16",
-            "batch_size": batch_size,
-            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            **evaluation_record(source, model, tokenizer, device, autocast_dtype, batch_size),
         }
-        path = Path(json_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(strict_json(result, indent=2) + "\n")
-        print(f"wrote {path}")
+        write_json_result(json_path, result)
 
 
 if __name__ == "__main__":

@@ -24,15 +24,8 @@ lm-evaluation-harness's HellaSwag (multiple-choice style, with its own text
 preprocessing and normalization by length in characters) reports different numbers.
 """
 
-import hashlib
-import http.client
 import json
 import math
-import os
-import sys
-import tempfile
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,8 +35,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from distributed import run_and_share_errors
-from errors import UserError
-from eval_common import one_line
+from downloads import cache_path, cached_download
+from errors import UserError, one_line
 from token_data import get_tokenizer
 
 DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{}.jsonl"
@@ -101,54 +94,11 @@ def read_items(path, source, limit=None):
     return items
 
 
-def download(url, out):
-    """Stream `url` into the open binary file `out`, with a progress bar."""
-    print(f"downloading {url}", file=sys.stderr)
-    received = 0
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response:
-            size = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=size, unit="B", unit_scale=True, desc="download") as bar:
-                while chunk := response.read(1 << 20):
-                    out.write(chunk)
-                    received += len(chunk)
-                    bar.update(len(chunk))
-    except (OSError, http.client.HTTPException) as e:  # urllib's errors are OSErrors
-        raise UserError(f"could not download {url} ({one_line(e)}); use a local copy (--data, or train.json's "
-                        "hellaswag_data)")
-    # http.client ends a body that stops short of its Content-Length without an error.
-    if size is not None and received != size:
-        raise UserError(f"could not download {url}: the connection closed after {received:,} of "
-                        f"{size:,} bytes; try again, or use a local copy (--data, or train.json's hellaswag_data)")
-
-
-def cache_path(url, cache_dir):
-    """Where `url`'s copy lives in `cache_dir`: the name carries a hash of the URL, so two
-    URLs never share a copy."""
-    url_hash = hashlib.sha256(url.encode()).hexdigest()[:12]
-    return Path(cache_dir) / f"{url_hash}-{Path(urllib.parse.urlparse(url).path).name}"
-
-
 def fetch(url, cache_dir):
-    """The local copy of `url` in `cache_dir`, downloaded on first use.
-
-    The download goes to a temporary file that is renamed into place only once it
-    is complete and holds valid items, so an interrupted download or an error page
-    is never taken for the data.
-    """
-    cached = cache_path(url, cache_dir)
-    if cached.is_file():
-        return cached
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    fd, partial = tempfile.mkstemp(dir=cached.parent, prefix=cached.name + ".", suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            download(url, out)
-        read_items(partial, url)
-        os.replace(partial, cached)
-    finally:
-        Path(partial).unlink(missing_ok=True)
-    return cached
+    """The local copy of `url` in `cache_dir`, downloaded on first use and kept only if it
+    holds valid items."""
+    return cached_download(url, cache_dir, "--data, or train.json's hellaswag_data",
+                           lambda path: read_items(path, url))
 
 
 # ---------------------------------------------------------------- scoring

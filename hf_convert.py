@@ -36,8 +36,8 @@ from tiktoken.load import read_file_cached
 
 from checkpointing import save_safetensors
 from config import ARCHITECTURE_CHOICES, ModelConfig, load_json
-from errors import UserError
-from eval_common import one_line, tokenizer_name_for
+from errors import UserError, one_line
+from eval_common import tokenizer_name_for
 from gpt import GPTModel
 from model_card import model_card
 from model_source import load_model

@@ -3,6 +3,7 @@ step) are written as null, never as the bare `NaN` literal Python's json emits."
 
 import json
 import math
+from pathlib import Path
 
 
 def finite_or_none(value):
@@ -19,3 +20,12 @@ def _with_nulls(value):
 
 def strict_json(value, **dumps_options):
     return json.dumps(_with_nulls(value), allow_nan=False, **dumps_options)
+
+
+def write_json_result(json_path, result):
+    """An evaluation script's --json output: `result` as indented strict JSON at `json_path`
+    (its directory made if missing), and a line saying where."""
+    path = Path(json_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(strict_json(result, indent=2) + "\n")
+    print(f"wrote {path}")

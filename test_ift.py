@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from config import load_json
-from errors import UserError, report_user_errors
-from eval_common import load_tokenizer, one_line, pick_device, threads_option, tokenizer_options
+from errors import UserError, one_line, report_user_errors
+from eval_common import load_tokenizer, pick_device, threads_option, tokenizer_options
 from gpt import generate
 from jsonfiles import strict_json
 from model_source import GRAMMAR, load_model, model_arguments, resolve_model

@@ -18,7 +18,6 @@ still works.
 """
 
 import datetime
-from pathlib import Path
 
 import click
 import torch
@@ -28,7 +27,7 @@ from batching import Microbatches
 from cli_aliases import command_with_old_spellings
 from errors import UserError, report_user_errors
 from eval_common import pick_device, threads_option
-from jsonfiles import strict_json
+from jsonfiles import write_json_result
 from model_source import GRAMMAR, load_model, model_arguments, resolve_model
 from token_data import SPLITS, fetch_dataset, open_split, read_meta
 from training import compute_loss
@@ -123,10 +122,7 @@ def main(model_args, dataset, datasets_dir, split, start_token, batches, batch_s
             "autocast_dtype": None if autocast_dtype is None else "float16",
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
-        path = Path(json_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(strict_json(result, indent=2) + "\n")
-        print(f"wrote {path}")
+        write_json_result(json_path, result)
 
 
 if __name__ == "__main__":
