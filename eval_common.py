@@ -9,11 +9,12 @@ from pathlib import Path
 import click
 import torch
 
+import chat_tokens
 from errors import UserError
 from token_data import dataset_location, get_tokenizer, read_meta
 
 DEFAULT_TOKENIZER = "gpt2"
-TOKENIZER_CHOICES = ("gpt2", "bytes")
+TOKENIZER_CHOICES = ("gpt2", "bytes", chat_tokens.ENCODING_NAME)
 
 
 def pick_device():
@@ -23,21 +24,29 @@ def pick_device():
 def tokenizer_name_for(source, datasets_dir):
     """(tokenizer name, where it came from) for a model_source.ModelSource.
 
-    A model of a run whose train.json names a dataset that is present locally with a
-    meta.json uses that dataset's tokenizer; every other model (converted ones,
-    reference-harness runs) is GPT-2.
+    A model of a run whose train.json names datasets present locally with a meta.json uses
+    their tokenizer (of a mixture, the one with the most tokens: mixed sources share a base
+    encoding, and a chat source adds its special tokens); every other model (converted
+    ones, reference-harness runs) is GPT-2.
     """
-    spec = source.dataset
-    if spec is None:
+    if not source.datasets:
         return DEFAULT_TOKENIZER, "default: no train.json naming a dataset beside the model config"
-    try:
-        _, dataset_dir = dataset_location(spec, datasets_dir, source.run_dir)
-    except UserError:
-        return DEFAULT_TOKENIZER, f"default: dataset '{spec}' not found"
-    meta = Path(dataset_dir) / "meta.json"
-    if not meta.is_file():
-        return DEFAULT_TOKENIZER, f"default: no {meta}"
-    return read_meta(dataset_dir).tokenizer, f"from {meta}"
+    found, missing = [], []
+    for spec in source.datasets:
+        try:
+            _, dataset_dir = dataset_location(spec, datasets_dir, source.run_dir)
+        except UserError:
+            missing.append(f"dataset '{spec}' not found")
+            continue
+        meta = Path(dataset_dir) / "meta.json"
+        if meta.is_file():
+            found.append((read_meta(dataset_dir), meta))
+        else:
+            missing.append(f"no {meta}")
+    if not found:
+        return DEFAULT_TOKENIZER, f"default: {'; '.join(missing)}"
+    dataset_meta, meta = max(found, key=lambda pair: pair[0].vocab_size)
+    return dataset_meta.tokenizer, f"from {meta}"
 
 
 def load_tokenizer(source, name, datasets_dir):

@@ -53,13 +53,22 @@ class ModelSource:
         return self.run_dir / "train.json" if self.run_dir else None
 
     @property
-    def dataset(self):
-        """The run's train.json `dataset`, or None."""
+    def datasets(self):
+        """The datasets the run's train.json names: its `dataset`, or each source of a mixture."""
         if self.train_json is None or not self.train_json.is_file():
-            return None
+            return []
         raw = load_json(self.train_json)
         dataset = raw.get("dataset") if isinstance(raw, dict) else None
-        return dataset if isinstance(dataset, str) else None
+        if isinstance(dataset, str):
+            return [dataset]
+        entries = dataset if isinstance(dataset, list) else []
+        return [entry["dataset"] for entry in entries if isinstance(entry, dict) and isinstance(entry.get("dataset"), str)]
+
+    @property
+    def dataset(self):
+        """The run's one dataset (train.json's `dataset` when it is not a mixture), or None."""
+        datasets = self.datasets
+        return datasets[0] if len(datasets) == 1 else None
 
     @property
     def name(self):

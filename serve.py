@@ -99,6 +99,9 @@ def chat_messages(body):
                 and isinstance(message.get("content"), str)):
             raise RequestError(f"messages[{index}] must have a role ({', '.join(ROLE_LABELS)}) and a "
                                "string content", param=f"messages[{index}]", code="invalid_value")
+        if message["role"] == "system" and index > 0:
+            raise RequestError(f"messages[{index}] is a system message; only the first message may be one",
+                               param=f"messages[{index}]", code="invalid_value")
     return messages
 
 

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from chatkit import CHAT_MODEL, GPT2, plain_gpt_of, plain_reply
 from evalkit import one_torch_thread  # noqa: F401  (autouse fixture)
-from evalkit import assert_one_error_line, random_model, run_script, tiny_config, write_model
+from evalkit import assert_one_error_line, random_model, run_script, save_state, tiny_config, write_model
 
 import chat
 from config import ModelConfig
@@ -135,3 +135,68 @@ def test_top_p_draws_only_from_the_nucleus():
     assert draws <= nucleus and len(draws) > 1
     # top_p 0 keeps only the most likely token: greedy at any temperature.
     assert generate(model, prompt, 1, temperature=2.0, top_p=0.0)[0, -1].item() == ordered[0]
+
+
+# gpt2-chat-v1's special tokens, written out here as chat_tokens.py documents them (ids after
+# GPT-2's 50,256): the prompt below is built from these numbers, not by chat_tokens.
+CONVERSATION_START, USER_START, USER_END, ASSISTANT_START, ASSISTANT_END = 50257, 50260, 50261, 50262, 50263
+CHAT_TOKENS_MODEL = {**CHAT_MODEL, "vocab_size": 50264}
+
+
+def test_a_chat_tokens_model_is_prompted_in_its_special_tokens(tmp_path):
+    """A model fine-tuned on gpt2-chat-v1 conversations: chat.py prompts it with the special
+    tokens and <|assistant_start|>; its greedy reply is PlainGPT's on those ids."""
+    model_json, weights, model = write_model(tmp_path, CHAT_TOKENS_MODEL, seed=4)
+    plain = plain_gpt_of(model)
+    ids = [CONVERSATION_START, USER_START, *GPT2.encode("Hello"), USER_END, ASSISTANT_START]
+    reply = []
+    with torch.no_grad():
+        while len(reply) < 6 and (not reply or reply[-1] not in (ASSISTANT_END, GPT2.eot_token)):
+            reply.append(int(plain(torch.tensor([ids + reply]))[0, -1].argmax()))
+    assert all(token < CONVERSATION_START for token in reply)  # ordinary text, so GPT-2 decodes it
+    out = chat_transcript(model_json, weights, ["Hello"], "--tokenizer", "gpt2-chat-v1", "--temperature", "0",
+                          "--max-new-tokens", "6")
+    assert out == f"> {GPT2.decode(reply)}\n> "
+
+
+def test_a_chat_tokens_reply_ends_at_assistant_end(tmp_path):
+    """A model that always writes <|assistant_end|> (every final-norm output sums to its
+    shift, and only that token's head row reads the shift) gives empty replies: the token
+    ends the reply and is not shown."""
+    model_json, weights, model = write_model(tmp_path, CHAT_TOKENS_MODEL, seed=4)
+    with torch.no_grad():
+        model.final_norm.scale.fill_(1.0)
+        model.final_norm.shift.fill_(1.0)
+        model.out_head.weight.zero_()
+        model.out_head.weight[ASSISTANT_END] = 1.0
+    save_state(model.state_dict(), weights)
+    out = chat_transcript(model_json, weights, ["Hello", "Again"], "--tokenizer", "gpt2-chat-v1",
+                          "--temperature", "0", "--max-new-tokens", "6")
+    assert out == "> \n> \n> "
+
+
+def test_a_system_message_after_the_first_is_refused_by_the_server():
+    import serve
+
+    messages = [{"role": "user", "content": "Hi"}, {"role": "system", "content": "Be brief."}]
+    with pytest.raises(serve.RequestError) as refused:
+        serve.chat_messages({"messages": messages})
+    assert refused.value.param == "messages[1]" and "system" in str(refused.value)
+
+
+def test_a_mixture_runs_tokenizer_is_its_chat_sources(tmp_path):
+    """Evaluation tools pick a mixture run's tokenizer from its sources' meta.json: the one
+    with the most tokens (a chat source's, whose special tokens extend GPT-2's)."""
+    from eval_common import tokenizer_name_for
+    from model_source import from_model_json
+    from token_data import write_meta
+
+    for name, tokenizer in (("web", "gpt2"), ("chat", "gpt2-chat-v1")):
+        (tmp_path / "datasets" / name).mkdir(parents=True)
+        write_meta(tmp_path / "datasets" / name, get_tokenizer(tokenizer))
+    model_json, weights, _ = write_model(tmp_path / "run", CHAT_TOKENS_MODEL)
+    (tmp_path / "run" / "train.json").write_text(json.dumps({"dataset": [
+        {"dataset": str(tmp_path / "datasets" / "web"), "weight": 0.7},
+        {"dataset": str(tmp_path / "datasets" / "chat"), "weight": 0.3}]}))
+    name, reason = tokenizer_name_for(from_model_json(model_json, weights), tmp_path / "datasets")
+    assert name == "gpt2-chat-v1" and str(tmp_path / "datasets" / "chat") in reason
