@@ -225,12 +225,13 @@ def validation_curve(metrics_path):
 
 
 def train_run(run_dir, datasets_dir):
-    """ddp_train.py's training of `run_dir`, a world of one in this process, printing nothing."""
+    """ddp_train.py's training of `run_dir`, a world of one in this process, printing nothing
+    and drawing no charts."""
     run = load_run(run_dir)
     ctx = init_distributed(run.train.dist_timeout_minutes)
     try:
         with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
-            ddp_train.train(run, ctx, datasets_dir, None, quiet=True, summary_out=devnull)
+            ddp_train.train(run, ctx, datasets_dir, None, quiet=True, summary_out=devnull, draw_charts=False)
     finally:
         gc.collect()  # as ddp_train.main: DDP's reference cycles hold the process group
         dist.destroy_process_group()
