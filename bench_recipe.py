@@ -119,10 +119,12 @@ def parse_define(text):
     name = name.strip()
     if not separator or not name or not body.strip():
         raise UserError(f"--define {text}: expected NAME:key=value,key=value")
-    return name, parse_overrides_of(name, [item.strip() for item in body.split(",")], option=f"--define {name}:")
+    if name in CONFIGS:
+        raise UserError(f"--define {name}: '{name}' is a built-in configuration; give yours another name")
+    return name, parse_configuration([item.strip() for item in body.split(",")], option=f"--define {name}:")
 
 
-def parse_overrides_of(name, items, option):
+def parse_configuration(items, option):
     """model.json and train.json KEY=VALUE items as one {key: value}; keys of neither, or that
     the bench sets itself, are refused."""
     model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -134,10 +136,12 @@ def parse_overrides_of(name, items, option):
             raise UserError(f"{option} key '{key}' is set by the bench for every run; a configuration may not "
                             "change it")
         if key not in model_keys | train_keys:
+            valid = sorted(model_keys | train_keys)
             raise UserError(f"{option} unknown key '{key}'"
-                            f"{closest_or_all(key, sorted(model_keys | train_keys), 'model.json and train.json keys')}")
+                            f"{closest_or_all(key, valid, 'model.json and train.json keys')}")
         by_file[ModelConfig if key in model_keys else TrainConfig].append(item)
-    return {key: value for cls, cls_items in by_file.items() for key, value in parse_key_values(cls_items, cls, option).items()}
+    return {key: value for cls, cls_items in by_file.items()
+            for key, value in parse_key_values(cls_items, cls, option).items()}
 
 
 def choose_configs(names, defines):
@@ -174,7 +178,7 @@ def load_base(run_name, dataset, datasets_dir):
                 microbatch_tokens)
 
 
-def run_configs(base, overrides, *, learning_rate, seed_dataset, seed, steps, validation_interval):
+def run_configs(base, name, overrides, *, learning_rate, seed_dataset, seed, steps, validation_interval):
     """model.json and train.json of one bench run, validated exactly as the trainer will."""
     train = {key: value for key, value in base.train.items() if key not in TOKEN_BUDGET_KEYS}
     train |= OFF_KEYS | {"learning_rate": learning_rate, "dataset": str(seed_dataset), "random_seed": seed,
@@ -183,8 +187,8 @@ def run_configs(base, overrides, *, learning_rate, seed_dataset, seed, steps, va
                          "keep_last_checkpoints": 1}
     model = base.model | {k: v for k, v in overrides.items() if k in {f.name for f in dataclasses.fields(ModelConfig)}}
     train |= {k: v for k, v in overrides.items() if k not in model}
-    ModelConfig.from_dict(model, source="model.json of a bench run")
-    TrainConfig.from_dict(train, source="train.json of a bench run")
+    ModelConfig.from_dict(model, source=f"configuration '{name}': model.json")
+    TrainConfig.from_dict(train, source=f"configuration '{name}': train.json")
     return model, train
 
 
@@ -257,11 +261,14 @@ def bench_run(spec, datasets_dir):
 def plan_runs(base, configs, learning_rates, budget_steps, seeds, work_dir):
     """Specs of the learning-rate sweep's runs and a function giving every other configuration's
     runs once the baseline's learning rate is known."""
-    validation_interval = max(1, max(budget_steps) // VALIDATIONS_PER_RUN)
+    full_steps = max(budget_steps)
     seed_datasets = {seed: work_dir / "data" / f"seed{seed}" for seed in seeds}
 
     def spec(name, overrides, lr, seed, steps):
-        model, train = run_configs(base, overrides, learning_rate=lr, seed_dataset=seed_datasets[seed], seed=seed,
+        # The budget-B runs' curves are drawn; the shorter runs' final losses are what counts, and a
+        # validation costs as much as tens of training steps at the demo's shape.
+        validation_interval = max(1, full_steps // VALIDATIONS_PER_RUN) if steps == full_steps else steps
+        model, train = run_configs(base, name, overrides, learning_rate=lr, seed_dataset=seed_datasets[seed], seed=seed,
                                    steps=steps, validation_interval=validation_interval)
         run_dir = work_dir / "runs" / f"{name}-lr{lr:g}-{steps}steps-seed{seed}"
         return {"config": name, "learning_rate": train["learning_rate"], "seed": seed, "steps": steps,
@@ -352,8 +359,8 @@ def describe_setup(base, seeds, budget_tokens):
     return [f"command: `{shlex.join(['uv', 'run', 'bench_recipe.py', *sys.argv[1:]])}`",
             f"model: {model['n_layers']} layers x {model['emb_dim']} wide, {model['n_heads']} heads, context "
             f"{model['context_length']}, vocab {model['vocab_size']}; dataset {base.dataset_dir}",
-            f"tokens per step: {base.tokens_per_step:,}; budgets (tokens): {', '.join(f'{b:,}' for b in budget_tokens)}; "
-            f"seeds: {', '.join(map(str, seeds))}",
+            f"tokens per step: {base.tokens_per_step:,}; budgets (tokens): "
+            f"{', '.join(f'{b:,}' for b in budget_tokens)}; seeds: {', '.join(map(str, seeds))}",
             f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads"]
 

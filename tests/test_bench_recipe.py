@@ -71,6 +71,42 @@ def test_seed_datasets_permute_whole_blocks_and_keep_validation(tmp_path):
     assert not np.array_equal(orders[0], orders[1])
 
 
+def record(config, tokens, seed, final, lr=3e-3):
+    return {"config": config, "learning_rate": lr, "seed": seed, "tokens": tokens, "final_val_loss": final,
+            "curve": [(tokens // 2, final + 1.0), (tokens, final)]}
+
+
+def test_summary_crossings_against_hand_arithmetic():
+    # Baseline finals 2.0 and 2.2 at B = 400 (mean 2.1). X's final losses at 100/200/400 tokens:
+    # seed 0: 3.0, 2.0, 1.0; seed 1: 3.2, 2.2, 1.2; mean 3.1, 2.1, 1.1, so 2.1 is met at 200 exactly.
+    finals = {0: (3.0, 2.0, 1.0), 1: (3.2, 2.2, 1.2)}
+    records = [record("baseline", 400, 0, 2.0), record("baseline", 400, 1, 2.2),
+               record("baseline", 400, 0, 1.0, lr=1e-3)]  # another learning rate of the sweep: not the baseline
+    records += [record("X", tokens, seed, finals[seed][i]) for i, tokens in enumerate((100, 200, 400))
+                for seed in (0, 1)]
+    entry = bench_recipe.summarise(records, 3e-3, 400)["X"]
+    assert entry["crossing"] == {"kind": "crossed", "tokens": pytest.approx(200)}
+    assert entry["ratio"] == pytest.approx(2.0)
+    # Seed 0 meets 2.1 nine tenths of the way from 100 (3.0) to 200 (2.0) in log(tokens); seed 1
+    # a tenth of the way from 200 (2.2) to 400 (1.2).
+    assert entry["seed_ratios"] == pytest.approx([400 / (100 * 2 ** 0.9), 400 / (200 * 2 ** 0.1)])
+    assert entry["no_difference"] is False  # 1.0-1.2 against 2.0-2.2
+    assert entry["gap_at_full_budget"] == pytest.approx(1.1 - 2.1)
+    # The mean budget-B curve (record's: final + 1 at half the tokens) is 2.1 at 200 tokens, its
+    # first point, already the baseline's: a bound.
+    assert entry["curve_crossing"] == {"kind": "below at smallest", "tokens": 200}
+    assert bench_recipe.ratio_cell(entry, 400) == f"2.00x (seeds {400 / (200 * 2 ** 0.1):.2f}-{400 / 100 / 2 ** 0.9:.2f})"
+
+
+def test_summary_says_no_difference_inside_the_seed_spread():
+    records = [record("baseline", 400, 0, 2.0), record("baseline", 400, 1, 2.2)]
+    records += [record("X", tokens, seed, loss) for tokens, losses in ((200, (2.3, 2.5)), (400, (1.9, 2.05)))
+                for seed, loss in zip((0, 1), losses)]
+    entry = bench_recipe.summarise(records, 3e-3, 400)["X"]
+    assert entry["no_difference"] is True  # 1.9-2.05 overlaps 2.0-2.2
+    assert bench_recipe.ratio_cell(entry, 400).startswith("no difference (")
+
+
 @pytest.fixture
 def tiny_base_run(tmp_path, verdict_dataset):
     run_dir = tmp_path / "base"
@@ -136,3 +172,8 @@ def test_an_unknown_define_key_is_one_error_line(tmp_path, tiny_base_run):
     assert result.stderr.strip().count("\n") == 0
     assert "qk_nrom" in result.stderr and "did you mean 'qk_norm'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_define_may_not_take_a_built_in_name():
+    with pytest.raises(UserError, match="'baseline' is a built-in configuration"):
+        bench_recipe.parse_define("baseline:learning_rate=1e-3")
