@@ -28,6 +28,8 @@ PARALLELISMS = ("ddp", "fsdp", "hsdp")
 OPTIMIZERS = ("adamw", "muon")
 # torch.optim.Muon's adjust_lr_fn choices offered here (docs/recipe.md says what each does).
 MUON_ADJUST_LR = ("original", "match_rms_adamw")
+# The dtype of Muon's Newton-Schulz iterations: torch.optim.Muon's own bfloat16, or float32 (training.Float32Muon).
+MUON_NEWTON_SCHULZ_DTYPES = ("bfloat16", "float32")
 # Old reference configs spelled microbatch_size this way.
 LEGACY_ALIASES = {"minibatch_size": "microbatch_size"}
 # train.json's ways of saying how long to train; min_train_tokens -1 (its default) says none of them.
@@ -311,6 +313,8 @@ class TrainConfig:
     muon_momentum: float = 0.95  # Nesterov momentum
     muon_weight_decay: float = 0.0  # Muon multiplies the matrices by 1 - muon_learning_rate x this each step
     muon_adjust_lr: str = "original"  # how the update's size depends on the matrix's shape
+    # "float32" for CPUs without bfloat16 matrix units, where bfloat16 matmuls are ~30x slower (docs/recipe.md).
+    muon_newton_schulz_dtype: str = "bfloat16"
     # Log, per group of parameters, the gradient norm and ||update|| / ||weight|| (training.Diagnostics):
     # off by default, as it keeps a copy of the weights during each step.
     diagnostics: bool = False
@@ -358,7 +362,8 @@ class TrainConfig:
                  f"must be between 0 and 100, got {self.warmup_period_percent}")
         _require(self.parallelism in PARALLELISMS, source, "parallelism",
                  f"must be one of {', '.join(json.dumps(p) for p in PARALLELISMS)}, got {json.dumps(self.parallelism)}")
-        for key, choices in (("optimizer", OPTIMIZERS), ("muon_adjust_lr", MUON_ADJUST_LR)):
+        for key, choices in (("optimizer", OPTIMIZERS), ("muon_adjust_lr", MUON_ADJUST_LR),
+                             ("muon_newton_schulz_dtype", MUON_NEWTON_SCHULZ_DTYPES)):
             _require(getattr(self, key) in choices, source, key, f"must be one of "
                      f"{', '.join(json.dumps(c) for c in choices)}, got {json.dumps(getattr(self, key))}")
         _require(self.muon_learning_rate > 0, source, "muon_learning_rate",

@@ -96,9 +96,10 @@ class MuonWithAdamW(torch.optim.Optimizer):
         named = list(model.named_parameters())
         self.adamw = torch.optim.AdamW([p for name, p in named if name not in muon_names],
                                        lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay, fused=True)
-        self.muon = torch.optim.Muon([p for name, p in named if name in muon_names], lr=train_cfg.muon_learning_rate,
-                                    weight_decay=train_cfg.muon_weight_decay, momentum=train_cfg.muon_momentum,
-                                    nesterov=True, adjust_lr_fn=train_cfg.muon_adjust_lr)
+        muon_class = Float32Muon if train_cfg.muon_newton_schulz_dtype == "float32" else torch.optim.Muon
+        self.muon = muon_class([p for name, p in named if name in muon_names], lr=train_cfg.muon_learning_rate,
+                               weight_decay=train_cfg.muon_weight_decay, momentum=train_cfg.muon_momentum,
+                               nesterov=True, adjust_lr_fn=train_cfg.muon_adjust_lr)
         # The same group dicts, so a change of lr by the schedule reaches the optimizer that steps.
         super().__init__(self.adamw.param_groups + self.muon.param_groups, defaults={})
         self._share_groups_and_state()
@@ -137,6 +138,51 @@ class MuonWithAdamW(torch.optim.Optimizer):
         self.muon.step()
         for now, then in zip(tensors, before):
             now.copy_(torch.where(skip, then, now))
+
+
+class Float32Muon(torch.optim.Muon):
+    """torch.optim.Muon with its Newton-Schulz iterations in float32 instead of bfloat16
+    (train.json muon_newton_schulz_dtype "float32"): on a CPU without bfloat16 matrix units
+    a bfloat16 matmul is about 30 times slower than a float32 one. Everything else is
+    torch's Muon: its parameter groups, momentum buffers (so the two load each other's
+    state_dict), Nesterov momentum, learning-rate adjustment and decoupled weight decay."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("Float32Muon.step takes no closure")
+        for group in self.param_groups:
+            params, grads, momentum_buffers = [], [], []
+            self._init_group(group, params, grads, momentum_buffers)
+            for param, grad, momentum_buffer in zip(params, grads, momentum_buffers):
+                momentum_buffer.lerp_(grad, 1 - group["momentum"])
+                update = grad.lerp(momentum_buffer, group["momentum"]) if group["nesterov"] else momentum_buffer
+                update = newton_schulz_float32(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                param.mul_(1 - group["lr"] * group["weight_decay"])
+                param.add_(update, alpha=-group["lr"] * muon_lr_scale(group["adjust_lr_fn"], param.shape))
+
+
+def newton_schulz_float32(matrix, coefficients, steps, eps):
+    """torch.optim.Muon's quintic Newton-Schulz iteration (an approximate orthogonalisation
+    of `matrix`), computed in float32. Works on the wide orientation, whose Gram matrix is
+    the smaller one."""
+    a, b, c = coefficients
+    tall = matrix.size(0) > matrix.size(1)
+    x = matrix.T if tall else matrix
+    x = x.to(torch.float32) / x.norm().clamp(min=eps)  # spectral norm at most 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+def muon_lr_scale(adjust_lr, shape):
+    """The factor torch.optim.Muon's adjust_lr_fn applies to the learning rate of a
+    (out, in) matrix (config.MUON_ADJUST_LR)."""
+    rows, columns = shape[:2]
+    if adjust_lr == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, columns))
+    return math.sqrt(max(1, rows / columns))
 
 
 # ---------------------------------------------------------------- learning-rate schedule

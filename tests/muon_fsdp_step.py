@@ -1,6 +1,6 @@
 """One rank of tests/test_muon.py's FSDP check, under torchrun --nproc_per_node=2:
 
-    torchrun --nproc_per_node=2 tests/muon_fsdp_step.py OUT
+    torchrun --nproc_per_node=2 tests/muon_fsdp_step.py OUT [NEWTON_SCHULZ_DTYPE]
 
 STEPS optimizer steps of `optimizer: "muon"` on the tiny model, sharded by the trainer's
 parallelism.shard, each rank on its half of BATCH (FSDP averages the gradients, so the
@@ -38,10 +38,10 @@ def initial_model():
     return GPTModel(MODEL)
 
 
-def main(out):
+def main(out, newton_schulz_dtype="bfloat16"):
     ctx = init_distributed(5)
     model = initial_model()
-    train_cfg = TrainConfig.from_dict({**TRAIN, "parallelism": "fsdp"})
+    train_cfg = TrainConfig.from_dict({**TRAIN, "parallelism": "fsdp", "muon_newton_schulz_dtype": newton_schulz_dtype})
     shard(model, train_cfg, ctx, amp_dtype=None)
     optimizer = make_optimizer(model, train_cfg)
     tokens = batch().chunk(ctx.world_size)[ctx.rank]
@@ -58,4 +58,4 @@ def main(out):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])
