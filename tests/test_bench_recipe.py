@@ -10,7 +10,8 @@ import pytest
 import bench_recipe
 from bench_recipe import Crossing, best_learning_rate, crossing, ranges_overlap
 from errors import UserError
-from conftest import TINY_MODEL, cli_in_process, write_byte_dataset
+from config import ModelConfig, TrainConfig
+from conftest import PROJECT_DIR, TINY_MODEL, cli_in_process, write_byte_dataset
 from token_data import open_split
 
 
@@ -71,6 +72,22 @@ def test_seed_datasets_permute_whole_blocks_and_keep_validation(tmp_path):
     assert not np.array_equal(orders[0], orders[1])
 
 
+@pytest.mark.parametrize("name", list(bench_recipe.CONFIGS))
+def test_every_built_in_configuration_is_a_valid_demo_run(name):
+    demo = PROJECT_DIR / "runs" / "demo"
+    configs = [json.loads((demo / name).read_text()) for name in ("model.json", "train.json")]
+    base = bench_recipe.Base(*configs, dataset_dir=demo, tokens_per_step=4096, microbatch_tokens=4096)
+    model, train = bench_recipe.run_configs(base, name, bench_recipe.CONFIGS[name], learning_rate=1.5e-3,
+                                            seed_dataset=demo, seed=2, steps=64, validation_interval=8)
+    model_cfg, train_cfg = ModelConfig.from_dict(model), TrainConfig.from_dict(train)
+    assert (train_cfg.min_train_tokens, train_cfg.random_seed, train_cfg.learning_rate) == (64 * 4096, 2, 1.5e-3)
+    assert (train_cfg.validation_interval, train_cfg.checkpoint_interval) == (8, 64)
+    switched = name.endswith("switches")
+    assert (model_cfg.qk_norm, model_cfg.mlp, model_cfg.logit_softcap) == \
+        ((True, "relu2", 30.0) if switched else (False, "gelu", None))
+    assert train_cfg.optimizer == ("muon" if name.startswith("muon") else "adamw")
+
+
 def record(config, tokens, seed, final, lr=3e-3):
     return {"config": config, "learning_rate": lr, "seed": seed, "tokens": tokens, "final_val_loss": final,
             "curve": [(tokens // 2, final + 1.0), (tokens, final)]}
@@ -95,7 +112,8 @@ def test_summary_crossings_against_hand_arithmetic():
     # The mean budget-B curve (record's: final + 1 at half the tokens) is 2.1 at 200 tokens, its
     # first point, already the baseline's: a bound.
     assert entry["curve_crossing"] == {"kind": "below at smallest", "tokens": 200}
-    assert bench_recipe.ratio_cell(entry, 400) == f"2.00x (seeds {400 / (200 * 2 ** 0.1):.2f}-{400 / 100 / 2 ** 0.9:.2f})"
+    seed_range = f"{400 / (200 * 2 ** 0.1):.2f}-{400 / (100 * 2 ** 0.9):.2f}"
+    assert bench_recipe.ratio_cell(entry, 400) == f"2.00x (seeds {seed_range})"
 
 
 def test_summary_says_no_difference_inside_the_seed_spread():
@@ -123,7 +141,7 @@ def test_tiny_benchmark_reports_what_the_trainer_logged(tmp_path, tiny_base_run)
     out = tmp_path / "out"
     out.mkdir()
     result = cli_in_process(bench_recipe.main, [
-        tmp_path / "datasets", "--run", tiny_base_run, "--configs", "baseline,adamw-switches",
+        tmp_path / "datasets", "--run", tiny_base_run, "--configs", "baseline,muon-switches",
         "--budget", 1024, "--budget-fractions", "0.5,1", "--seeds", 2,
         "--baseline-learning-rates", "1e-3,3e-3", "--work-dir", tmp_path / "work",
         "--json", out / "bench.json", "--markdown", out / "bench.md", "--chart", out / "bench.png"])
@@ -134,20 +152,20 @@ def test_tiny_benchmark_reports_what_the_trainer_logged(tmp_path, tiny_base_run)
     runs = report["runs"]
     assert len(runs) == 4 + 2 * 2
     assert sorted((r["config"], r["tokens"], r["seed"]) for r in runs if r["config"] != "baseline") == sorted(
-        ("adamw-switches", t, s) for t in (512, 1024) for s in (0, 1))
+        ("muon-switches", t, s) for t in (512, 1024) for s in (0, 1))
     for run in runs:
         rows = [json.loads(line) for line in open(f"{run['run_dir']}/metrics.jsonl")]
         assert rows[-1]["tokens"] == run["tokens"]
         assert run["final_val_loss"] == [row["val_loss"] for row in rows if "val_loss" in row][-1]
         train = json.loads(open(f"{run['run_dir']}/train.json").read())
         assert train["random_seed"] == run["seed"]
-    # The baseline is the sweep's learning rate of the lowest mean final loss, and adamw-switches uses it.
+    # The baseline is the sweep's learning rate of the lowest mean final loss, and muon-switches' AdamW uses it.
     means = {lr: np.mean([r["final_val_loss"] for r in runs if r["config"] == "baseline" and r["learning_rate"] == lr])
              for lr in (1e-3, 3e-3)}
     assert report["baseline_learning_rate"] == min(means, key=means.get)
-    assert {r["learning_rate"] for r in runs if r["config"] == "adamw-switches"} == {min(means, key=means.get)}
-    assert "| adamw-switches |" in result.stdout
-    assert (out / "bench.md").read_text().count("| adamw-switches |") == 1
+    assert {r["learning_rate"] for r in runs if r["config"] == "muon-switches"} == {min(means, key=means.get)}
+    assert "| muon-switches |" in result.stdout
+    assert (out / "bench.md").read_text().count("| muon-switches |") == 1
     assert (out / "bench.png").stat().st_size > 0
 
 
