@@ -241,18 +241,29 @@ def train_run(run_dir, datasets_dir):
         dist.destroy_process_group()
 
 
-def bench_run(spec, datasets_dir):
-    """Train one run (unless its directory already holds its final validation) and return its record."""
-    run_dir, steps = Path(spec["run_dir"]), spec["steps"]
+def finished_curve(spec):
+    """The validation curve of `spec`'s run when its directory holds that very run (the same
+    configs) validated at its last step, else None."""
+    run_dir = Path(spec["run_dir"])
+    if not all((run_dir / f"{name}.json").is_file() and json.loads((run_dir / f"{name}.json").read_text()) == spec[name]
+               for name in ("model", "train")):
+        return None
     curve, last_step = validation_curve(run_dir / "metrics.jsonl")
-    if last_step != steps - 1 or not curve or curve[-1][0] != spec["tokens"]:
+    return curve if last_step == spec["steps"] - 1 and curve and curve[-1][0] == spec["tokens"] else None
+
+
+def bench_run(spec, datasets_dir):
+    """Train one run (unless its directory already holds it, finished) and return its record."""
+    run_dir = Path(spec["run_dir"])
+    curve = finished_curve(spec)
+    if curve is None:
         shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(parents=True)
-        (run_dir / "model.json").write_text(json.dumps(spec["model"], indent=2) + "\n")
-        (run_dir / "train.json").write_text(json.dumps(spec["train"], indent=2) + "\n")
+        for name in ("model", "train"):
+            (run_dir / f"{name}.json").write_text(json.dumps(spec[name], indent=2) + "\n")
         train_run(run_dir, datasets_dir)
-        curve, last_step = validation_curve(run_dir / "metrics.jsonl")
-    if last_step != steps - 1 or not curve or curve[-1][0] != spec["tokens"]:
+        curve = finished_curve(spec)
+    if curve is None:
         raise UserError(f"{run_dir}: the run ended without a finite validation loss at its last step")
     record = {k: v for k, v in spec.items() if k not in ("model", "train")}
     return record | {"final_val_loss": curve[-1][1], "curve": curve}

@@ -3,6 +3,7 @@ against the base split, and one tiny benchmark through the command line."""
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -140,11 +141,11 @@ def tiny_base_run(tmp_path, verdict_dataset):
 def test_tiny_benchmark_reports_what_the_trainer_logged(tmp_path, tiny_base_run):
     out = tmp_path / "out"
     out.mkdir()
-    result = cli_in_process(bench_recipe.main, [
-        tmp_path / "datasets", "--run", tiny_base_run, "--configs", "baseline,muon-switches",
-        "--budget", 1024, "--budget-fractions", "0.5,1", "--seeds", 2,
-        "--baseline-learning-rates", "1e-3,3e-3", "--work-dir", tmp_path / "work",
-        "--json", out / "bench.json", "--markdown", out / "bench.md", "--chart", out / "bench.png"])
+    args = [tmp_path / "datasets", "--run", tiny_base_run, "--configs", "baseline,muon-switches",
+            "--budget", 1024, "--budget-fractions", "0.5,1", "--seeds", 2,
+            "--baseline-learning-rates", "1e-3,3e-3", "--work-dir", tmp_path / "work",
+            "--json", out / "bench.json", "--markdown", out / "bench.md", "--chart", out / "bench.png"]
+    result = cli_in_process(bench_recipe.main, args)
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((out / "bench.json").read_text())
     # 2 learning rates x 2 seeds for the baseline at B = 8 steps of 4 x 32 tokens; 2 configurations
@@ -167,6 +168,12 @@ def test_tiny_benchmark_reports_what_the_trainer_logged(tmp_path, tiny_base_run)
     assert "| muon-switches |" in result.stdout
     assert (out / "bench.md").read_text().count("| muon-switches |") == 1
     assert (out / "bench.png").stat().st_size > 0
+    # Again in the same work directory: every run is found finished, none trains again.
+    logged = {run["run_dir"]: os.stat(f"{run['run_dir']}/metrics.jsonl").st_mtime_ns for run in runs}
+    again = cli_in_process(bench_recipe.main, args)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert {run_dir: os.stat(f"{run_dir}/metrics.jsonl").st_mtime_ns for run_dir in logged} == logged
+    assert json.loads((out / "bench.json").read_text())["runs"] == runs
 
 
 def test_define_reads_model_and_train_keys_as_their_files_do():
