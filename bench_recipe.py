@@ -145,7 +145,7 @@ def parse_configuration(items, option):
 
 
 def choose_configs(names, defines):
-    """{name: overrides} of the chosen built-in configurations plus the --define ones, baseline first."""
+    """{name: overrides} of the baseline, the chosen built-in configurations and the --define ones."""
     configs = {}
     for name in [n.strip() for n in names.split(",") if n.strip()]:
         if name not in CONFIGS:
@@ -438,7 +438,8 @@ Example (the demo model on the demo corpus, two threads):
               help="The base run (a name under runs/ or a run directory): its model.json and train.json.")
 @click.option("--dataset", help="Train on this token dataset instead of the base run's (as train.json's `dataset`).")
 @click.option("--configs", "config_names", default=",".join(CONFIGS), show_default=True,
-              help=f"Configurations to compare, comma-separated: {', '.join(CONFIGS)} or --define'd names.")
+              help=f"Built-in configurations to compare, comma-separated, of {', '.join(CONFIGS)} (the "
+                   "baseline always runs; --define adds more).")
 @click.option("--define", "defines", multiple=True, metavar="'NAME:key=value,...'",
               help="Add a configuration: model.json/train.json keys over the base run's (repeatable).")
 @click.option("--budget", default=1048576, show_default=True, type=click.IntRange(min=1),
