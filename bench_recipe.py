@@ -35,19 +35,24 @@ import tempfile
 from pathlib import Path
 
 import click
+import matplotlib
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import ddp_train
-import token_data
-from batching import gradient_accumulation_for
-from config import (TOKEN_BUDGET_KEYS, ModelConfig, TrainConfig, closest_or_all, load_json, load_run,
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+import ddp_train  # noqa: E402
+import token_data  # noqa: E402
+from batching import gradient_accumulation_for  # noqa: E402
+from chart_style import chart_style  # noqa: E402
+from config import (TOKEN_BUDGET_KEYS, ModelConfig, TrainConfig, closest_or_all, load_json, load_run,  # noqa: E402
                     parse_key_values)
-from distributed import init_distributed
-from errors import UserError, report_user_errors
-from jsonfiles import write_json_result
+from distributed import init_distributed  # noqa: E402
+from errors import UserError, report_user_errors  # noqa: E402
+from jsonfiles import write_json_result  # noqa: E402
 
 SWITCHES = {"qk_norm": True, "mlp": "relu2", "zero_init_projections": True, "logit_softcap": 30.0}
 # Newton-Schulz in float32: bfloat16 matmuls are ~30x slower than float32 ones on CPU.
@@ -340,8 +345,8 @@ def ratio_cell(entry, baseline_tokens):
         crossed = [c.ratio(baseline_tokens) for c in seeds if c.kind != "not reached"]
         seed_range = f"{min(crossed):.2f}-{max(crossed):.2f}" if crossed else "-"
         unbounded = sum(c.kind == "not reached" for c in seeds)
-        text = (f"{cross.describe(baseline_tokens)} (seeds {seed_range}"
-                + (f", {unbounded} not reached" if unbounded else "") + ")")
+        text = (f"{cross.describe(baseline_tokens)}, seeds {seed_range}"
+                + (f" ({unbounded} not reached)" if unbounded else ""))
     return f"no difference ({text})" if entry["no_difference"] else text
 
 
@@ -377,10 +382,11 @@ def describe_setup(base, seeds, budget_tokens):
 
 
 def draw_chart(path, records, summary):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    with chart_style():
+        draw_panels(path, records, summary)
 
+
+def draw_panels(path, records, summary):
     figure, (curves, finals) = plt.subplots(1, 2, figsize=(13, 5))
     full = max(r["tokens"] for r in records)
     for name, entry in summary.items():

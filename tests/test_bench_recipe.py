@@ -114,7 +114,7 @@ def test_summary_crossings_against_hand_arithmetic():
     # first point, already the baseline's: a bound.
     assert entry["curve_crossing"] == {"kind": "below at smallest", "tokens": 200}
     seed_range = f"{400 / (200 * 2 ** 0.1):.2f}-{400 / (100 * 2 ** 0.9):.2f}"
-    assert bench_recipe.ratio_cell(entry, 400) == f"2.00x (seeds {seed_range})"
+    assert bench_recipe.ratio_cell(entry, 400) == f"2.00x, seeds {seed_range}"
 
 
 def test_summary_says_no_difference_inside_the_seed_spread():
