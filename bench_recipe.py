@@ -472,7 +472,7 @@ def main(datasets_dir, run_name, dataset, config_names, defines, budget, budget_
     if threads:
         torch.set_num_threads(threads)
     configs = choose_configs(config_names, defines)
-    learning_rates = parse_numbers(baseline_learning_rates, "--baseline-learning-rates")
+    learning_rates = list(dict.fromkeys(parse_numbers(baseline_learning_rates, "--baseline-learning-rates")))
     base = load_base(run_name, dataset, datasets_dir)
     full_steps = max(1, round(budget / base.tokens_per_step))
     budget_steps = sorted({max(1, round(f * full_steps)) for f in parse_numbers(budget_fractions, "--budget-fractions")}
@@ -503,9 +503,9 @@ def main(datasets_dir, run_name, dataset, config_names, defines, budget, budget_
         markdown_path.write_text("\n".join(f"- {line}" for line in setup) + "\n\n" + table + "\n")
     if json_path:
         write_json_result(json_path, {"setup": setup, "baseline_tokens": baseline_tokens,
-                                          "baseline_learning_rate": baseline_lr,
-                                          "learning_rate_sweep": {f"{lr:g}": s for lr, s in sweep_summary.items()},
-                                          "summary": summary, "runs": records})
+                                      "baseline_learning_rate": baseline_lr,
+                                      "learning_rate_sweep": {f"{lr:g}": s for lr, s in sweep_summary.items()},
+                                      "summary": summary, "runs": records})
     if chart_path:
         draw_chart(chart_path, records, summary)
 
