@@ -164,6 +164,7 @@ def _require(condition, source, key, message):
 
 @dataclass(frozen=True)
 class ModelConfig:
+    FILE_NAME: typing.ClassVar[str] = "model.json"
     vocab_size: int
     context_length: int
     emb_dim: int
@@ -242,6 +243,7 @@ ARCHITECTURE_KEYS = ("pos_emb", "rope_theta", "norm", "norm_eps", "mlp", "mlp_hi
 
 @dataclass(frozen=True)
 class TrainConfig:
+    FILE_NAME: typing.ClassVar[str] = "train.json"
     # A dataset (a local directory, a Hub repo id or "demo"), or, added here, a mixture: a list of
     # {"dataset": ..., "weight": ..., "name" (optional)} (batching.MixtureSchedule; docs/stages.md).
     dataset: str | list
@@ -428,25 +430,31 @@ class TrainConfig:
 RUN_IDENTITY_KEYS = ("dataset", "start_train_token", "pad_vocab_to_multiple_of")
 
 
-def parse_overrides(items):
-    """`--set KEY=VALUE` options as {train.json key: value}: VALUE is read as JSON (3e-4,
-    8, true, null, "text"), else taken as a string (so --set dataset=fineweb needs no
-    quotes). Keys and types are checked here; the values as a whole by TrainConfig.validate."""
+def parse_key_values(items, cls, option):
+    """`option KEY=VALUE` items as {key: value} for dataclass `cls` (TrainConfig or ModelConfig):
+    VALUE is read as JSON (3e-4, 8, true, null, "text"), else taken as a string (so
+    `dataset=fineweb` needs no quotes). Keys and types are checked here; the values as a
+    whole by the config's validate."""
     overrides = {}
-    hints = typing.get_type_hints(TrainConfig)
+    hints = typing.get_type_hints(cls)
     for item in items:
         key, separator, text = item.partition("=")
         key = LEGACY_ALIASES.get(key.strip(), key.strip())
-        source = f"--set {key or item}"
+        source = f"{option} {key or item}"
         if not separator or not key:
-            raise UserError(f"--set {item}: expected KEY=VALUE, a train.json key and its value")
-        _check_key(TrainConfig, key, source)
+            raise UserError(f"{option} {item}: expected KEY=VALUE, a {cls.FILE_NAME} key and its value")
+        _check_key(cls, key, source)
         try:
             value = json.loads(text)
         except json.JSONDecodeError:
             value = text
         overrides[key] = _check_type(source, key, value, hints[key])
     return overrides
+
+
+def parse_overrides(items):
+    """`--set KEY=VALUE` options as {train.json key: value} (parse_key_values)."""
+    return parse_key_values(items, TrainConfig, "--set")
 
 
 # The option ddp_train.py and preflight.py take; main() gets `overrides` for parse_overrides.

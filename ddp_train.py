@@ -80,11 +80,11 @@ def checkpoint_meta(run, ctx, data, interval, progress):
             **({"wandb_run_id": progress.wandb_run_id} if progress.wandb_run_id else {})}
 
 
-def save_training_checkpoint(run, ctx, setup, interval, progress, console):
+def save_training_checkpoint(run, ctx, setup, interval, progress, console, draw_charts=True):
     """Save a checkpoint at the last recorded step, unless the weights have diverged;
     it is `best` when its score (validation loss when the run validates, else the
     average train loss since the last checkpoint) is finite and the lowest so far.
-    Rank 0 then redraws the charts."""
+    Rank 0 then redraws the charts (with `draw_charts`)."""
     step = progress.last_row["step"]
     if not training.weights_are_finite(setup.state.model):
         raise UserError(f"the weights are not finite after global step {step} (the run diverged); no "
@@ -99,7 +99,8 @@ def save_training_checkpoint(run, ctx, setup, interval, progress, console):
     saved = checkpointing.save_and_prune(run.checkpoints_dir, run.train, ctx, setup.state, meta, is_best)
     if ctx.is_main:
         console.saved(step, saved, is_best)
-        charts.draw_run_charts(run, setup.data.total_steps)
+        if draw_charts:
+            charts.draw_run_charts(run, setup.data.total_steps)
     # Only rank 0 knows the directory's name (it holds the time of the save).
     progress.last_checkpoint = saved.name if saved else f"the checkpoint of global step {step}"
 
@@ -191,9 +192,11 @@ def quiet_output(quiet):
         yield summary_out
 
 
-def train(run, ctx, datasets_dir, resume_dir, quiet=False, summary_out=None):
+def train(run, ctx, datasets_dir, resume_dir, quiet=False, summary_out=None, draw_charts=True):
     """Train `run` from the start or from the checkpoint `resume_dir`. `quiet`: rank 0 prints
-    only the final summary (or how the run stopped), to `summary_out` (default stdout)."""
+    only the final summary (or how the run stopped), to `summary_out` (default stdout).
+    `draw_charts`: redraw the run's charts at each checkpoint (bench_recipe.py's many short
+    runs leave them out: drawing takes longer than training such a run)."""
     train_cfg = run.train
     setup, progress = set_up_training(run, ctx, datasets_dir, resume_dir)
     session_start, tokens_at_start = time.time(), progress.tokens_seen
@@ -257,7 +260,7 @@ def train(run, ctx, datasets_dir, resume_dir, quiet=False, summary_out=None):
                 count_skipped_steps(rows, run, progress, console)
                 stop_requested = any(statistics["stop_votes"] > 0 for _, _, statistics in window)
                 if work.save_checkpoint or stop_requested:
-                    save_training_checkpoint(run, ctx, setup, interval, progress, console)
+                    save_training_checkpoint(run, ctx, setup, interval, progress, console, draw_charts)
                     interval = IntervalStats()
                 if stop_requested:
                     if ctx.is_main:
