@@ -55,13 +55,16 @@ from errors import UserError, report_user_errors  # noqa: E402
 from jsonfiles import write_json_result  # noqa: E402
 
 SWITCHES = {"qk_norm": True, "mlp": "relu2", "zero_init_projections": True, "logit_softcap": 30.0}
+# The baseline is the reference's optimizer, whatever the base run uses (the demo trains with Muon).
+ADAMW = {"optimizer": "adamw"}
 # Newton-Schulz in float32: bfloat16 matmuls are ~30x slower than float32 ones on CPU.
 MUON = {"optimizer": "muon", "muon_newton_schulz_dtype": "float32"}
-CONFIGS = {"baseline": {}, "adamw-switches": SWITCHES, "muon": MUON, "muon-switches": SWITCHES | MUON}
+CONFIGS = {"baseline": ADAMW, "adamw-switches": SWITCHES | ADAMW, "muon": MUON, "muon-switches": SWITCHES | MUON}
 BASELINE = "baseline"
 # Keys the bench sets for every run: a configuration may not change them (the comparison is
 # at the base run's data, batch and model shape).
-BENCH_KEYS = ("dataset", "random_seed", "validation_interval", "checkpoint_interval", "keep_last_checkpoints",
+BENCH_KEYS = ("dataset", "random_seed", "validation_interval", "validation_batches", "checkpoint_interval",
+              "keep_last_checkpoints",
               "start_train_token", "microbatch_size", "gradient_accumulation_steps", "global_batch_tokens",
               "context_length", "vocab_size", *TOKEN_BUDGET_KEYS)
 # Off in every bench run: they record elsewhere or evaluate beyond the validation loss.
@@ -157,7 +160,7 @@ def choose_configs(names, defines):
             raise UserError(f"--configs: unknown configuration '{name}'{closest_or_all(name, list(CONFIGS), 'valid')}")
         configs[name] = CONFIGS[name]
     configs |= dict(parse_define(text) for text in defines)
-    return {BASELINE: {}} | {name: overrides for name, overrides in configs.items() if name != BASELINE}
+    return {BASELINE: CONFIGS[BASELINE]} | {name: overrides for name, overrides in configs.items() if name != BASELINE}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,7 +293,7 @@ def plan_runs(base, configs, learning_rates, budget_steps, seeds, work_dir):
         return {"config": name, "learning_rate": train["learning_rate"], "seed": seed, "steps": steps,
                 "tokens": steps * base.tokens_per_step, "run_dir": str(run_dir), "model": model, "train": train}
 
-    sweep = [spec(BASELINE, {}, lr, seed, max(budget_steps)) for lr in learning_rates for seed in seeds]
+    sweep = [spec(BASELINE, configs[BASELINE], lr, seed, max(budget_steps)) for lr in learning_rates for seed in seeds]
 
     def configuration_runs(baseline_lr):
         return [spec(name, overrides, baseline_lr, seed, steps) for name, overrides in configs.items()
@@ -375,6 +378,7 @@ def describe_setup(base, seeds, budget_tokens):
     return [f"command: `{shlex.join(['uv', 'run', 'bench_recipe.py', *sys.argv[1:]])}`",
             f"model: {model['n_layers']} layers x {model['emb_dim']} wide, {model['n_heads']} heads, context "
             f"{model['context_length']}, vocab {model['vocab_size']}; dataset {base.dataset_dir}",
+            f"validation: {base.train.get('validation_batches')} microbatches of {base.microbatch_tokens:,} tokens",
             f"tokens per step: {base.tokens_per_step:,}; budgets (tokens): "
             f"{', '.join(f'{b:,}' for b in budget_tokens)}; seeds: {', '.join(map(str, seeds))}",
             f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__}, "
@@ -455,6 +459,9 @@ Example (the demo model on the demo corpus, two threads):
 @click.option("--seeds", default=3, show_default=True, type=click.IntRange(min=1), help="Seeds 0..N-1.")
 @click.option("--baseline-learning-rates", default="1.5e-3,3e-3,6e-3", show_default=True,
               help="The baseline's learning rates to try at B; the best is the baseline's.")
+@click.option("--validation-batches", type=click.IntRange(min=1),
+              help="Microbatches each validation scores (default: the base run's validation_batches); every "
+                   "run validates on the same ones.")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Keep the runs here (default: a temporary directory); a rerun skips the finished ones.")
 @click.option("--threads", type=click.IntRange(min=1), help="torch.set_num_threads (default: torch's).")
@@ -465,7 +472,7 @@ Example (the demo model on the demo corpus, two threads):
               help="Draw validation loss vs tokens and final loss vs budget here (PNG).")
 @report_user_errors
 def main(datasets_dir, run_name, dataset, config_names, defines, budget, budget_fractions, seeds,
-         baseline_learning_rates, work_dir, threads, json_path, markdown_path, chart_path):
+         baseline_learning_rates, validation_batches, work_dir, threads, json_path, markdown_path, chart_path):
     """Compare training configurations against a learning-rate-tuned baseline at matched token
     budgets, over seeds that vary the initialisation and the data order, with ddp_train.py's own
     training loop on this machine (CPU is enough: tokens and losses do not depend on it)."""
@@ -474,6 +481,8 @@ def main(datasets_dir, run_name, dataset, config_names, defines, budget, budget_
     configs = choose_configs(config_names, defines)
     learning_rates = list(dict.fromkeys(parse_numbers(baseline_learning_rates, "--baseline-learning-rates")))
     base = load_base(run_name, dataset, datasets_dir)
+    if validation_batches:
+        base = dataclasses.replace(base, train=base.train | {"validation_batches": validation_batches})
     full_steps = max(1, round(budget / base.tokens_per_step))
     budget_steps = sorted({max(1, round(f * full_steps)) for f in parse_numbers(budget_fractions, "--budget-fractions")}
                           | {full_steps})
