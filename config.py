@@ -30,6 +30,10 @@ OPTIMIZERS = ("adamw", "muon")
 MUON_ADJUST_LR = ("original", "match_rms_adamw")
 # The dtype of Muon's Newton-Schulz iterations: torch.optim.Muon's own bfloat16, or float32 (training.Float32Muon).
 MUON_NEWTON_SCHULZ_DTYPES = ("bfloat16", "float32")
+# What evaluations read when train.json (or a script's option) names nothing else: HellaSwag's
+# public files (the {} is "val" or "train") and nanochat's CORE bundle.
+HELLASWAG_DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{}.jsonl"
+CORE_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 # Old reference configs spelled microbatch_size this way.
 LEGACY_ALIASES = {"minibatch_size": "microbatch_size"}
 # train.json's ways of saying how long to train; min_train_tokens -1 (its default) says none of them.
@@ -394,6 +398,16 @@ class TrainConfig:
                             f"{', '.join(TOKEN_BUDGET_KEYS)}")
         _require(0 < self.dist_timeout_minutes <= MAX_DIST_TIMEOUT_MINUTES, source, "dist_timeout_minutes",
                  f"must be between 0 and {MAX_DIST_TIMEOUT_MINUTES} (one week), got {self.dist_timeout_minutes}")
+
+    @property
+    def hellaswag_source(self):
+        """hellaswag_data, or HellaSwag's public validation file."""
+        return self.hellaswag_data or HELLASWAG_DATA_URL.format("val")
+
+    @property
+    def core_source(self):
+        """core_bundle, or nanochat's CORE bundle."""
+        return self.core_bundle or CORE_BUNDLE_URL
 
     @property
     def is_mixture(self):

@@ -58,7 +58,6 @@ from downloads import cached_download
 from errors import UserError
 from token_data import get_tokenizer
 
-BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 SHUFFLE_SEED = 1337
 FEWSHOT_SEED = 1234
@@ -489,7 +488,7 @@ def training_share(run, ctx, datasets_dir, tokenizer_name):
     this rank's rows. A URL is downloaded once per node, or once in all with
     shared_filesystem, into DATASETS_DIR/core/, as the datasets are."""
     train_cfg = run.train
-    source = train_cfg.core_bundle or BUNDLE_URL
+    source = train_cfg.core_source
     cache_dir = Path(datasets_dir) / "core"
     fetches = ctx.is_main if train_cfg.shared_filesystem else ctx.is_local_main
     run_and_share_errors(fetches, lambda: fetch_bundle(source, cache_dir))

@@ -21,6 +21,19 @@ def pick_device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def device_for(name):
+    """An evaluation script's --device NAME as a torch.device (None: CUDA if there is one)."""
+    if name is None:
+        return pick_device()
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r}: not a torch device (cpu, cuda, cuda:1, ...)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available")
+    return device
+
+
 def tokenizer_name_for(source, datasets_dir):
     """(tokenizer name, where it came from) for a model_source.ModelSource.
 

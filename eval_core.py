@@ -17,9 +17,9 @@ import torch
 from tqdm import tqdm
 
 import core_scoring
+from config import CORE_BUNDLE_URL
 from errors import report_user_errors
-from eval_common import evaluation_record, load_tokenizer, threads_option, tokenizer_options
-from eval_hellaswag import device_for
+from eval_common import device_for, evaluation_record, load_tokenizer, threads_option, tokenizer_options
 from jsonfiles import write_json_result
 from model_source import GRAMMAR, load_model, model_arguments, resolve_model
 
@@ -54,7 +54,7 @@ def print_results(results):
 Example:
   uv run eval_core.py my-run --limit 100 --json my-run-core.json""")
 @model_arguments
-@click.option("--bundle", default=core_scoring.BUNDLE_URL, show_default=True,
+@click.option("--bundle", default=CORE_BUNDLE_URL, show_default=True,
               help="The eval bundle: a URL (downloaded once into --cache-dir), a local zip or directory.")
 @click.option("--cache-dir", default=None,
               help="Where the downloaded and extracted bundle is kept. Default: DATASETS_DIR/core, as in training.")

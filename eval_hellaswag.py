@@ -10,23 +10,12 @@ from pathlib import Path
 import click
 import torch
 
+from config import HELLASWAG_DATA_URL
 from errors import UserError, report_user_errors
-from eval_common import evaluation_record, load_tokenizer, pick_device, threads_option, tokenizer_options
-from hellaswag_scoring import DATA_URL, PROTOCOL, SPLIT_FILES, encode_item, fetch, read_items, score_items, tally
+from eval_common import device_for, evaluation_record, load_tokenizer, threads_option, tokenizer_options
+from hellaswag_scoring import PROTOCOL, SPLIT_FILES, encode_item, fetch, read_items, score_items, tally
 from jsonfiles import write_json_result
 from model_source import GRAMMAR, load_model, model_arguments, resolve_model
-
-
-def device_for(name):
-    if name is None:
-        return pick_device()
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r}: not a torch device (cpu, cuda, cuda:1, ...)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available")
-    return device
 
 
 @click.command(epilog=f"""{GRAMMAR}
@@ -57,7 +46,7 @@ def main(model_args, data_source, split, cache_dir, limit, batch_size, json_path
          datasets_dir):
     """Zero-shot HellaSwag accuracy (acc, acc_norm) of the model."""
     source = resolve_model(model_args)
-    data_source = data_source or DATA_URL.format(SPLIT_FILES[split])
+    data_source = data_source or HELLASWAG_DATA_URL.format(SPLIT_FILES[split])
     is_url = data_source.startswith(("http://", "https://"))
     data_file = fetch(data_source, cache_dir or Path(datasets_dir) / "hellaswag") if is_url else Path(data_source)
     items = read_items(data_file, data_source, limit)

@@ -39,7 +39,6 @@ from downloads import cache_path, cached_download
 from errors import UserError, one_line
 from token_data import get_tokenizer
 
-DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{}.jsonl"
 # The test split's labels are not public, so it cannot be scored here.
 SPLIT_FILES = {"validation": "val", "train": "train"}
 ENDINGS = 4
@@ -219,7 +218,7 @@ def training_share(run, ctx, datasets_dir, tokenizer_name):
     run's tokenizer (the dataset's). A URL is downloaded once per node, or once in all
     with shared_filesystem, into DATASETS_DIR/hellaswag/, as the datasets are."""
     train_cfg = run.train
-    data = train_cfg.hellaswag_data or DATA_URL.format(SPLIT_FILES["validation"])
+    data = train_cfg.hellaswag_source
     source = f"{run.run_dir / 'train.json'} key 'hellaswag_data' ({data})"
     path = Path(data)
     if data.startswith(("http://", "https://")):

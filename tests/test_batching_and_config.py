@@ -182,3 +182,14 @@ def test_unknown_run_lists_the_available_ones():
     with pytest.raises(UserError, match=r"run 'no-such-run': no such directory, nor a run under .*; "
                                         r"runs available: .*demo"):
         load_run("no-such-run")
+
+
+def test_evaluation_sources_default_in_config_to_the_public_files():
+    """train.json's hellaswag_data and core_bundle, when null, mean HellaSwag's public validation
+    file and nanochat's CORE bundle; config.py says so, and a value given is used as it is."""
+    defaults = TrainConfig.from_dict({"dataset": "demo", "microbatch_size": 1})
+    assert defaults.hellaswag_source == "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+    assert defaults.core_source == "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+    given = TrainConfig.from_dict({"dataset": "demo", "microbatch_size": 1, "hellaswag_data": "h.jsonl",
+                                   "core_bundle": "bundle.zip"})
+    assert (given.hellaswag_source, given.core_source) == ("h.jsonl", "bundle.zip")
