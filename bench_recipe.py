@@ -406,7 +406,11 @@ def draw_panels(path, records, summary):
         else:
             by_budget = entry["final_val_loss_by_budget"]
             finals.plot(list(by_budget), list(by_budget.values()), marker="o", color=line.get_color(), label=name)
-    curves.set(xlabel="tokens", ylabel="validation loss", title="budget-B runs: mean over seeds, min-max band")
+    # The first validation (after one step, near ln(vocab_size)) would squash the rest of the curves.
+    later = [loss for r in records if r["tokens"] == full for _, loss in r["curve"][1:]]
+    curves.set_ylim(min(later) - 0.05, max(later) + 0.05)
+    curves.set(xlabel="tokens", ylabel="validation loss (from the second validation)",
+               title="budget-B runs: mean over seeds, min-max band")
     finals.set(xscale="log", xlabel="token budget", ylabel="final validation loss",
                title="final validation loss vs budget (mean over seeds)")
     for axes in (curves, finals):
