@@ -70,6 +70,7 @@ BENCH_KEYS = ("dataset", "random_seed", "validation_interval", "validation_batch
 # Off in every bench run: they record elsewhere or evaluate beyond the validation loss.
 OFF_KEYS = {"tensorboard": False, "wandb_project": None, "hellaswag_interval": None, "core_interval": None}
 VALIDATIONS_PER_RUN = 8
+MODEL_KEYS = frozenset(f.name for f in dataclasses.fields(ModelConfig))
 
 
 # ---------------------------------------------------------------- the measurement (pure)
@@ -135,7 +136,6 @@ def parse_define(text):
 def parse_configuration(items, option):
     """model.json and train.json KEY=VALUE items as one {key: value}; keys of neither, or that
     the bench sets itself, are refused."""
-    model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
     train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
     by_file = {ModelConfig: [], TrainConfig: []}
     for item in items:
@@ -143,11 +143,11 @@ def parse_configuration(items, option):
         if key in BENCH_KEYS:
             raise UserError(f"{option} key '{key}' is set by the bench for every run; a configuration may not "
                             "change it")
-        if key not in model_keys | train_keys:
-            valid = sorted(model_keys | train_keys)
+        if key not in MODEL_KEYS | train_keys:
+            valid = sorted(MODEL_KEYS | train_keys)
             raise UserError(f"{option} unknown key '{key}'"
                             f"{closest_or_all(key, valid, 'model.json and train.json keys')}")
-        by_file[ModelConfig if key in model_keys else TrainConfig].append(item)
+        by_file[ModelConfig if key in MODEL_KEYS else TrainConfig].append(item)
     return {key: value for cls, cls_items in by_file.items()
             for key, value in parse_key_values(cls_items, cls, option).items()}
 
@@ -193,7 +193,7 @@ def run_configs(base, name, overrides, *, learning_rate, seed_dataset, seed, ste
                          "min_train_tokens": steps * base.tokens_per_step, "start_train_token": 0,
                          "validation_interval": validation_interval, "checkpoint_interval": steps,
                          "keep_last_checkpoints": 1}
-    model = base.model | {k: v for k, v in overrides.items() if k in {f.name for f in dataclasses.fields(ModelConfig)}}
+    model = base.model | {k: v for k, v in overrides.items() if k in MODEL_KEYS}
     train |= {k: v for k, v in overrides.items() if k not in model}
     ModelConfig.from_dict(model, source=f"configuration '{name}': model.json")
     TrainConfig.from_dict(train, source=f"configuration '{name}': train.json")
